@@ -1,0 +1,107 @@
+"""Turn a pytest-benchmark JSON file into ``bench/results/<machine>.json`` + ``.md``.
+
+Usage: ``python -m bench.report bench/results/.last.json``
+
+For each group, the speedup of every implementation is ``median(baseline) / median(impl)``,
+from medians measured side by side in the same run. GB/s and TFLOP/s come from the
+``bytes_moved`` / ``flops`` each benchmark declared. The markdown table is also written into
+README.md between ``<!-- bench:<machine>:start -->`` and ``<!-- bench:<machine>:end -->`` when
+README.md has those markers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _median_s(bench: dict) -> float:
+    extra = bench.get("extra_info", {})
+    return float(extra.get("cuda_event_median_s") or bench["stats"]["median"])
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def build_table(data: dict) -> tuple[str, str]:
+    benches = data.get("benchmarks", [])
+    devices = sorted({b.get("extra_info", {}).get("device", "?") for b in benches}) or ["?"]
+    machine = _slug(devices[0]) if devices[0] != "?" else "unknown"
+    groups: dict[str, list[dict]] = {}
+    for b in benches:
+        groups.setdefault(b.get("group") or b["name"], []).append(b)
+    lines = [
+        f"Device: {', '.join(devices)}; run {data.get('datetime', '?')}; "
+        f"torch {data.get('machine_info', {}).get('torch', '?')}. Medians; speedup = baseline median / median.",
+        "",
+        "| group | impl | median | speedup vs baseline | throughput | extra |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for group in sorted(groups):
+        rows = groups[group]
+        base = [b for b in rows if b.get("extra_info", {}).get("baseline")]
+        base_t = _median_s(base[0]) if base else None
+        for b in sorted(rows, key=_median_s, reverse=True):
+            ex = b.get("extra_info", {})
+            t = _median_s(b)
+            speed = f"{base_t / t:.2f}x" if base_t else "-"
+            thr = []
+            if ex.get("bytes_moved"):
+                thr.append(f"{ex['bytes_moved'] / t / 1e9:.1f} GB/s")
+            if ex.get("flops"):
+                thr.append(f"{ex['flops'] / t / 1e12:.2f} TFLOP/s")
+            if ex.get("tokens"):
+                thr.append(f"{ex['tokens'] / t:.0f} tok/s")
+            skip = {"impl", "baseline", "device", "bytes_moved", "flops", "cuda_event_median_s", "tokens"}
+            extra = ", ".join(f"{k}={v}" for k, v in ex.items() if k not in skip and v is not None)
+            label = ex.get("impl", b["name"]) + (" (baseline)" if ex.get("baseline") else "")
+            lines.append(f"| {group} | {label} | {_fmt_time(t)} | {speed} | {' '.join(thr) or '-'} | {extra} |")
+    return machine, "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.report RESULTS.json", file=sys.stderr)
+        return 2
+    src = Path(argv[0])
+    data = json.loads(src.read_text())
+    try:
+        import torch
+
+        data.setdefault("machine_info", {})["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    machine, table = build_table(data)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{machine}.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    (RESULTS / f"{machine}.md").write_text(f"# Benchmarks on {machine}\n\n{table}")
+    readme = ROOT / "README.md"
+    start, end = f"<!-- bench:{machine}:start -->", f"<!-- bench:{machine}:end -->"
+    if readme.exists():
+        text = readme.read_text()
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+    print(table)
+    print(f"wrote {RESULTS / (machine + '.json')} and {RESULTS / (machine + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""decodekit: fused Triton kernels, ONNX export and an IO-binding ONNX Runtime decoder.
+
+Public names are imported lazily, so ``import decodekit`` stays cheap and the export and
+runtime layers never import Triton or touch a GPU unless a kernel is actually used.
+
+Example
+-------
+>>> import torch, decodekit
+>>> logits = torch.randn(4, 32000)
+>>> tokens = decodekit.sample(logits, temperature=0.8, top_k=40, top_p=0.95, seed=0)
+>>> tokens.shape
+torch.Size([4])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # sampling (kernels/sampling.py)
+    "sample": "decodekit.kernels.sampling",
+    "sampling_probs": "decodekit.kernels.sampling",
+    "sample_logits": "decodekit.kernels.sampling",
+    "sampler_simple_batch": "decodekit.kernels.sampling",
+    # fused norm + linear (kernels/norm_linear.py)
+    "layer_norm_linear": "decodekit.kernels.norm_linear",
+    "rms_norm_linear": "decodekit.kernels.norm_linear",
+    "gelu_linear": "decodekit.kernels.norm_linear",
+    # attention (kernels/attention.py)
+    "attention": "decodekit.kernels.attention",
+    "decode_attention": "decodekit.kernels.attention",
+    # drop-in replacement (nn/patch.py)
+    "patch": "decodekit.nn.patch",
+    "unpatch": "decodekit.nn.patch",
+    # models, export, runtime
+    "load_model": "decodekit.models",
+    "load_tokenizer": "decodekit.models",
+    "export_decoder": "decodekit.export",
+    "OnnxDecoder": "decodekit.runtime",
+    "generate": "decodekit.runtime",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'decodekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

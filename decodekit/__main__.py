@@ -1,0 +1,3 @@
+from decodekit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Test-suite set-up.
+
+The suite executes the real Triton kernels on this GPU-less machine: Triton's interpreter is
+switched on here, before anything imports ``triton`` (``triton.jit`` reads the variable when a
+kernel is decorated). ``make gpu-check`` sets ``TRITON_INTERPRET=0`` and ``DECODEKIT_DEVICE=cuda``
+so that the same tests run compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = Path(os.environ.get("DECODEKIT_SHARED_MODELS", ROOT.parent / "shared" / "models"))
+STORIES_DIR = SHARED_MODELS / "stories260K"
+
+# Keep the two cores for the interpreter; intra-op threading only adds overhead at these sizes.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def test_device() -> torch.device:
+    """The device the kernel tests run on: CPU under the interpreter, CUDA for make gpu-check."""
+    return torch.device(os.environ.get("DECODEKIT_DEVICE", "cpu"))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    dev = test_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail("DECODEKIT_DEVICE=cuda but torch sees no CUDA device")
+    return dev
+
+
+def require_file(path: Path) -> Path:
+    """Return ``path``; skip when it is missing, except in CI (``CI=true``) where that fails."""
+    if not path.exists():
+        msg = f"missing shared file {path} (the project reads it from ../shared, never from the repo)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    require_file(STORIES_DIR / "stories260K.bin")
+    require_file(STORIES_DIR / "tok512.bin")
+    return STORIES_DIR
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
