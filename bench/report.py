@@ -40,7 +40,7 @@ def _fmt_time(s: float) -> str:
 def build_table(data: dict) -> tuple[str, str]:
     benches = data.get("benchmarks", [])
     devices = sorted({b.get("extra_info", {}).get("device", "?") for b in benches}) or ["?"]
-    machine = _slug(devices[0]) if devices[0] != "?" else "unknown"
+    machine = "cpu" if devices[0].startswith("CPU") else (_slug(devices[0]) if devices[0] != "?" else "unknown")
     groups: dict[str, list[dict]] = {}
     for b in benches:
         groups.setdefault(b.get("group") or b["name"], []).append(b)
