@@ -6,13 +6,16 @@
 #                   with whatever python already has torch + triton (no installs, the checkout on PYTHONPATH)
 
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= ../shared/models/stories260K
 # Pins for the CPU machines: torch 2.13.0 is the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
 CPU_PINS := torch==2.13.0 triton==3.8.*
-PYTEST_ARGS ?=
+# the test suite runs on both cores (pytest-xdist); bench never does (timings would interfere)
+PYTEST_ARGS ?= -n 2
+BENCH_ARGS ?=
 GPU_PYTHON ?= python3
 
 .PHONY: setup test lint demo bench gpu-check clean
@@ -29,7 +32,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 		echo "no NVIDIA GPU: installing the CPU build of torch first ($(CPU_PINS))"; \
 		printf '%s\n' $(CPU_PINS) > $(VENV)/constraints.txt; \
 		$(PY) -m pip install -q -c $(VENV)/constraints.txt torch==2.13.0 && \
-		$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,hf]'; \
+		$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,hf]' || exit 1; \
 	fi
 	@touch $@
 
@@ -43,11 +46,11 @@ demo: setup
 	$(PY) -m decodekit demo --model $(MODEL)
 
 bench: setup
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/.last.json $(PYTEST_ARGS)
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/.last.json $(BENCH_ARGS)
 	$(PY) -m bench.report bench/results/.last.json
 
 gpu-check:
-	PYTHONPATH=$(CURDIR):$$PYTHONPATH TRITON_INTERPRET=0 DECODEKIT_DEVICE=cuda $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH TRITON_INTERPRET=0 DECODEKIT_DEVICE=cuda $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests $(BENCH_ARGS)
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-json=bench/results/.last.json
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PYTHON) -m bench.report bench/results/.last.json
 
