@@ -1,1 +1,105 @@
+"""Decoder models with an explicit KV cache, their loaders, and tokenizers.
 
+Public entry points (re-exported by ``decodekit``):
+
+* :func:`load_model` -- a llama2.c checkpoint file or a Hugging Face model directory -> :class:`Decoder`
+* :func:`load_tokenizer` -- a ``tok*.bin``/``tokenizer.json`` file, or a directory holding one
+
+Example
+-------
+>>> import torch, decodekit
+>>> model = decodekit.load_model("../shared/models/stories260K/stories260K.bin")  # doctest: +SKIP
+>>> tok = decodekit.load_tokenizer("../shared/models/stories260K/tok512.bin")  # doctest: +SKIP
+>>> ids = torch.tensor([tok.encode("Once upon")])  # doctest: +SKIP
+>>> pos, mask = torch.arange(ids.shape[1])[None], torch.ones_like(ids)  # doctest: +SKIP
+>>> logits, presents = model(ids, pos, mask)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from decodekit.errors import UsageError
+from decodekit.models.config import DecoderConfig
+from decodekit.models.decoder import Decoder
+from decodekit.models.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer, find_tokenizer_file, load_tokenizer
+
+__all__ = [
+    "Decoder",
+    "DecoderConfig",
+    "HFTokenizer",
+    "Llama2cTokenizer",
+    "Tokenizer",
+    "find_tokenizer_file",
+    "load_model",
+    "load_tokenizer",
+    "model_format",
+]
+
+
+def model_format(path: str | os.PathLike) -> str:
+    """``"hf"`` for a directory with ``config.json``, ``"llama2c"`` for a file; UsageError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf"
+        raise UsageError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+    if path.is_file():
+        return "llama2c"
+    raise UsageError(f"model {path} does not exist")
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_seq_len: int | None = None,
+    use_kernels: bool = False,
+) -> Decoder:
+    """Load a decoder from a llama2.c checkpoint file or a Hugging Face model directory, offline.
+
+    Parameters
+    ----------
+    path : path-like
+        A llama2.c ``.bin`` checkpoint, or a directory with ``config.json`` + ``model.safetensors``
+        (``GPT2LMHeadModel`` or ``LlamaForCausalLM``).
+    dtype, device
+        Where the weights end up (loaded in fp32/checkpoint dtype, then converted).
+    max_seq_len : int, optional
+        Override the context length recorded in the config (GPT-2: at most its ``n_positions``).
+    use_kernels : bool
+        Attention through the fused-kernel hook (see :mod:`decodekit.models.attention`).
+
+    Returns
+    -------
+    Decoder
+        In eval mode. ``model.config`` is the :class:`DecoderConfig`.
+
+    Raises
+    ------
+    UsageError
+        Missing/truncated checkpoint, unsupported architecture, weights that do not match the config.
+    """
+    fmt = model_format(path)
+    if fmt == "hf":
+        from decodekit.models.hf import load_hf
+
+        model = load_hf(path, dtype=dtype, device=device)
+    else:
+        from decodekit.models.llama2c import load_llama2c
+
+        model = load_llama2c(path, dtype=dtype, device=device)
+    if max_seq_len is not None:
+        if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+            raise UsageError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        if model.config.arch == "gpt2" and max_seq_len > model.pos_embeddings.num_embeddings:
+            raise UsageError(
+                f"max_seq_len={max_seq_len} exceeds the {model.pos_embeddings.num_embeddings} learned positions"
+            )
+        model.config.max_seq_len = max_seq_len
+    model.use_kernels = use_kernels
+    return model

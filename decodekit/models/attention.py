@@ -1,0 +1,78 @@
+"""The single place where both decoder families compute attention.
+
+:func:`attend` takes rotated queries and the FULL keys/values (cache + new tokens) and returns the
+attention output. The mask it applies is the combination of
+
+* causality: the ``S`` queries are the LAST ``S`` of the ``T = P + S`` key positions, so query ``i`` sees
+  keys ``j <= P + i``;
+* key padding: ``attention_mask[b, j] == 0`` hides key ``j`` of row ``b`` (left padding in a batch).
+
+Masked scores are set to the most negative finite fp32 value instead of ``-inf``: a query row whose keys
+are all masked (a left-padding position) then gets a harmless uniform average rather than NaN, so nothing
+non-finite ever reaches the KV cache. Grouped-query attention is computed by viewing the query heads as
+``[B, H_kv, group, S, D]`` and broadcasting the keys/values over ``group`` (no ``repeat_interleave`` copy).
+
+``use_kernels=True`` routes to :func:`kernel_attend`, the hook the fused Triton attention kernels
+(``decodekit.attention`` for prefill, ``decodekit.decode_attention`` for one-token steps) plug into.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attend_reference(
+    q: torch.Tensor,  # [B, H, S, D] queries (already rotated)
+    k: torch.Tensor,  # [B, H_kv, T, D] keys of the cache + the new tokens (T = P + S)
+    v: torch.Tensor,  # [B, H_kv, T, D] values
+    attention_mask: torch.Tensor,  # [B, T] 1 = real token, 0 = padding
+    scale: float,
+) -> torch.Tensor:  # [B, H, S, D]
+    """Causal, key-padding-masked, grouped-query softmax attention in plain PyTorch (fp32 softmax)."""
+    b, h, s, d = q.shape
+    h_kv, t = k.shape[1], k.shape[2]
+    group = h // h_kv
+    qg = q.reshape(b, h_kv, group, s, d)
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B, H_kv, G, S, T]
+    query_pos = torch.arange(s, device=q.device) + (t - s)  # absolute index of each query among the keys
+    key_pos = torch.arange(t, device=q.device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # [S, T]
+    keep = causal[None, None, None] & attention_mask.bool()[:, None, None, None, :]  # [B, 1, 1, S, T]
+    scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.unsqueeze(2))  # [B, H_kv, G, S, D]
+    return out.reshape(b, h, s, d)
+
+
+def kernel_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Hook for the fused attention kernels (same contract as :func:`attend_reference`).
+
+    The attention-kernel work replaces this body with calls to ``decodekit.attention`` (prefill) and
+    ``decodekit.decode_attention`` (``S == 1``).
+    """
+    raise NotImplementedError(
+        "Decoder(use_kernels=True) needs the fused attention kernels (decodekit.attention / "
+        "decodekit.decode_attention, the attention-kernel issue); they are not wired into "
+        "decodekit.models.attention.kernel_attend yet"
+    )
+
+
+def attend(
+    q: torch.Tensor,  # [B, H, S, D]
+    k: torch.Tensor,  # [B, H_kv, T, D]
+    v: torch.Tensor,  # [B, H_kv, T, D]
+    attention_mask: torch.Tensor,  # [B, T]
+    *,
+    scale: float,
+    use_kernels: bool = False,
+) -> torch.Tensor:  # [B, H, S, D]
+    """Attention used by every decoder block; see the module docstring for the mask semantics."""
+    if use_kernels:
+        return kernel_attend(q, k, v, attention_mask, scale)
+    return attend_reference(q, k, v, attention_mask, scale)

@@ -1,0 +1,228 @@
+"""Tokenizers: llama2.c's ``tok*.bin`` (encoded and decoded exactly as ``run.c`` does) and ``tokenizer.json``.
+
+Both classes offer the same small interface used by the runtime:
+
+* ``encode(text, bos=True, eos=False) -> list[int]``
+* ``decode(ids) -> str`` (special tokens dropped)
+* ``decode_piece(prev_id, id) -> bytes`` for streaming (llama2.c only; ``tokenizer.json`` streams by
+  decoding the growing id list)
+* ``vocab_size``, ``bos_id``, ``eos_id``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+from decodekit.errors import UsageError
+
+_BYTE_PIECE = re.compile(rb"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class Llama2cTokenizer:
+    """The llama2.c tokenizer (sentencepiece-style BPE with byte fallback), bit-for-bit as ``run.c``.
+
+    File format: int32 ``max_token_length``, then per token: fp32 merge score, int32 byte length, bytes.
+    Token 0 is ``<unk>``, 1 BOS, 2 EOS; ``<0xNN>`` tokens (3..258 in llama2.c vocabularies) stand for raw bytes.
+
+    Encoding (``run.c``'s ``encode``): optional BOS, then the token ``" "`` (the dummy prefix) when the text is
+    not empty, then each UTF-8 character as a token (or its bytes + 3 when the character is not in the
+    vocabulary), then repeatedly merge the adjacent pair whose concatenated text is the token with the
+    highest score (first pair wins ties) until no pair merges.
+
+    Example
+    -------
+    >>> tok = Llama2cTokenizer("../shared/models/stories260K/tok512.bin")  # doctest: +SKIP
+    >>> tok.decode(tok.encode("Once upon a time"))  # doctest: +SKIP
+    'Once upon a time'
+    """
+
+    def __init__(self, path: str | os.PathLike, vocab_size: int | None = None) -> None:
+        self.path = Path(path)
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read tokenizer {self.path}: {e.strerror}") from None
+        pieces: list[bytes] = []
+        scores: list[float] = []
+        try:
+            (self.max_token_length,) = struct.unpack_from("<i", raw, 0)
+            offset = 4
+            while offset < len(raw) and (vocab_size is None or len(pieces) < vocab_size):
+                score, n = struct.unpack_from("<fi", raw, offset)
+                offset += 8
+                if n < 0 or offset + n > len(raw):
+                    raise struct.error("token length past the end of the file")
+                pieces.append(raw[offset : offset + n])
+                scores.append(score)
+                offset += n
+        except struct.error as e:
+            raise UsageError(f"tokenizer {self.path} is not a llama2.c tokenizer file ({e})") from None
+        if len(pieces) < 3 or (vocab_size is not None and len(pieces) != vocab_size):
+            raise UsageError(f"tokenizer {self.path} holds {len(pieces)} tokens, expected {vocab_size or '>= 3'}")
+        self.pieces = pieces
+        self.scores = scores
+        self.vocab_size = len(pieces)
+        self.unk_id, self.bos_id, self.eos_id = 0, 1, 2
+        self._lookup: dict[bytes, int] = {}
+        for i, p in enumerate(pieces):
+            self._lookup.setdefault(p, i)
+        # what each token prints as: raw bytes for <0xNN>, the piece itself otherwise
+        self._bytes = [bytes([int(m.group(1), 16)]) if (m := _BYTE_PIECE.match(p)) else p for p in pieces]
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of ``text`` exactly as llama2.c's ``encode(text, bos, eos)``."""
+        data = text.encode("utf-8")
+        tokens: list[int] = [self.bos_id] if bos else []
+        if data:
+            if b" " not in self._lookup:
+                raise UsageError(f"tokenizer {self.path} has no ' ' token for the dummy prefix")
+            tokens.append(self._lookup[b" "])
+        i = 0
+        while i < len(data):
+            # one UTF-8 character: a lead byte and at most 3 continuation bytes (run.c's buffer limit)
+            j = i + 1
+            while j < len(data) and (data[j] & 0xC0) == 0x80 and j - i < 4:
+                j += 1
+            char = data[i:j]
+            tid = self._lookup.get(char)
+            if tid is not None:
+                tokens.append(tid)
+            else:
+                tokens.extend(b + 3 for b in char)  # byte fallback: the 3 special tokens come first
+            i = j
+        while True:
+            best_score, best_id, best_idx = -1e10, -1, -1
+            for k in range(len(tokens) - 1):
+                tid = self._lookup.get(self.pieces[tokens[k]] + self.pieces[tokens[k + 1]])
+                if tid is not None and self.scores[tid] > best_score:
+                    best_score, best_id, best_idx = self.scores[tid], tid, k
+            if best_idx == -1:
+                break
+            tokens[best_idx : best_idx + 2] = [best_id]
+        if eos:
+            tokens.append(self.eos_id)
+        return tokens
+
+    def decode_piece(self, prev_id: int, token_id: int) -> bytes:
+        """The bytes ``run.c`` prints for ``token_id`` after ``prev_id`` (leading space dropped after BOS)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token_id {token_id} is out of range for a vocabulary of {self.vocab_size}")
+        piece = self.pieces[token_id]
+        if prev_id == self.bos_id and piece.startswith(b" "):
+            piece = piece[1:]
+        m = _BYTE_PIECE.match(piece)
+        return bytes([int(m.group(1), 16)]) if m else piece
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``: the concatenation of :meth:`decode_piece` (BOS/EOS print nothing), UTF-8 decoded.
+
+        Invalid UTF-8 (e.g. a character cut in half) is replaced by U+FFFD.
+        """
+        out = bytearray()
+        prev = -1
+        for tid in ids:
+            tid = int(tid)
+            if tid not in (self.bos_id, self.eos_id):
+                out += self.decode_piece(prev, tid)
+            prev = tid
+        return out.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``tokenizer.json`` read with the ``tokenizers`` package (no network, no ``transformers``).
+
+    ``bos_id`` / ``eos_id`` come from the arguments, else from a ``tokenizer_config.json`` or ``config.json``
+    beside the file. ``encode(..., bos=True)`` prepends BOS only when the tokenizer's own post-processor does not.
+    """
+
+    def __init__(self, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # pragma: no cover - optional dependency
+            raise UsageError("reading tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from e
+        self.path = Path(path)
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:
+            raise UsageError(f"cannot read tokenizer {self.path}: {e}") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = _special_ids_beside(self.path)
+        self.bos_id = bos_id if bos_id is not None else ids.get("bos")
+        self.eos_id = eos_id if eos_id is not None else ids.get("eos")
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        if bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _special_ids_beside(path: Path) -> dict[str, int]:
+    """BOS/EOS ids from ``config.json`` next to a ``tokenizer.json`` (first id of a list)."""
+    found: dict[str, int] = {}
+    cfg = path.parent / "config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            data = {}
+        for key in ("bos", "eos"):
+            value = data.get(f"{key}_token_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                found[key] = value
+    return found
+
+
+Tokenizer = Llama2cTokenizer | HFTokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Open a tokenizer: a llama2.c ``*.bin`` file, a ``tokenizer.json`` file, or a directory holding one.
+
+    A directory may be an export directory (``decodekit.json`` names the tokenizer file), a Hugging Face
+    model directory (``tokenizer.json``), or a llama2.c directory with exactly one ``tok*.bin``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        meta = path / "decodekit.json"
+        if meta.is_file():
+            info = json.loads(meta.read_text()).get("tokenizer")
+            if not info:
+                raise UsageError(f"{meta} records no tokenizer")
+            if info.get("type") == "llama2c":
+                return Llama2cTokenizer(path / info["file"])
+            return HFTokenizer(path / info["file"], bos_id=info.get("bos_id"), eos_id=info.get("eos_id"))
+        found = find_tokenizer_file(path)
+        if found is None:
+            raise UsageError(f"no tokenizer (tokenizer.json or tok*.bin) in directory {path}")
+        path = found
+    if not path.is_file():
+        raise UsageError(f"tokenizer {path} does not exist")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return Llama2cTokenizer(path)
+
+
+def find_tokenizer_file(directory: Path, vocab_size: int | None = None) -> Path | None:
+    """``tokenizer.json``, else ``tok{vocab_size}.bin``, else ``tokenizer.bin``, else the only ``tok*.bin``."""
+    directory = Path(directory)
+    candidates = [directory / "tokenizer.json"]
+    if vocab_size is not None:
+        candidates.append(directory / f"tok{vocab_size}.bin")
+    candidates.append(directory / "tokenizer.bin")
+    for c in candidates:
+        if c.is_file():
+            return c
+    bins = sorted(directory.glob("tok*.bin"))
+    return bins[0] if len(bins) == 1 else None
