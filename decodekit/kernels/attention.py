@@ -1,0 +1,918 @@
+"""Attention kernels: FlashAttention-2 style prefill (forward + backward) and split-K decode over a KV cache.
+
+Prefill (:func:`attention`). One program owns a tile of ``BLOCK_M`` queries of one (batch, head) and
+streams the keys and values of the matching key/value head through on-chip memory in tiles of
+``BLOCK_N``. For each tile it computes the scores with one ``tl.dot``, updates a running row maximum
+and row sum (the *online softmax*, in fp32 and in the base-2 domain so the exponential is a single
+``exp2``) and rescales the fp32 accumulator. The ``S_q x S_k`` score matrix never reaches memory:
+the kernel reads Q, K, V once per query tile and writes O (and the log-sum-exp) once, so the work is
+bound by the tensor cores rather than by memory traffic. Grouped-query attention is an index map
+(query head ``h`` reads key/value head ``h // group``), never a copy. Causal tiles above the diagonal
+are skipped, not just masked. The backward pass recomputes the probabilities from the saved
+log-sum-exp (FlashAttention-2): a small kernel forms ``delta = rowsum(dO * O)``, one kernel per
+key tile accumulates dK and dV over all query heads of its group and all query tiles (so the GQA
+gradient sum needs no atomics), and one kernel per query tile accumulates dQ.
+
+Decode (:func:`decode_attention`). With one (or a few) new queries per sequence, attention is a
+memory-bound read of the KV cache, and a grid of ``batch x kv_heads`` programs is far too small to
+keep a GPU busy at small batch. *Flash-decoding* splits each cache into ``num_splits`` chunks read by
+separate programs (stage 1), each producing a partial output and its log-sum-exp; stage 2 merges
+the partials with the usual rescaling. All query heads that share a key/value head (and all the
+few new queries) are packed into the rows of one ``[rows, D]`` tile, so each cache byte is read
+once per group and the score computation is a real ``tl.dot``. Per-row valid lengths come from
+``cache_seqlens`` on the device: the launch plan only uses ``S_max``, so there is no host sync and the
+call can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from decodekit._dispatch import FLOAT_DTYPES, check_tensor, interpreter_enabled, record_launch, resolve_backend
+
+__all__ = ["attention", "decode_attention", "AttentionConfig", "attention_config"]
+
+_LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MAX_DECODE_QUERIES = 16
+
+
+# --------------------------------------------------------------------------- block-size heuristics
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters chosen by :func:`attention_config`."""
+
+    block_m: int  # query rows per program (prefill)
+    block_n: int  # keys per inner-loop tile
+    block_d: int  # head dim padded to a power of two (>= 16)
+    num_warps: int
+    num_stages: int
+    num_splits: int = 1  # decode only: cache chunks per (batch, kv head)
+    chunk_size: int = 0  # decode only: keys per split (a multiple of block_n)
+    block_r: int = 0  # decode only: packed (query head, query) rows, padded to >= 16
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def attention_config(
+    op: str,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    batch: int = 1,
+    kv_heads: int = 1,
+    s_max: int = 1,
+    rows: int = 1,
+    num_splits: int | None = None,
+) -> AttentionConfig:
+    """The one block-size heuristic for every attention kernel in this file.
+
+    ``op`` is ``"fwd"``, ``"bwd"`` or ``"decode"``. Tiles shrink with the head dim and for fp32 (twice
+    the shared memory per element). Under Triton's interpreter every op runs in numpy per program, so
+    small grids of modest tiles are the fast choice there. For decode, ``num_splits`` (unless given)
+    targets about two programs per multiprocessor (a fixed count of 1 multiprocessor off-GPU), never
+    fewer than one key tile per split; it depends on ``batch``, ``kv_heads`` and ``s_max`` only, never on
+    the per-row lengths, so choosing it does not sync.
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    wide = dtype == torch.float32
+    if interpreter_enabled() or device.type != "cuda":
+        block_m, block_n, warps, stages = 32, 32, 4, 1
+    elif op == "fwd":
+        if block_d <= 64:
+            block_m, block_n, warps, stages = 128, 64, 4, 3
+        elif block_d <= 128:
+            block_m, block_n, warps, stages = 128, 64, 8, 3
+        else:
+            block_m, block_n, warps, stages = 64, 32, 8, 2
+        if wide:
+            block_m, block_n = block_m // 2, max(16, block_n // 2)
+    elif op == "bwd":
+        if block_d <= 64:
+            block_m, block_n, warps, stages = 64, 64, 4, 2
+        elif block_d <= 128:
+            block_m, block_n, warps, stages = 64, 64, 8, 2
+        else:
+            block_m, block_n, warps, stages = 32, 32, 8, 1
+        if wide:
+            block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
+    else:  # decode: memory bound; wide key tiles keep many loads in flight
+        block_m = 0
+        block_n = 64 if block_d <= 128 else 32
+        warps, stages = 4, 3
+        if wide:
+            block_n, stages = 32, 2
+    if op != "decode":
+        return AttentionConfig(block_m, block_n, block_d, warps, stages)
+    if interpreter_enabled() or device.type != "cuda":
+        block_n = 16
+    block_r = max(16, triton.next_power_of_2(rows))
+    n_tiles = triton.cdiv(max(s_max, 1), block_n)
+    if num_splits is None:
+        sms = _multiprocessor_count(device.index or 0) if device.type == "cuda" else 1
+        num_splits = triton.cdiv(2 * sms, max(1, batch * kv_heads))
+        num_splits = max(1, min(num_splits, n_tiles, 128))
+    num_splits = max(1, min(num_splits, n_tiles))
+    chunk = triton.cdiv(n_tiles, num_splits) * block_n
+    num_splits = triton.cdiv(max(s_max, 1), chunk)  # drop splits that would start past S_max
+    return AttentionConfig(0, block_n, block_d, warps, stages, num_splits, chunk, block_r)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
+    """constexpr flags for :func:`_mma`.
+
+    fp32 inputs multiply with ``"ieee"`` precision (tf32 would lose ~3 decimal digits); the setting is
+    ignored for fp16/bf16. Triton's interpreter mis-evaluates ``tl.dot`` on bf16 operands (triton 3.8
+    returns garbage), so under the interpreter bf16 tiles are widened to fp32 first: bf16 products are
+    exact in fp32, which is what the tensor cores compute on a GPU.
+    """
+    upcast = dtype == torch.bfloat16 and interpreter_enabled()
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "DOT_UPCAST": upcast}
+
+
+@triton.jit
+def _mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``tl.dot(a, b)`` with fp32 accumulation; see :func:`_dot_flags` for the two flags."""
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+# --------------------------------------------------------------------------- prefill forward
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # [B, H, S_q, D] queries
+    K,  # [B, H_kv, S_k, D] keys
+    V,  # [B, H_kv, S_k, D] values
+    O,  # [B, H, S_q, D] output (same dtype as Q)
+    LSE,  # [B, H, S_q] fp32 natural-log log-sum-exp (written when STORE_LSE), contiguous
+    KV_START,  # [B] int first visible key per batch row (read when HAS_KV_START)
+    sm_scale_log2,  # softmax scale * log2(e): scores go straight to the exp2 domain
+    q_offset,  # key position of query 0 (causal mask: k_pos <= q_pos + q_offset)
+    S_q,  # number of queries
+    S_k,  # number of keys
+    D,  # head dim (<= BLOCK_D)
+    H,  # query heads
+    GROUP,  # query heads per key/value head
+    stride_qb, stride_qh, stride_qm, stride_qd,  # Q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
+    stride_ob, stride_oh, stride_om, stride_od,  # O strides
+    CAUSAL: tl.constexpr,  # apply the causal mask (and skip tiles above the diagonal)
+    HAS_KV_START: tl.constexpr,  # apply the per-row key start
+    STORE_LSE: tl.constexpr,  # write LSE
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_D: tl.constexpr,  # padded head dim
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+    DOT_UPCAST: tl.constexpr,  # interpreter + bf16: multiply in fp32 (see _mma)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP  # GQA: index map, no repeated k/v
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n0 = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    m_valid = offs_m < S_q
+    d_valid = offs_d < D  # padded head-dim lanes load 0 and contribute nothing to q.k
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo = 0
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+        lo = (tl.maximum(kv_start, 0) // BLOCK_N) * BLOCK_N  # whole tiles before the start are skipped
+    hi = S_k
+    if CAUSAL:
+        # the last query of this tile sees keys < (pid_m + 1) * BLOCK_M + q_offset: later tiles are all masked
+        hi = tl.maximum(tl.minimum(S_k, (pid_m + 1) * BLOCK_M + q_offset), 0)
+
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < S_k
+        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        kt = tl.load(kt_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        qk = _mma(q, kt, DOT_PRECISION, DOT_UPCAST) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = m_valid[:, None] & n_valid[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+        if HAS_KV_START:
+            visible = visible & (offs_n[None, :] >= kv_start)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row with nothing visible yet keeps max -inf; shift by 0 so exp2 sees -inf - 0, never -inf + inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0  # no visible key: output 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    if STORE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # back to natural log
+        tl.store(LSE + pid_bh * S_q + offs_m, lse, mask=m_valid)
+
+
+# --------------------------------------------------------------------------- prefill backward
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,  # [B, H, S_q, D] forward output
+    DO,  # [B, H, S_q, D] output gradient
+    DELTA,  # [B, H, S_q] fp32 out: rowsum(dO * O), contiguous
+    S_q,  # number of queries
+    D,  # head dim
+    H,  # query heads
+    stride_ob, stride_oh, stride_om, stride_od,  # O strides
+    stride_db, stride_dh, stride_dm, stride_dd,  # DO strides
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_D: tl.constexpr,  # padded head dim
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < S_q)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh * S_q + offs_m, tl.sum(o * do, 1), mask=offs_m < S_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,  # [B, H, S_q, D]
+    K,  # [B, H_kv, S_k, D]
+    V,  # [B, H_kv, S_k, D]
+    DO,  # [B, H, S_q, D] output gradient
+    LSE,  # [B, H, S_q] fp32 natural-log lse from the forward, contiguous
+    DELTA,  # [B, H, S_q] fp32 rowsum(dO * O), contiguous
+    DK,  # [B, H_kv, S_k, D] out, contiguous
+    DV,  # [B, H_kv, S_k, D] out, contiguous
+    KV_START,  # [B] int first visible key (read when HAS_KV_START)
+    sm_scale,  # softmax scale (natural)
+    q_offset,  # key position of query 0
+    S_q, S_k, D,  # sizes
+    H_kv,  # key/value heads
+    GROUP,  # query heads per key/value head
+    stride_qb, stride_qh, stride_qm, stride_qd,  # Q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
+    stride_db, stride_dh, stride_dm, stride_dd,  # DO strides
+    CAUSAL: tl.constexpr,  # causal mask
+    HAS_KV_START: tl.constexpr,  # per-row key start
+    BLOCK_M: tl.constexpr,  # queries per loop step
+    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_D: tl.constexpr,  # padded head dim
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32
+    DOT_UPCAST: tl.constexpr,  # interpreter + bf16: multiply in fp32 (see _mma)
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1).to(tl.int64)
+    b = pid_bhk // H_kv
+    hk = pid_bhk % H_kv
+    H = H_kv * GROUP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < S_k
+    d_valid = offs_d < D
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    sm_scale_log2 = sm_scale * 1.4426950408889634
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+    lo = 0
+    if CAUSAL:
+        # queries before q_pos = first key - q_offset see none of this tile
+        lo = (tl.maximum(pid_n * BLOCK_N - q_offset, 0) // BLOCK_M) * BLOCK_M
+
+    for g in range(0, GROUP):  # every query head of the group: the GQA gradient sum, without atomics
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_db + h * stride_dh
+        row_base = (b * H + h) * S_q
+        for start_m in range(lo, S_q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_valid = offs_m < S_q
+            qd_mask = m_valid[:, None] & d_valid[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=qd_mask, other=0.0)
+            lse2 = tl.load(LSE + row_base + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows without keys: p = 0
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_valid, other=0.0)
+            qkT = _mma(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST) * sm_scale_log2  # [BLOCK_N, BLOCK_M]
+            visible = n_valid[:, None] & m_valid[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + q_offset)
+            if HAS_KV_START:
+                visible = visible & (offs_n[:, None] >= kv_start)
+            pT = tl.where(visible, tl.exp2(qkT - lse2[None, :]), 0.0)  # recomputed probabilities P^T
+            dv += _mma(pT.to(do.dtype), do, DOT_PRECISION, DOT_UPCAST)
+            dpT = _mma(v, tl.trans(do), DOT_PRECISION, DOT_UPCAST)  # (dO V^T)^T  [BLOCK_N, BLOCK_M]
+            dsT = pT * (dpT - delta[None, :])  # softmax backward
+            dk += _mma(dsT.to(q.dtype), q, DOT_PRECISION, DOT_UPCAST)
+
+    out_off = pid_bhk * S_k * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,  # [B, H, S_q, D]
+    K,  # [B, H_kv, S_k, D]
+    V,  # [B, H_kv, S_k, D]
+    DO,  # [B, H, S_q, D] output gradient
+    LSE,  # [B, H, S_q] fp32 natural-log lse, contiguous
+    DELTA,  # [B, H, S_q] fp32 rowsum(dO * O), contiguous
+    DQ,  # [B, H, S_q, D] out, contiguous
+    KV_START,  # [B] int first visible key (read when HAS_KV_START)
+    sm_scale,  # softmax scale (natural)
+    q_offset,  # key position of query 0
+    S_q, S_k, D,  # sizes
+    H,  # query heads
+    GROUP,  # query heads per key/value head
+    stride_qb, stride_qh, stride_qm, stride_qd,  # Q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
+    stride_db, stride_dh, stride_dm, stride_dd,  # DO strides
+    CAUSAL: tl.constexpr,  # causal mask
+    HAS_KV_START: tl.constexpr,  # per-row key start
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_D: tl.constexpr,  # padded head dim
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32
+    DOT_UPCAST: tl.constexpr,  # interpreter + bf16: multiply in fp32 (see _mma)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < S_q
+    d_valid = offs_d < D
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+                 mask=qd_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    lse2 = tl.load(LSE + pid_bh * S_q + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(DELTA + pid_bh * S_q + offs_m, mask=m_valid, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    sm_scale_log2 = sm_scale * 1.4426950408889634
+
+    lo = 0
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+        lo = (tl.maximum(kv_start, 0) // BLOCK_N) * BLOCK_N
+    hi = S_k
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(S_k, (pid_m + 1) * BLOCK_M + q_offset), 0)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < S_k
+        t_mask = n_valid[None, :] & d_valid[:, None]
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+        qk = _mma(q, kt, DOT_PRECISION, DOT_UPCAST) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = m_valid[:, None] & n_valid[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+        if HAS_KV_START:
+            visible = visible & (offs_n[None, :] >= kv_start)
+        p = tl.where(visible, tl.exp2(qk - lse2[:, None]), 0.0)
+        dp = _mma(do, vt, DOT_PRECISION, DOT_UPCAST)  # dO V^T  [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq += _mma(ds.to(kt.dtype), tl.trans(kt), DOT_PRECISION, DOT_UPCAST)
+
+    tl.store(DQ + pid_bh * S_q * D + offs_m[:, None] * D + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# --------------------------------------------------------------------------- prefill launchers
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    q_offset: int,
+    kv_start: torch.Tensor | None,
+    store_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the forward kernel on validated inputs; returns (out ``[B, H, S_q, D]``, lse ``[B, H, S_q]`` or None)."""
+    B, H, S_q, D = q.shape
+    H_kv, S_k = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32) if store_lse else None
+    if out.numel() == 0:
+        return out, lse
+    cfg = attention_config("fwd", D, q.dtype, q.device)
+    grid = (triton.cdiv(S_q, cfg.block_m), B * H)
+    record_launch("attn_fwd")
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse if lse is not None else out, kv_start if kv_start is not None else out,
+        scale * _LOG2E, q_offset, S_q, S_k, D, H, H // H_kv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        CAUSAL=causal, HAS_KV_START=kv_start is not None, STORE_LSE=store_lse,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **_dot_flags(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    q_offset: int,
+    kv_start: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three backward kernels; returns (dq, dk, dv), contiguous, in the inputs' dtype."""
+    B, H, S_q, D = q.shape
+    H_kv, S_k = k.shape[1], k.shape[2]
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    cfg = attention_config("bwd", D, q.dtype, q.device)
+    delta = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32)
+    flags = _dot_flags(q.dtype)
+    ks = kv_start if kv_start is not None else lse
+    record_launch("attn_bwd_preprocess")
+    _attn_bwd_preprocess_kernel[(triton.cdiv(S_q, cfg.block_m), B * H)](
+        out, do, delta, S_q, D, H, *_strides(out), *_strides(do), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+    )  # fmt: skip
+    record_launch("attn_bwd_dkdv")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S_k, cfg.block_n), B * H_kv)](
+        q, k, v, do, lse, delta, dk, dv, ks, scale, q_offset, S_q, S_k, D, H_kv, H // H_kv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        CAUSAL=causal, HAS_KV_START=kv_start is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    record_launch("attn_bwd_dq")
+    _attn_bwd_dq_kernel[(triton.cdiv(S_q, cfg.block_m), B * H)](
+        q, k, v, do, lse, delta, dq, ks, scale, q_offset, S_q, S_k, D, H, H // H_kv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        CAUSAL=causal, HAS_KV_START=kv_start is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _FlashAttentionFn(torch.autograd.Function):
+    """Triton forward + FlashAttention-2 recompute backward. The lse output is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, q_offset, kv_start):  # type: ignore[override]
+        out, lse = _attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse, kv_start)
+        ctx.causal, ctx.scale, ctx.q_offset = causal, scale, q_offset
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # type: ignore[override]
+        q, k, v, out, lse, kv_start = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.q_offset, kv_start)
+        return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------- validation + torch path
+
+
+def _check_scale(scale: float | None, head_dim: int, op: str) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_qkv(q: object, k: object, v: object, op: str, k_name: str, v_name: str) -> None:
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, op=op)
+    check_tensor(k_name, k, ndim=4, dtypes=(q.dtype,), device=q.device, op=op)
+    check_tensor(v_name, v, ndim=4, dtypes=(q.dtype,), device=q.device, op=op)
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: {v_name} shape {tuple(v.shape)} must equal {k_name} shape {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: {k_name} batch {k.shape[0]} must equal q batch {q.shape[0]}")
+    H, H_kv = q.shape[1], k.shape[1]
+    if H_kv == 0 or H % H_kv != 0:
+        raise ValueError(f"{op}: q heads ({H}) must be a multiple of {k_name} heads ({H_kv}) (grouped-query attention)")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{op}: head dim of {k_name} ({k.shape[3]}) must equal head dim of q ({q.shape[3]})")
+    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim of q must be in [1, {MAX_HEAD_DIM}], got {q.shape[3]}")
+
+
+def _check_kv_start(kv_start: object, batch: int, device: torch.device, op: str) -> torch.Tensor | None:
+    if kv_start is None:
+        return None
+    check_tensor("kv_start", kv_start, ndim=1, dtypes=(torch.int32, torch.int64), device=device, op=op)
+    if kv_start.shape[0] != batch:
+        raise ValueError(f"{op}: kv_start must have shape [{batch}] (one start per batch row), got {tuple(kv_start.shape)}")
+    return kv_start.contiguous()
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float):
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        try:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+            )
+        except TypeError:  # torch < 2.5: no enable_gqa
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """SDPA under a boolean mask ``[B|1, 1, S_q, S_k]``; rows with no visible key become exact zeros."""
+    out = _sdpa(q, k, v, visible, False, scale)
+    return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _attention_torch(q, k, v, causal, scale, q_offset, kv_start, return_lse):
+    if return_lse:
+        from decodekit.reference.attention import attention_ref
+
+        out, lse = attention_ref(q, k, v, causal, scale, q_offset, kv_start=kv_start, return_lse=True)
+        return out.to(q.dtype), lse.float()
+    if kv_start is None and (not causal or q_offset == 0):
+        return _sdpa(q, k, v, None, causal, scale)  # SDPA's causal mask is aligned top-left: q_offset == 0
+    s_q, s_k = q.shape[2], k.shape[2]
+    j = torch.arange(s_k, device=q.device)
+    visible = torch.ones(1, 1, s_q, s_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = (j[None, :] <= torch.arange(s_q, device=q.device)[:, None] + q_offset)[None, None]
+    if kv_start is not None:
+        visible = visible & (j.view(1, 1, 1, -1) >= kv_start.view(-1, 1, 1, 1))
+    return _masked_sdpa(q, k, v, visible, scale)
+
+
+# --------------------------------------------------------------------------- public prefill op
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    q_offset: int = 0,
+    *,
+    kv_start: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention, FlashAttention-2 style (the layout of ``scaled_dot_product_attention``).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, H, S_q, D]`` queries; fp16, bf16 or fp32; any strides.
+    k, v : torch.Tensor
+        ``[B, H_kv, S_k, D]`` keys and values, same dtype and device as ``q``; ``H`` must be a multiple of
+        ``H_kv`` (grouped-query / multi-query attention: query head ``h`` uses key/value head
+        ``h // (H // H_kv)``, without copying k/v). ``1 <= D <= 256`` (padded in registers to a power of 2).
+    causal : bool
+        Query ``i`` only sees keys ``j <= i + q_offset``.
+    scale : float, optional
+        Score scale; default ``D ** -0.5``.
+    q_offset : int
+        Key position of the first query (causal only). ``S_k - S_q`` places the queries at the end of the
+        keys (chunked prefill against a cache); 0 (the default) matches SDPA's top-left ``is_causal``.
+    kv_start : torch.Tensor, optional
+        int32/int64 ``[B]``: keys ``j < kv_start[b]`` are hidden from every query of row ``b`` (left padding).
+    return_lse : bool
+        Also return the natural-log log-sum-exp of the scaled scores, fp32 ``[B, H, S_q]`` (not differentiable).
+    backend : {"auto", "triton", "torch"}
+        See :mod:`decodekit._dispatch`. The torch path uses ``scaled_dot_product_attention`` (with a
+        boolean mask when ``q_offset``/``kv_start`` need one) and the fp32 reference for ``return_lse``.
+
+    Returns
+    -------
+    out : ``[B, H, S_q, D]`` in ``q``'s dtype (contiguous); plus ``lse`` when ``return_lse``. A query that sees
+    no key (possible with ``q_offset < 0`` or ``kv_start``) gets zeros and ``lse = -inf``, never NaN.
+
+    Notes
+    -----
+    Gradients flow to q, k and v (FlashAttention-2 recompute backward; the GQA sum over the query heads of
+    a group happens inside one program, no atomics). Forward and backward are deterministic (fixed
+    reduction order). No host synchronization: safe to capture in a CUDA graph for fixed shapes.
+
+    Examples
+    --------
+    >>> q = torch.randn(1, 8, 17, 64); k = v = torch.randn(1, 2, 40, 64)
+    >>> attention(q, k, v, causal=True, q_offset=40 - 17).shape
+    torch.Size([1, 8, 17, 64])
+    """
+    op = "attention"
+    _check_qkv(q, k, v, op, "k", "v")
+    scale = _check_scale(scale, q.shape[3], op)
+    if isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
+        raise TypeError(f"{op}: q_offset must be an int, got {type(q_offset).__name__}")
+    q_offset = int(q_offset)
+    if abs(q_offset) >= 2**30:
+        raise ValueError(f"{op}: q_offset must be in (-2**30, 2**30), got {q_offset}")
+    kv_start = _check_kv_start(kv_start, q.shape[0], q.device, op)
+    causal = bool(causal)
+    if resolve_backend(backend, q.device, op) == "torch":
+        return _attention_torch(q, k, v, causal, scale, q_offset, kv_start, return_lse)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad:
+        out, lse = _FlashAttentionFn.apply(q, k, v, causal, scale, q_offset, kv_start)
+    else:
+        out, lse = _attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=return_lse)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------- decode kernels
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q,  # [B, H, S_q, D] new queries (the last S_q positions of each row)
+    K,  # [B, H_kv, S_max, D] key cache
+    V,  # [B, H_kv, S_max, D] value cache
+    SEQLENS,  # [B] int valid cache length per row
+    KV_START,  # [B] int first visible key per row (read when HAS_KV_START)
+    O_PART,  # [B, H, S_q, NUM_SPLITS, D] fp32 out: partial outputs, contiguous
+    LSE_PART,  # [B, H, S_q, NUM_SPLITS] fp32 out: partial log2-domain lse, contiguous
+    sm_scale_log2,  # softmax scale * log2(e)
+    S_q,  # new queries per row
+    S_max,  # cache capacity
+    D,  # head dim
+    H,  # query heads
+    GROUP,  # query heads per key/value head
+    chunk_size,  # keys per split (multiple of BLOCK_N)
+    NUM_SPLITS,  # splits per (row, kv head)
+    stride_qb, stride_qh, stride_qm, stride_qd,  # Q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
+    HAS_KV_START: tl.constexpr,  # per-row key start
+    BLOCK_R: tl.constexpr,  # packed rows (GROUP * S_q, padded to >= 16 for tl.dot)
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_D: tl.constexpr,  # padded head dim
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32
+    DOT_UPCAST: tl.constexpr,  # interpreter + bf16: multiply in fp32 (see _mma)
+):
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    rows = tl.arange(0, BLOCK_R)  # row r = (query head hk*GROUP + r // S_q, query r % S_q)
+    r_valid = rows < GROUP * S_q
+    h = hk * GROUP + rows // S_q  # [BLOCK_R] int64
+    qi = rows % S_q
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_valid = offs_d < D
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=r_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_R, BLOCK_D]
+
+    # lengths are clamped to [0, S_max] here so an unchecked bad length can never read out of bounds
+    seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S_max)
+    limit = seqlen - S_q + 1 + qi  # [BLOCK_R] query i sees keys < limit
+    start = split * chunk_size
+    end = tl.minimum(start + chunk_size, seqlen)
+    if HAS_KV_START:
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+        start = tl.maximum(start, (tl.maximum(kv_start, 0) // BLOCK_N) * BLOCK_N)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_valid = offs_n < end
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        qk = _mma(q, kt, DOT_PRECISION, DOT_UPCAST) * sm_scale_log2  # [BLOCK_R, BLOCK_N]
+        visible = n_valid[None, :] & (offs_n[None, :] < limit[:, None])
+        if HAS_KV_START:
+            visible = visible & (offs_n[None, :] >= kv_start)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0  # empty split (past the row's length) or nothing visible: weight 0 in the merge
+    l_safe = tl.where(empty, 1.0, l_i)
+    part = ((b * H + h) * S_q + qi) * NUM_SPLITS + split  # [BLOCK_R] int64 index into [B, H, S_q, NUM_SPLITS]
+    tl.store(O_PART + part[:, None] * D + offs_d[None, :], acc / l_safe[:, None],
+             mask=r_valid[:, None] & d_valid[None, :])
+    tl.store(LSE_PART + part, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=r_valid)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    O_PART,  # [B*H*S_q, NUM_SPLITS, D] fp32 partial outputs
+    LSE_PART,  # [B*H*S_q, NUM_SPLITS] fp32 partial log2-domain lse
+    O,  # [B*H*S_q, D] output (q dtype), contiguous
+    D,  # head dim
+    NUM_SPLITS,  # splits to merge
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS padded to a power of two
+    BLOCK_D: tl.constexpr,  # padded head dim
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_valid = offs_s < NUM_SPLITS
+    d_valid = offs_d < D
+    lse = tl.load(LSE_PART + row * NUM_SPLITS + offs_s, mask=s_valid, other=float("-inf"))  # [BLOCK_S]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, output 0
+    w = tl.exp2(lse - m)  # each split's share of the softmax denominator (relative to the max)
+    denom = tl.sum(w, 0)
+    o = tl.load(O_PART + (row * NUM_SPLITS + offs_s[:, None]) * D + offs_d[None, :],
+                mask=s_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + row * D + offs_d, out.to(O.dtype.element_ty), mask=d_valid)
+
+
+# --------------------------------------------------------------------------- decode launcher + public op
+
+
+def _decode_torch(q, k_cache, v_cache, cache_seqlens, scale, kv_start):
+    s_q, s_max = q.shape[2], k_cache.shape[2]
+    lens = cache_seqlens.to(torch.long).clamp(0, s_max).view(-1, 1, 1, 1)
+    i = torch.arange(s_q, device=q.device).view(1, 1, -1, 1)
+    j = torch.arange(s_max, device=q.device).view(1, 1, 1, -1)
+    visible = j < lens - s_q + 1 + i  # [B, 1, S_q, S_max]
+    if kv_start is not None:
+        visible = visible & (j >= kv_start.view(-1, 1, 1, 1))
+    return _masked_sdpa(q, k_cache, v_cache, visible, scale)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    kv_start: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    check: bool | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of a few new queries over a KV cache with a valid length per row (split-K flash-decoding).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, H, S_q, D]`` with ``1 <= S_q <= 16`` (one token, or a few for speculative decoding); fp16,
+        bf16 or fp32; any strides. The queries are the LAST ``S_q`` positions of each row, already written
+        into the cache: query ``i`` sees the keys ``j < cache_seqlens[b] - S_q + 1 + i`` (causal among
+        the new tokens).
+    k_cache, v_cache : torch.Tensor
+        ``[B, H_kv, S_max, D]``, same dtype/device as ``q``; ``H`` a multiple of ``H_kv``; any strides.
+    cache_seqlens : torch.Tensor
+        int32 (or int64) ``[B]``: valid length of each row, ``0 <= L <= S_max``. A row whose queries see
+        no key (``L == 0``) gets zeros, never NaN.
+    scale : float, optional
+        Score scale; default ``D ** -0.5``.
+    kv_start : torch.Tensor, optional
+        int ``[B]``: keys before it are hidden (left-padded rows).
+    num_splits : int, optional
+        Cache chunks per (row, kv head); default from :func:`attention_config` (multiprocessor count,
+        batch, kv heads and ``S_max``; never the per-row lengths, so no host sync).
+    check : bool, optional
+        Verify ``0 <= cache_seqlens <= S_max`` on the host. ``None`` (default) checks only CPU tensors,
+        because on CUDA the check is a device-to-host sync; pass ``True`` to force it. Unchecked values
+        are clamped to ``[0, S_max]`` inside the kernel, so they can never read out of bounds.
+    backend : {"auto", "triton", "torch"}
+        The torch path is ``scaled_dot_product_attention`` under a boolean length mask.
+
+    Returns
+    -------
+    ``[B, H, S_q, D]`` in ``q``'s dtype, contiguous.
+
+    Notes
+    -----
+    Deterministic (fixed split plan and merge order). No host sync unless ``check=True``; the launch plan
+    depends only on shapes, so the call can be captured in a CUDA graph and replayed as lengths grow.
+
+    Examples
+    --------
+    >>> q = torch.randn(2, 8, 1, 64); kc = vc = torch.randn(2, 2, 128, 64)
+    >>> decode_attention(q, kc, vc, torch.tensor([5, 128], dtype=torch.int32)).shape
+    torch.Size([2, 8, 1, 64])
+    """
+    op = "decode_attention"
+    _check_qkv(q, k_cache, v_cache, op, "k_cache", "v_cache")
+    B, H, S_q, D = q.shape
+    H_kv, S_max = k_cache.shape[1], k_cache.shape[2]
+    if not 1 <= S_q <= MAX_DECODE_QUERIES:
+        raise ValueError(f"{op}: q must hold 1..{MAX_DECODE_QUERIES} new queries per row (dim 2), got {S_q}")
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device, op=op)
+    if cache_seqlens.shape[0] != B:
+        raise ValueError(f"{op}: cache_seqlens must have shape [{B}] (one length per row), got {tuple(cache_seqlens.shape)}")
+    if check is None:
+        check = cache_seqlens.device.type == "cpu"
+    if check and B > 0:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > S_max:
+            raise ValueError(f"{op}: cache_seqlens must lie in [0, S_max={S_max}], got values in [{lo}, {hi}]")
+    scale = _check_scale(scale, D, op)
+    kv_start = _check_kv_start(kv_start, B, q.device, op)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
+    if resolve_backend(backend, q.device, op) == "torch":
+        return _decode_torch(q, k_cache, v_cache, cache_seqlens, scale, kv_start)
+
+    out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
+    group = H // H_kv
+    cfg = attention_config(
+        "decode", D, q.dtype, q.device, batch=B, kv_heads=H_kv, s_max=S_max, rows=group * S_q, num_splits=num_splits
+    )
+    o_part = torch.empty((B, H, S_q, cfg.num_splits, D), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((B, H, S_q, cfg.num_splits), device=q.device, dtype=torch.float32)
+    seqlens = cache_seqlens.contiguous()
+    record_launch("decode_split")
+    _decode_split_kernel[(B, H_kv, cfg.num_splits)](
+        q, k_cache, v_cache, seqlens, kv_start if kv_start is not None else seqlens, o_part, lse_part,
+        scale * _LOG2E, S_q, S_max, D, H, group, cfg.chunk_size, cfg.num_splits,
+        *_strides(q), *_strides(k_cache), *_strides(v_cache),
+        HAS_KV_START=kv_start is not None, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        **_dot_flags(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    record_launch("decode_merge")
+    _decode_merge_kernel[(B * H * S_q,)](
+        o_part, lse_part, out, D, cfg.num_splits,
+        BLOCK_S=triton.next_power_of_2(cfg.num_splits), BLOCK_D=cfg.block_d, num_warps=4 if D > 64 else 2,
+    )  # fmt: skip
+    return out
