@@ -1,0 +1,287 @@
+"""ONNX Runtime decoder with IO binding: the KV cache and the logits never leave preallocated torch buffers.
+
+How a step works (``io_binding=True``, the default):
+
+* The KV cache lives in two torch storages allocated once, each big enough for ``max_batch x max_seq_len``
+  tokens of every layer's keys and values. A step binds ``past_key_values.{i}.key/value`` to a view of
+  storage A (``[B, H_kv, P, D]``, the contiguous prefix of that layer's region) and
+  ``present.{i}.key/value`` to the same region of storage B (``[B, H_kv, P+S, D]``); ONNX Runtime reads
+  the past from A and writes the grown cache into B; the next step swaps A and B. ORT needs each bound
+  tensor contiguous, and a prefix view of a flat region is exactly that, so no copy is ever made by us
+  and nothing is allocated per step.
+* ``logits`` is bound to a preallocated torch tensor ``[max_batch, V]``; :meth:`OnnxDecoder.step` returns a
+  ``[B, V]`` view of it, which :func:`decodekit.sample` reads in place (on CUDA the logits never leave
+  the device; on CPU there is no numpy conversion anywhere on the hot path).
+* ``input_ids``, ``position_ids`` and ``attention_mask`` are written into small preallocated int64 buffers.
+
+The torch tensors whose memory is bound are attributes of the decoder, so they stay alive as long as the
+binding can use them.
+
+``io_binding=False`` runs the same graph with plain ``session.run`` and numpy arrays (what most ORT decoders
+do: the cache goes through numpy each step); it exists so benchmarks and the demo can show the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from decodekit.errors import UsageError
+from decodekit.runtime.generate import GenerateMixin
+
+METADATA_FILE = "decodekit.json"
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+_ORT_TYPES = {
+    "tensor(float)": torch.float32,
+    "tensor(float16)": torch.float16,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+}
+
+
+def read_metadata(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``decodekit.json`` of an export directory (``UsageError`` naming what is wrong)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UsageError(f"export directory {model_dir} does not exist")
+    path = model_dir / METADATA_FILE
+    if not path.is_file():
+        raise UsageError(f"{model_dir} has no {METADATA_FILE}: not a decodekit export (run `decodekit export`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path} must hold a JSON object")
+    return meta
+
+
+class OnnxDecoder(GenerateMixin):
+    """An exported decoder on ONNX Runtime, with IO binding into preallocated torch buffers.
+
+    Parameters
+    ----------
+    model_dir : path-like
+        A directory written by ``decodekit export`` (``model.onnx`` + ``decodekit.json`` + tokenizer).
+    device : {"cpu", "cuda"}
+        Where the session runs and the buffers live. ``"cuda"`` needs ONNX Runtime's CUDA execution
+        provider and a CUDA device visible to torch; asking for it without them raises ``UsageError``.
+    max_batch : int
+        Most rows a generation may have (the KV buffers are sized for it).
+    max_seq_len : int, optional
+        Longest prompt + generation (default: the export's ``max_seq_len``; may not exceed it).
+    io_binding : bool
+        ``True``: zero-copy IO binding (see the module docstring). ``False``: plain ``session.run`` with
+        numpy arrays, for comparison.
+    intra_op_threads : int, optional
+        ONNX Runtime's intra-op thread count (default: ORT's choice).
+
+    Examples
+    --------
+    >>> dec = OnnxDecoder("exports/stories260K", max_batch=1)  # doctest: +SKIP
+    >>> res = dec.generate("Once upon a time", max_new_tokens=64, temperature=0.0)  # doctest: +SKIP
+    >>> print(res.text[0])  # doctest: +SKIP
+
+    Notes
+    -----
+    Determinism: with a fixed ``seed`` the sampled tokens are reproducible, and equal to the eager
+    backend's as long as both produce the same logits up to the kept set and the race winner.
+    CUDA graphs: the bound buffers keep their addresses across steps (a requirement for capturing), but the
+    ORT session itself is not captured here.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        device: str = "cpu",
+        *,
+        max_batch: int = 1,
+        max_seq_len: int | None = None,
+        io_binding: bool = True,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        from decodekit.models.config import DecoderConfig
+
+        self.model_dir = Path(model_dir)
+        meta = read_metadata(self.model_dir)
+        try:
+            self.config = DecoderConfig.from_dict(meta["config"])
+            self.input_names: list[str] = list(meta["inputs"])
+            self.output_names: list[str] = list(meta["outputs"])
+            model_file = self.model_dir / meta.get("model_file", "model.onnx")
+        except (KeyError, TypeError) as e:
+            raise UsageError(f"{self.model_dir / METADATA_FILE} is missing or has a malformed entry: {e}") from None
+        if not model_file.is_file():
+            raise UsageError(f"{model_file} is missing from the export directory")
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise UsageError(f"max_batch must be a positive int, got {max_batch!r}")
+        export_max = int(meta.get("max_seq_len", self.config.max_seq_len))
+        max_seq_len = export_max if max_seq_len is None else max_seq_len
+        if not isinstance(max_seq_len, int) or not 1 < max_seq_len <= export_max:
+            raise UsageError(f"max_seq_len must be an int in [2, {export_max}] (the export limit), got {max_seq_len!r}")
+
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+                raise UsageError("device='cuda' needs onnxruntime-gpu's CUDAExecutionProvider and a CUDA device")
+            providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads is not None:
+            opts.intra_op_num_threads = intra_op_threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
+        self._check_graph()
+
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        self.io_binding_enabled = io_binding
+        self.vocab_size = self.config.vocab_size
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.metadata = meta
+        self._tokenizer = None
+
+        cfg = self.config
+        n = cfg.n_layers
+        self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(n)]
+        self.present_names = [(f"present.{i}.key", f"present.{i}.value") for i in range(n)]
+        types = {x.name: x.type for x in self.session.get_inputs()}
+        types.update({x.name: x.type for x in self.session.get_outputs()})
+        self.kv_dtype = _ORT_TYPES[types[self.past_names[0][0]]]
+        self.logits_dtype = _ORT_TYPES[types["logits"]]
+        self._int_dtypes = {name: _ORT_TYPES[types[name]] for name in ("input_ids", "position_ids", "attention_mask")}
+
+        # ---- buffers allocated once (their memory is what ORT reads and writes)
+        region = max_batch * cfg.n_kv_heads * max_seq_len * cfg.head_dim  # one layer's keys (or values)
+        self._kv = torch.zeros(2, n, 2, region, dtype=self.kv_dtype, device=self.device)  # [pingpong, layer, k/v, ...]
+        self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=self.logits_dtype, device=self.device)
+        flat = max_batch * max_seq_len
+        self._ids = torch.zeros(flat, dtype=self._int_dtypes["input_ids"], device=self.device)
+        self._pos = torch.zeros(flat, dtype=self._int_dtypes["position_ids"], device=self.device)
+        self._mask = torch.zeros(flat, dtype=self._int_dtypes["attention_mask"], device=self.device)
+        self._binding = self.session.io_binding() if io_binding else None
+        self._cur = 0  # which storage holds the current cache
+        self._len = 0  # P: tokens in the cache
+        self._batch = 0
+        self._np_past: list[np.ndarray] | None = None  # io_binding=False: the cache as numpy arrays
+
+    # ------------------------------------------------------------------ helpers
+    def _check_graph(self) -> None:
+        names_in = {x.name for x in self.session.get_inputs()}
+        names_out = {x.name for x in self.session.get_outputs()}
+        need_in = {"input_ids", "position_ids", "attention_mask"} | {
+            f"past_key_values.{i}.{kv}" for i in range(self.config.n_layers) for kv in ("key", "value")
+        }
+        need_out = {"logits"} | {f"present.{i}.{kv}" for i in range(self.config.n_layers) for kv in ("key", "value")}
+        missing = sorted((need_in - names_in) | (need_out - names_out))
+        if missing:
+            raise UsageError(
+                f"{self.model_dir}: model.onnx does not match {METADATA_FILE} (missing inputs/outputs {missing[:4]})"
+            )
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a decodekit tokenizer
+        """The tokenizer copied into the export directory (loaded on first use)."""
+        if self._tokenizer is None:
+            from decodekit.models import load_tokenizer
+
+            name = self.metadata.get("tokenizer")
+            if not name:
+                raise UsageError(f"{self.model_dir} has no tokenizer: pass token ids instead of text")
+            self._tokenizer = load_tokenizer(self.model_dir / name)
+        return self._tokenizer
+
+    @property
+    def default_stop_ids(self) -> list[int]:
+        return list(self.config.stop_ids or [self.config.eos_id])
+
+    def _bind(self, name: str, t: torch.Tensor, output: bool = False) -> None:
+        dev = "cuda" if t.is_cuda else "cpu"
+        idx = t.device.index or 0
+        bind = self._binding.bind_output if output else self._binding.bind_input
+        bind(name, dev, idx, _NP_DTYPES[t.dtype], tuple(t.shape), t.data_ptr())
+
+    def kv_view(self, storage: int, layer: int, which: int, batch: int, length: int) -> torch.Tensor:
+        """``[batch, H_kv, length, D]`` contiguous view of one layer's key (0) or value (1) region."""
+        cfg = self.config
+        n = batch * cfg.n_kv_heads * length * cfg.head_dim
+        return self._kv[storage, layer, which, :n].view(batch, cfg.n_kv_heads, length, cfg.head_dim)
+
+    # ------------------------------------------------------------------ StepModel
+    def reset(self, batch_size: int) -> None:
+        if not 1 <= batch_size <= self.max_batch:
+            raise UsageError(f"batch of {batch_size} rows exceeds max_batch={self.max_batch}")
+        self._batch, self._len, self._cur = batch_size, 0, 0
+        self._np_past = None
+
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run ``S`` new tokens after the cache; return logits ``[B, V]`` (a view of the bound buffer).
+
+        ``input_ids``/``position_ids`` are ``[B, S]``, ``attention_mask`` is ``[B, P+S]``. The returned tensor
+        is overwritten by the next step.
+        """
+        b, s = input_ids.shape
+        p = self._len
+        if b != self._batch:
+            raise UsageError(f"step got {b} rows after reset({self._batch})")
+        if attention_mask.shape != (b, p + s) or position_ids.shape != (b, s):
+            raise UsageError(
+                f"step shapes do not match the cache: input_ids {tuple(input_ids.shape)}, position_ids "
+                f"{tuple(position_ids.shape)}, attention_mask {tuple(attention_mask.shape)} with P={p}"
+            )
+        if p + s > self.max_seq_len:
+            raise UsageError(f"{p + s} tokens exceed max_seq_len={self.max_seq_len}")
+        if not self.io_binding_enabled:
+            return self._step_numpy(input_ids, position_ids, attention_mask)
+
+        ids = self._ids[: b * s].view(b, s)
+        pos = self._pos[: b * s].view(b, s)
+        mask = self._mask[: b * (p + s)].view(b, p + s)
+        ids.copy_(input_ids)
+        pos.copy_(position_ids)
+        mask.copy_(attention_mask)
+        self._bind("input_ids", ids)
+        self._bind("position_ids", pos)
+        self._bind("attention_mask", mask)
+        nxt = 1 - self._cur
+        for layer, (names_past, names_present) in enumerate(zip(self.past_names, self.present_names)):
+            for which in (0, 1):
+                self._bind(names_past[which], self.kv_view(self._cur, layer, which, b, p))
+                self._bind(names_present[which], self.kv_view(nxt, layer, which, b, p + s), output=True)
+        logits = self._logits[:b]
+        self._bind("logits", logits, output=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the input copies above must land before ORT reads them
+        self.session.run_with_iobinding(self._binding)
+        self._cur, self._len = nxt, p + s
+        return logits
+
+    def _step_numpy(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """The plain ``session.run`` path: numpy in, numpy out, the cache round-trips through numpy."""
+        b, s = input_ids.shape
+        cfg = self.config
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": input_ids.cpu().numpy().astype(_NP_DTYPES[self._int_dtypes["input_ids"]]),
+            "position_ids": position_ids.cpu().numpy().astype(_NP_DTYPES[self._int_dtypes["position_ids"]]),
+            "attention_mask": attention_mask.cpu().numpy().astype(_NP_DTYPES[self._int_dtypes["attention_mask"]]),
+        }
+        if self._np_past is None:
+            empty = np.zeros((b, cfg.n_kv_heads, 0, cfg.head_dim), dtype=_NP_DTYPES[self.kv_dtype])
+            self._np_past = [empty] * (2 * cfg.n_layers)
+        for i, (kname, vname) in enumerate(self.past_names):
+            feeds[kname], feeds[vname] = self._np_past[2 * i], self._np_past[2 * i + 1]
+        wanted = ["logits"] + [n for pair in self.present_names for n in pair]
+        outs = self.session.run(wanted, feeds)
+        self._np_past = outs[1:]
+        self._len += s
+        return torch.from_numpy(outs[0]).to(self.device)
