@@ -5,8 +5,8 @@ memory, then a GEMM reads it back to compute ``y = h @ W.T``. Here a single kern
 owns a ``BLOCK_M x BLOCK_N`` tile of ``y``:
 
 1. *Statistics prologue*: it streams its ``BLOCK_M`` rows of ``x`` once over K and computes each row's mean
-   and ``rstd`` in fp32 (LayerNorm merges per-chunk mean/M2 with Chan's formula, so no catastrophic
-   cancellation; RMSNorm only needs the sum of squares).
+   and ``rstd`` in fp32 (LayerNorm merges per-chunk mean/M2 with Chan's formula on pivot-shifted data, so no
+   catastrophic cancellation; RMSNorm only needs the sum of squares).
 2. *Main loop*: for every K chunk it loads the raw ``x`` tile, normalizes it **in registers**
    (``(x - mean) * rstd * w + b``, or ``gelu(x)`` for GELU + Linear), casts it to the weight dtype and feeds it
    straight to ``tl.dot`` with the matching ``W`` tile, accumulating in fp32.
@@ -72,6 +72,17 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _rtne_bf16(v):
+        """Round fp32 to the nearest-even bf16 value, kept in fp32 (finite inputs).
+
+        Interpreter-only helper: Triton's interpreter casts fp32 -> bf16 by truncation and its numpy ``dot``
+        reads bf16 operands as raw uint16, while the GPU rounds to nearest-even and has bf16 tensor cores.
+        """
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _norm_linear_fwd_kernel(
         X,  # input rows [M, K]; row stride stride_xm, last dim contiguous; fp32/fp16/bf16
         NW,  # norm weight [K] (HAS_NORM_WEIGHT), any float dtype
@@ -99,7 +110,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         STORE_PREACT: tl.constexpr,  # also write the pre-activation output (for the backward)
         STORE_STATS: tl.constexpr,  # also write the row statistics (for the backward)
-        DOT_F32: tl.constexpr,  # interpreter only: bf16 dot operands are upcast (its numpy dot mishandles bf16)
+        INTERP_BF16: tl.constexpr,  # interpreter + bf16: emulate what the GPU does (see _rtne_bf16)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -126,12 +137,15 @@ if triton is not None:
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         rstd = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if NORM == 1:
-            # Chan's parallel merge of per-chunk (mean, M2): stable even when |mean| >> std
+            # Chan's parallel merge of per-chunk (mean, M2) on data shifted by each row's first element:
+            # stays accurate when |mean| >> std (a naive E[x^2] - E[x]^2 in fp32 loses the variance there)
+            pivot = tl.load(X + rows * stride_xm, mask=row_mask, other=0.0).to(tl.float32)  # [BLOCK_M]
             m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 kmask = ks < K
                 xt = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                xt = tl.where(kmask[None, :], xt - pivot[:, None], 0.0)
                 n_a = k0 * 1.0
                 n_b = tl.minimum(K - k0, BLOCK_K) * 1.0
                 mean_b = tl.sum(xt, axis=1) / n_b  # [BLOCK_M]
@@ -141,6 +155,7 @@ if triton is not None:
                 n_ab = n_a + n_b
                 mean = mean + delta * (n_b / n_ab)
                 m2 = m2 + m2_b + delta * delta * (n_a * n_b / n_ab)
+            mean = mean + pivot
             rstd = 1.0 / tl.sqrt(m2 / K + eps)
         elif NORM == 2:
             sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -177,11 +192,12 @@ if triton is not None:
             h = tl.where(kmask[None, :], h, 0.0)
             wt = tl.load(w_cols + ks[:, None] * stride_wk, mask=kmask[:, None] & col_mask[None, :], other=0.0)
             # [BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]; "ieee" keeps fp32 inputs out of TF32 (no effect for 16-bit)
-            h = h.to(wt.dtype)
-            if DOT_F32:
-                # exact: bf16 x bf16 products are representable in fp32, so this equals the bf16 tensor-core dot
-                h = h.to(tl.float32)
+            if INTERP_BF16:
+                # bf16 x bf16 products are exact in fp32, so an fp32 dot of bf16-rounded values equals the bf16 dot
+                h = _rtne_bf16(h)
                 wt = wt.to(tl.float32)
+            else:
+                h = h.to(wt.dtype)
             acc = tl.dot(h, wt, acc, input_precision="ieee")
 
         # ---- epilogue: bias, activation, one store
@@ -190,8 +206,11 @@ if triton is not None:
         out_offs = rows[:, None] * stride_ym + cols[None, :]
         out_mask = row_mask[:, None] & col_mask[None, :]
         if STORE_PREACT:
-            tl.store(Z + out_offs, acc.to(Z.dtype.element_ty), mask=out_mask)
+            z = _rtne_bf16(acc) if INTERP_BF16 else acc
+            tl.store(Z + out_offs, z.to(Z.dtype.element_ty), mask=out_mask)
         acc = _apply_act(acc, EPI_ACT)
+        if INTERP_BF16:
+            acc = _rtne_bf16(acc)
         tl.store(Y + out_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
@@ -407,7 +426,7 @@ def norm_linear_fwd(
         HAS_BIAS=bias is not None,
         STORE_PREACT=store_preact,
         STORE_STATS=store_stats and norm != _NORM_NONE,
-        DOT_F32=interpreter_enabled() and x2d.dtype == torch.bfloat16,
+        INTERP_BF16=interpreter_enabled() and x2d.dtype == torch.bfloat16,
     )
     if config is None and interpreter_enabled():
         config = block_configs(m, n, k, interpreter=True)[0]
