@@ -178,7 +178,10 @@ def test_layer_norm_stats_stable_for_large_mean(mu, sd, device):
 
 def test_no_garbage_leaks_from_output_buffers(monkeypatch, device):
     """Every launcher buffer starts as NaN; the kernel must overwrite all of y, the pre-activation and the stats."""
-    monkeypatch.setattr(nl, "_empty", lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev))
+    def nan_empty(shape, dtype, dev):
+        return torch.full(shape, float("nan"), dtype=dtype, device=dev)
+
+    monkeypatch.setattr(nl, "_empty", nan_empty)
     x, nw, nb, w, b = _make("layer_norm", 37, 100, 70, torch.float32, device)
     y, pre, mean, rstd = nl.norm_linear_fwd(
         x, nw, nb, w, b, eps=1e-5, norm=1, epi_act=3, store_preact=True, store_stats=True
@@ -212,7 +215,8 @@ def test_gradients_of_every_input(op, m, k, n, act, dtype, atol, rtol, device):
     ref_present = [t for t in ref_leaves if t is not None]
     ref_grads = torch.autograd.grad(_ref(op, *ref_leaves, act, upcast=True), ref_present, dy.double())
     low_leaves = [None if t is None else t.detach().requires_grad_() for t in leaves]
-    low_grads = torch.autograd.grad(_ref(op, *low_leaves, act, upcast=False), [t for t in low_leaves if t is not None], dy)
+    low_present = [t for t in low_leaves if t is not None]
+    low_grads = torch.autograd.grad(_ref(op, *low_leaves, act, upcast=False), low_present, dy)
     names = [nm for nm, t in zip(("x", "norm_weight", "norm_bias", "weight", "bias"), leaves) if t is not None]
     for name, g, r, lo in zip(names, grads, ref_grads, low_grads):
         assert g.shape == r.shape
