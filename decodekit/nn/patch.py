@@ -114,7 +114,9 @@ BLOCK_RULES: dict[str, tuple[NormGroup, ...]] = {
     ),
     "LlamaDecoderLayer": (
         NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), gated=(("mlp.gate_proj", "mlp.act_fn"),)),
+        NormGroup(
+            "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), gated=(("mlp.gate_proj", "mlp.act_fn"),)
+        ),
     ),
     "LlamaBlock": (  # decodekit: SwiGLU calls F.silu in its forward, so the gate is fused without the activation
         NormGroup("attn_norm", ("attn.wq", "attn.wk", "attn.wv")),
