@@ -9,8 +9,9 @@ attention output. The mask it applies is the combination of
 
 Masked scores are set to the most negative finite fp32 value instead of ``-inf``: a query row whose keys
 are all masked (a left-padding position) then gets a harmless uniform average rather than NaN, so nothing
-non-finite ever reaches the KV cache. Grouped-query attention is computed by viewing the query heads as
-``[B, H_kv, group, S, D]`` and broadcasting the keys/values over ``group`` (no ``repeat_interleave`` copy).
+non-finite ever reaches the KV cache. Grouped-query attention is computed by viewing the ``group`` query
+heads that share a KV head as one ``[B, H_kv, group * S, D]`` block (no ``repeat_interleave`` copy of the
+keys/values, and only 4-D matmuls, which keeps the exported graph small).
 
 ``use_kernels=True`` routes to :func:`kernel_attend`, the hook the fused Triton attention kernels
 (``decodekit.attention`` for prefill, ``decodekit.decode_attention`` for one-token steps) plug into.
@@ -21,27 +22,43 @@ from __future__ import annotations
 import torch
 
 
+def attention_keep_mask(attention_mask: torch.Tensor, seq_len: int, group: int = 1) -> torch.Tensor:
+    """Boolean ``[B, 1, group * S, T]``: True where a query may attend a key (causal AND not padding).
+
+    Rows are ordered ``(g, s)`` with ``s`` fastest, matching queries viewed as ``[B, H_kv, group * S, D]``.
+    Computed once per forward and shared by all layers.
+    """
+    t = attention_mask.shape[1]
+    query_pos = torch.arange(seq_len, device=attention_mask.device) + (t - seq_len)  # index among the keys
+    key_pos = torch.arange(t, device=attention_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # [S, T]
+    keep = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, S, T]
+    return keep.repeat(1, 1, group, 1) if group > 1 else keep
+
+
 def attend_reference(
     q: torch.Tensor,  # [B, H, S, D] queries (already rotated)
     k: torch.Tensor,  # [B, H_kv, T, D] keys of the cache + the new tokens (T = P + S)
     v: torch.Tensor,  # [B, H_kv, T, D] values
     attention_mask: torch.Tensor,  # [B, T] 1 = real token, 0 = padding
     scale: float,
+    keep: torch.Tensor | None = None,  # [B, 1, G*S, T] from attention_keep_mask (computed when None)
 ) -> torch.Tensor:  # [B, H, S, D]
     """Causal, key-padding-masked, grouped-query softmax attention in plain PyTorch (fp32 softmax)."""
     b, h, s, d = q.shape
-    h_kv, t = k.shape[1], k.shape[2]
+    h_kv = k.shape[1]
     group = h // h_kv
-    qg = q.reshape(b, h_kv, group, s, d)
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B, H_kv, G, S, T]
-    query_pos = torch.arange(s, device=q.device) + (t - s)  # absolute index of each query among the keys
-    key_pos = torch.arange(t, device=q.device)
-    causal = key_pos[None, :] <= query_pos[:, None]  # [S, T]
-    keep = causal[None, None, None] & attention_mask.bool()[:, None, None, None, :]  # [B, 1, 1, S, T]
-    scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.unsqueeze(2))  # [B, H_kv, G, S, D]
-    return out.reshape(b, h, s, d)
+    if keep is None:
+        keep = attention_keep_mask(attention_mask, s, group)
+    qg = q.reshape(b, h_kv, group * s, d)  # query heads of one KV head side by side: plain 4-D matmuls
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, H_kv, G*S, T]
+    if scores.dtype != torch.float32:
+        scores = scores.float()
+    scores = (scores * scale).masked_fill(~keep, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1)
+    if probs.dtype != v.dtype:
+        probs = probs.to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, s, d)
 
 
 def kernel_attend(
@@ -71,8 +88,9 @@ def attend(
     *,
     scale: float,
     use_kernels: bool = False,
+    keep: torch.Tensor | None = None,  # [B, 1, G*S, T] precomputed attention_keep_mask (reference path only)
 ) -> torch.Tensor:  # [B, H, S, D]
     """Attention used by every decoder block; see the module docstring for the mask semantics."""
     if use_kernels:
         return kernel_attend(q, k, v, attention_mask, scale)
-    return attend_reference(q, k, v, attention_mask, scale)
+    return attend_reference(q, k, v, attention_mask, scale, keep)

@@ -36,8 +36,8 @@ import math
 import torch
 from torch import nn
 
-from decodekit.models.attention import attend
 from decodekit.errors import UsageError
+from decodekit.models.attention import attend, attention_keep_mask
 from decodekit.models.config import DecoderConfig
 from decodekit.models.layers import GeluMLP, RMSNorm, SwiGLU, apply_rotary, rotary_cos_sin, rotary_inv_freq
 
@@ -64,9 +64,10 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, S, dim] normed hidden states
-        cos: torch.Tensor,  # [B, 1, S, D/2]
-        sin: torch.Tensor,  # [B, 1, S, D/2]
+        cos: torch.Tensor,  # [B, 1, S, D] from rotary_cos_sin
+        sin: torch.Tensor,  # [B, 1, S, D]
         attention_mask: torch.Tensor,  # [B, P+S]
+        keep: torch.Tensor | None,  # [B, 1, G*S, P+S] attention_keep_mask, shared by the layers
         past: KV | None,  # ([B, H_kv, P, D], [B, H_kv, P, D])
         use_kernels: bool,
     ) -> tuple[torch.Tensor, KV]:
@@ -77,7 +78,7 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(q, cos, sin, self.rope_layout)
         k = apply_rotary(k, cos, sin, self.rope_layout)
         k, v = _concat_past(past, k, v)  # [B, H_kv, P+S, D]
-        out = attend(q, k, v, attention_mask, scale=self.scale, use_kernels=use_kernels)
+        out = attend(q, k, v, attention_mask, scale=self.scale, use_kernels=use_kernels, keep=keep)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
         return self.wo(out), (k, v)
 
@@ -90,8 +91,8 @@ class LlamaBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, attention_mask, past, use_kernels):  # noqa: ANN001 - see LlamaAttention
-        a, present = self.attn(self.attn_norm(x), cos, sin, attention_mask, past, use_kernels)
+    def forward(self, x, cos, sin, attention_mask, keep, past, use_kernels):  # see LlamaAttention
+        a, present = self.attn(self.attn_norm(x), cos, sin, attention_mask, keep, past, use_kernels)
         x = x + a
         x = x + self.mlp(self.ffn_norm(x))
         return x, present
@@ -109,6 +110,7 @@ class GPT2Attention(nn.Module):
         self,
         x: torch.Tensor,  # [B, S, dim] normed hidden states
         attention_mask: torch.Tensor,  # [B, P+S]
+        keep: torch.Tensor | None,  # [B, 1, S, P+S] attention_keep_mask, shared by the layers
         past: KV | None,
         use_kernels: bool,
     ) -> tuple[torch.Tensor, KV]:
@@ -116,7 +118,7 @@ class GPT2Attention(nn.Module):
         qkv = self.c_attn(x).view(b, s, 3, self.n_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each [B, H, S, D]
         k, v = _concat_past(past, k, v)
-        out = attend(q, k, v, attention_mask, scale=self.scale, use_kernels=use_kernels)
+        out = attend(q, k, v, attention_mask, scale=self.scale, use_kernels=use_kernels, keep=keep)
         return self.c_proj(out.transpose(1, 2).reshape(b, s, self.dim)), (k, v)
 
 
@@ -128,8 +130,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = GeluMLP(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, attention_mask, past, use_kernels):  # noqa: ANN001 - see GPT2Attention
-        a, present = self.attn(self.ln_1(x), attention_mask, past, use_kernels)
+    def forward(self, x, attention_mask, keep, past, use_kernels):  # see GPT2Attention
+        a, present = self.attn(self.ln_1(x), attention_mask, keep, past, use_kernels)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -235,19 +237,22 @@ class Decoder(nn.Module):
             )
         h = self.tok_embeddings(input_ids)  # [B, S, dim]
         presents: list[KV] = []
+        # the causal + padding mask is built once here, not in every layer (the kernel path ignores it)
+        group = self.config.n_heads // self.config.n_kv_heads
+        keep = None if self.use_kernels else attention_keep_mask(attention_mask, input_ids.shape[1], group)
         if self.config.arch == "gpt2":
             h = h + self.pos_embeddings(position_ids)
             for i, layer in enumerate(self.layers):
                 past = None if past_key_values is None else past_key_values[i]
-                h, present = layer(h, attention_mask, past, self.use_kernels)
+                h, present = layer(h, attention_mask, keep, past, self.use_kernels)
                 presents.append(present)
         else:
             # fp32 frequencies computed here (not a buffer): model.half() must not round them
-            inv_freq = rotary_inv_freq(self.config.head_dim, self.config.rope_theta).to(input_ids.device)
-            cos, sin = rotary_cos_sin(position_ids, inv_freq)
+            inv_freq = rotary_inv_freq(self.config.head_dim, self.config.rope_theta, input_ids.device)
+            cos, sin = rotary_cos_sin(position_ids, inv_freq, self.config.rope_layout)
             for i, layer in enumerate(self.layers):
                 past = None if past_key_values is None else past_key_values[i]
-                h, present = layer(h, cos, sin, attention_mask, past, self.use_kernels)
+                h, present = layer(h, cos, sin, attention_mask, keep, past, self.use_kernels)
                 presents.append(present)
         if not all_logits:
             h = h[:, -1, :]  # only the last position feeds the next token: skip the classifier elsewhere

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` only when needed (a no-op ``.to`` still costs a node in the exported graph)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """``y = x / sqrt(mean(x**2, -1) + eps) * weight`` (Llama's norm; computed in fp32, cast back).
 
@@ -28,43 +33,60 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = cast(x, torch.float32)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return cast(y * cast(self.weight, torch.float32), x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def rotary_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
     """``theta ** (-2i / head_dim)`` for ``i < head_dim / 2`` (fp32, shape ``[head_dim // 2]``)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return 1.0 / (theta**exponents)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angles ``pos * inv_freq`` -> ``(cos, sin)``, each fp32 ``[B, 1, S, head_dim // 2]`` (broadcast over heads)."""
-    angles = position_ids.float()[:, None, :, None] * inv_freq  # [B, 1, S, D/2]
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, layout: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width ``(cos, sin)``, each fp32 ``[B, 1, S, head_dim]``, laid out for :func:`apply_rotary`.
+
+    Element ``j`` holds the angle of the pair that ``j`` belongs to: ``(2i, 2i+1)`` share angle ``i`` in the
+    ``"adjacent"`` layout, ``(i, i + D/2)`` in the ``"halves"`` layout. Computed once per forward.
+    """
+    angles = cast(position_ids, torch.float32)[:, None, :, None] * inv_freq  # [B, 1, S, D/2]
+    if layout == "adjacent":
+        angles = torch.stack((angles, angles), dim=-1).flatten(-2)  # a0 a0 a1 a1 ...
+    elif layout == "halves":
+        angles = torch.cat((angles, angles), dim=-1)  # a0 a1 ... a0 a1 ...
+    else:
+        raise ValueError(f"layout must be 'adjacent' or 'halves', got {layout!r}")
     return torch.cos(angles), torch.sin(angles)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate pairs of ``x`` ``[B, H, S, D]`` by the angles behind ``cos``/``sin`` ``[B, 1, S, D/2]``.
+    """Rotate pairs of ``x`` ``[B, H, S, D]`` by the angles behind ``cos``/``sin`` ``[B, 1, S, D]``.
 
     ``layout="adjacent"`` pairs ``(2i, 2i+1)`` (llama2.c); ``layout="halves"`` pairs ``(i, i + D/2)``
-    (Hugging Face). Computed in fp32 and cast back to ``x.dtype``.
+    (Hugging Face). With ``(a, b)`` a pair, the result is ``(a cos - b sin, b cos + a sin)``, written as
+    ``x * cos + partner(x) * sin`` where ``partner`` swaps each pair and negates its first element: one
+    flip and one multiply, the same for both layouts and cheap in the exported graph. Computed in fp32
+    and cast back to ``x.dtype``; the roundings are those of llama2.c's ``v0*fcr - v1*fci``.
     """
-    xf = x.float()
+    xf = cast(x, torch.float32)
+    d = xf.shape[-1]
     if layout == "adjacent":
-        pairs = xf.unflatten(-1, (-1, 2))  # [B, H, S, D/2, 2]
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        pairs = xf.unflatten(-1, (d // 2, 2))  # [..., D/2, 2]: (a, b) along the last axis
+        sign = torch.tensor([-1.0, 1.0], device=x.device)
+        partner = (pairs.flip(-1) * sign).flatten(-2)  # (-b, a)
     elif layout == "halves":
-        half = xf.shape[-1] // 2
-        x0, x1 = xf[..., :half], xf[..., half:]
-        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+        pairs = xf.unflatten(-1, (2, d // 2))  # [..., 2, D/2]: a = first half, b = second half
+        sign = torch.tensor([[-1.0], [1.0]], device=x.device)
+        partner = (pairs.flip(-2) * sign).flatten(-2)  # (-b, a)
     else:
         raise ValueError(f"layout must be 'adjacent' or 'halves', got {layout!r}")
-    return out.to(x.dtype)
+    return cast(xf * cos + partner * sin, x.dtype)
 
 
 class SwiGLU(nn.Module):
