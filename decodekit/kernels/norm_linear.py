@@ -190,7 +190,10 @@ if triton is not None:
             h = _apply_act(h, PRO_ACT)
             # masked K lanes must add exactly zero (LayerNorm maps a padded 0 to -mean * rstd)
             h = tl.where(kmask[None, :], h, 0.0)
-            wt = tl.load(w_cols + ks[:, None] * stride_wk, mask=kmask[:, None] & col_mask[None, :], other=0.0)
+            # int64 offsets: a transposed [K, N] weight view has stride_wk = N, and K * N may pass 2**31
+            wt = tl.load(
+                w_cols + ks[:, None].to(tl.int64) * stride_wk, mask=kmask[:, None] & col_mask[None, :], other=0.0
+            )
             # [BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]; "ieee" keeps fp32 inputs out of TF32 (no effect for 16-bit)
             if INTERP_BF16:
                 # bf16 x bf16 products are exact in fp32, so an fp32 dot of bf16-rounded values equals the bf16 dot
