@@ -81,6 +81,7 @@ def _assert_close(out, ref64, low, dtype, atol, rtol, what="output"):
         (127, 64, 256, "silu", True),  # N = 4K, row tail
         (1, 1000, 209, "gelu_tanh", True),
         ((2, 3), 64, 256, None, False),  # [..., K] input
+        (127, 1000, 1, "gelu_tanh", True),  # full row tile, K tail, one output column
     ],
 )
 def test_forward_matches_reference(op, m, k, n, act, bias, dtype, atol, rtol, device):
