@@ -32,9 +32,9 @@ class GenerateArgs:
 class TextStream:
     """Prints one row's text as tokens arrive (decoding the whole sequence, printing what is new)."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], out=sys.stdout) -> None:  # noqa: ANN001
-        self.tok, self.ids, self.out = tokenizer, list(prompt_ids), out
-        self.printed = tokenizer.decode(self.ids)
+    def __init__(self, tokenizer, prompt_ids: list[int], out=None) -> None:  # noqa: ANN001
+        self.tok, self.ids, self.out = tokenizer, list(prompt_ids), out or sys.stdout
+        self.printed = ""  # the prompt is echoed with the first token, so an error prints nothing
 
     def __call__(self, row: int, token_id: int) -> None:
         if row != 0:
@@ -63,7 +63,6 @@ def run_generate(args: GenerateArgs) -> int:
         raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
     prompt_ids = _encode_prompts(model, [args.prompt])[0]
     stream = TextStream(tok, prompt_ids)
-    sys.stdout.write(stream.printed)
     res = _generate_on(
         model,
         [prompt_ids],
@@ -140,7 +139,6 @@ def run_demo(args: DemoArgs) -> int:
     print("=== a story (ONNX Runtime + IO binding + decodekit.sample, temperature 0.8, top-p 0.95, seed "
           f"{args.seed}) ===")
     stream = TextStream(fused.tokenizer, prompt_ids)
-    sys.stdout.write(stream.printed)
     _generate_on(fused, [prompt_ids], max_new_tokens=256, temperature=0.8, top_p=0.95, seed=args.seed, stream=stream)
     print("\n")
 

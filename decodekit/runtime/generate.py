@@ -271,7 +271,11 @@ def run_generation(
     end = time.perf_counter()
     text = None
     if tokenizer is not None:
-        text = [tokenizer.decode([t for t in toks if t not in stop_ids]) for toks in out_tokens]
+        text = []
+        for prompt, toks in zip(rows, out_tokens):
+            # decode after the prompt so that piece rules that look back (llama2.c drops the space after BOS) hold
+            head = tokenizer.decode(prompt)
+            text.append(tokenizer.decode(prompt + [t for t in toks if t not in stop_ids])[len(head) :])
     return GenerationResult(
         tokens=out_tokens,
         prompt_tokens=rows,
