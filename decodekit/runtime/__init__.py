@@ -93,7 +93,7 @@ def resolve_export_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress is not None:
         progress(f"exporting {src} to {out} (once; cached)")
-    export_decoder(src, out, dtype=dtype, validate=True, force=True)
+    export_decoder(src, out, dtype=dtype, validate=True, force=True, progress=progress is not None)
     return out
 
 
@@ -123,7 +123,7 @@ def load_backend(
 
     if _is_export_dir(src):
         meta = read_metadata(src)
-        origin = meta.get("source")
+        origin = (meta.get("source") or {}).get("path")
         if not origin or not Path(origin).exists():
             raise UsageError(f"{src} is an ONNX export; the eager backend needs the original checkpoint/HF directory")
         src = Path(origin)

@@ -35,6 +35,7 @@ from decodekit.errors import UsageError
 from decodekit.runtime.generate import GenerateMixin
 
 METADATA_FILE = "decodekit.json"
+FORMAT_VERSION = 1
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _ORT_TYPES = {
@@ -112,6 +113,13 @@ class OnnxDecoder(GenerateMixin):
 
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UsageError(
+                f"{self.model_dir / METADATA_FILE} has format_version {meta.get('format_version')!r}; this decodekit "
+                f"reads version {FORMAT_VERSION} (export the model again)"
+            )
+        if meta.get("logits", {}).get("all_positions"):
+            raise UsageError(f"{self.model_dir} was exported with all-position logits; generation needs the default")
         try:
             self.config = DecoderConfig.from_dict(meta["config"])
             self.input_names: list[str] = list(meta["inputs"])
@@ -195,7 +203,8 @@ class OnnxDecoder(GenerateMixin):
         if self._tokenizer is None:
             from decodekit.models import load_tokenizer
 
-            name = self.metadata.get("tokenizer")
+            entry = self.metadata.get("tokenizer")
+            name = entry.get("file") if isinstance(entry, dict) else entry
             if not name:
                 raise UsageError(f"{self.model_dir} has no tokenizer: pass token ids instead of text")
             self._tokenizer = load_tokenizer(self.model_dir / name)
