@@ -68,16 +68,14 @@ def kernel_attend(
     attention_mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Hook for the fused attention kernels (same contract as :func:`attend_reference`).
+    """Hook for the fused attention kernels (same contract as :func:`attend_reference`, left padding only).
 
-    The attention-kernel work replaces this body with calls to ``decodekit.attention`` (prefill) and
-    ``decodekit.decode_attention`` (``S == 1``).
+    Runs :func:`decodekit.nn.attention.decoder_attention`: ``decodekit.attention`` (prefill) and
+    ``decodekit.decode_attention`` (steps of a few tokens), with left padding as a per-row key start.
     """
-    raise NotImplementedError(
-        "Decoder(use_kernels=True) needs the fused attention kernels (decodekit.attention / "
-        "decodekit.decode_attention, the attention-kernel issue); they are not wired into "
-        "decodekit.models.attention.kernel_attend yet"
-    )
+    from decodekit.nn.attention import decoder_attention
+
+    return decoder_attention(q, k, v, attention_mask, scale)
 
 
 def attend(

@@ -43,6 +43,8 @@ from decodekit.models.layers import GeluMLP, RMSNorm, SwiGLU, apply_rotary, rota
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
+_META_INIT_PARAMS = 50_000_000  # from_state_dict builds larger models on the meta device
+
 
 def _concat_past(past: KV | None, k: torch.Tensor, v: torch.Tensor) -> KV:
     if past is None:
@@ -148,7 +150,7 @@ class Decoder(nn.Module):
         Route attention through the fused-kernel hook (:func:`decodekit.models.attention.kernel_attend`).
     """
 
-    def __init__(self, config: DecoderConfig, use_kernels: bool = False) -> None:
+    def __init__(self, config: DecoderConfig, use_kernels: bool = False, *, _init: bool = True) -> None:
         super().__init__()
         self.config = config
         self.use_kernels = use_kernels
@@ -161,7 +163,8 @@ class Decoder(nn.Module):
             self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layers))
             self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self._init_weights()
+        if _init:
+            self._init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
 
@@ -178,8 +181,13 @@ class Decoder(nn.Module):
         No random initialisation is spent: the module is built on the meta device and the tensors are
         assigned. With ``config.tie_embeddings`` the ``lm_head.weight`` entry may be omitted.
         """
-        with torch.device("meta"):
-            model = cls(config)
+        c = config
+        approx_params = c.vocab_size * c.dim + c.n_layers * (4 * c.dim**2 + 3 * c.dim * c.hidden_dim)
+        if approx_params > _META_INIT_PARAMS:
+            with torch.device("meta"):  # no memory and no time spent on weights that are overwritten
+                model = cls(config)
+        else:  # small: plain construction is cheaper than the one-off import the meta device triggers
+            model = cls(config, _init=False)
         state = dict(state)
         if config.tie_embeddings:
             state.setdefault("lm_head.weight", state["tok_embeddings.weight"])
@@ -199,6 +207,8 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
+        if self.tok_embeddings.weight.is_meta:
+            return  # from_state_dict assigns the real tensors
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)

@@ -1,0 +1,151 @@
+"""Check an exported ``model.onnx`` against the eager PyTorch model it came from.
+
+The check is the situation the runtime meets: a batch of 2 prompts of DIFFERENT lengths, left-padded, run
+as one prefill with an empty cache (``P = 0``), then 4 decode steps that feed each side its own presents
+back as the past (``P = S0, S0 + 1, ...``). The next tokens are the eager model's greedy picks, fed to
+both. For every graph output the largest absolute difference over all steps is reported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from decodekit.errors import ValidationError
+from decodekit.models.decoder import Decoder
+
+DECODE_STEPS = 4
+
+
+@dataclass
+class ValidationReport:
+    """Largest ``|ORT - eager|`` per output name, over the prefill and every decode step."""
+
+    max_abs_diff: dict[str, float]
+    atol: float
+    provider: str
+    steps: int
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        name = max(self.max_abs_diff, key=lambda k: self.max_abs_diff[k])
+        return name, self.max_abs_diff[name]
+
+    @property
+    def ok(self) -> bool:
+        return all(v <= self.atol for v in self.max_abs_diff.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "atol": self.atol, "provider": self.provider,
+                "steps": self.steps, "prompt_lengths": self.lengths}
+
+
+def ort_providers() -> list[str]:
+    """CUDA first when both ONNX Runtime and torch see a GPU, then CPU."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        providers.insert(0, "CUDAExecutionProvider")
+    return providers
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+@torch.no_grad()
+def compare_with_eager(
+    model: Decoder,
+    onnx_path: str | Path,
+    meta: dict[str, Any],
+    *,
+    atol: float,
+    lengths: tuple[int, int] | None = None,
+    decode_steps: int = DECODE_STEPS,
+    seed: int = 0,
+    providers: list[str] | None = None,
+) -> ValidationReport:
+    """Run ``onnx_path`` in ONNX Runtime and ``model`` eagerly on the same inputs; return the differences.
+
+    ``meta`` is the ``decodekit.json`` dictionary (names and dtypes). ``lengths`` are the two prompt lengths
+    (default: up to 7 and 3 tokens fewer, within ``max_seq_len``). Does not raise on a mismatch: see
+    :func:`validate_export`.
+    """
+    import onnxruntime as ort
+
+    cfg = model.config
+    max_len = max(2, min(7, meta["max_seq_len"] - decode_steps))
+    lengths = lengths or (max_len, max(1, max_len - 3))
+    sess_opts = ort.SessionOptions()
+    sess_opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), sess_opts, providers=providers or ort_providers())
+    provider = session.get_providers()[0]
+    names = meta["inputs"]
+    past_names = [n for pair in meta["kv_cache"]["past_names"] for n in pair]
+    out_names = meta["outputs"]
+    kv_dtype = np.dtype(meta["kv_cache"]["dtype"])
+    all_positions = meta["logits"]["all_positions"]
+
+    gen = torch.Generator().manual_seed(seed)
+    b, s = len(lengths), max(lengths)
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=gen)
+    mask = torch.zeros(b, s, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, s - n :] = 1  # left padding
+    ids = ids * mask  # padded slots hold token 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    diffs = dict.fromkeys(out_names, 0.0)
+    eager_past = model.empty_cache(b)
+    ort_past = [np.zeros((b, cfg.n_kv_heads, 0, cfg.head_dim), kv_dtype) for _ in past_names]
+    for _ in range(1 + decode_steps):
+        logits, presents = model(ids, pos, mask, eager_past, all_logits=all_positions)
+        feeds = {names[0]: _np(ids), names[1]: _np(pos), names[2]: _np(mask)}
+        feeds.update(zip(past_names, ort_past))
+        outs = session.run(out_names, feeds)
+        eager = [logits] + [t for kv in presents for t in kv]
+        for name, o, e in zip(out_names, outs, eager):
+            if o.shape != tuple(e.shape):
+                raise ValidationError(f"output {name}: ONNX Runtime shape {o.shape} != eager shape {tuple(e.shape)}")
+            diff = np.abs(o.astype(np.float64) - _np(e).astype(np.float64))
+            worst = float(diff.max()) if diff.size else 0.0
+            if not np.isfinite(worst):
+                worst = float("inf")
+            diffs[name] = max(diffs[name], worst)
+        # next step: the eager model's greedy token for both sides, each side keeps its own cache
+        last = logits[:, -1] if all_positions else logits
+        ids = last.float().argmax(-1, keepdim=True)
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+        eager_past = presents
+        ort_past = outs[1:]
+    return ValidationReport(max_abs_diff=diffs, atol=atol, provider=provider, steps=1 + decode_steps,
+                            lengths=list(lengths))
+
+
+def validate_export(
+    model: Decoder, out_dir: str | Path, *, atol: float, report_line=print, **kwargs: Any
+) -> ValidationReport:
+    """:func:`compare_with_eager` on ``out_dir``; print one line per output; raise ValidationError above ``atol``."""
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / "decodekit.json").read_text())
+    report = compare_with_eager(model, out_dir / meta["model_file"], meta, atol=atol, **kwargs)
+    width = max(len(n) for n in report.max_abs_diff)
+    for name, diff in report.max_abs_diff.items():
+        flag = "ok" if diff <= atol else "ABOVE ATOL"
+        report_line(f"  {name:<{width}}  max |ORT - eager| = {diff:.3e}  {flag}")
+    if not report.ok:
+        name, diff = report.worst
+        bad = sum(v > atol for v in report.max_abs_diff.values())
+        raise ValidationError(
+            f"exported model disagrees with PyTorch: max |ORT - eager| = {diff:.3e} in {name} "
+            f"({bad} output(s) above atol {atol:g}, {report.provider})"
+        )
+    return report
