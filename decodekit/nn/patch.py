@@ -245,9 +245,9 @@ def patch(model: nn.Module, norm_linear: bool = True, attention: bool = True, *,
         norm with ``lm_head``), GPT-2's MLP GELU with ``c_proj``, and Llama's SiLU gate into the gate
         projection.
     attention : bool
-        Run the registered attention patchers (``ATTENTION_PATCHERS``). **For now none is registered, so
-        attention is left untouched**; the attention kernels plug in through
-        :func:`register_attention_patcher`.
+        Run the registered attention patchers (``ATTENTION_PATCHERS``): decodekit's attention kernels
+        (:func:`decodekit.nn.attention.patch_attention`) switch a Hugging Face model's
+        ``attn_implementation`` to ``"decodekit"`` and set a ``Decoder``'s ``use_kernels``.
     backend : "auto", "triton" or "torch"
         Backend of the fused modules ("auto": Triton on CUDA tensors, PyTorch on CPU).
 
@@ -284,6 +284,8 @@ def patch(model: nn.Module, norm_linear: bool = True, attention: bool = True, *,
             for patcher in NORM_LINEAR_PATCHERS:
                 record.swaps += patcher(model, backend)
         if attention:
+            import decodekit.nn.attention  # noqa: F401 - registers the attention kernels' patcher
+
             for patcher in ATTENTION_PATCHERS:
                 record.swaps += patcher(model, backend)
     except BaseException:

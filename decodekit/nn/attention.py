@@ -1,0 +1,250 @@
+"""decodekit attention inside models: Hugging Face's attention registry, ``patch_attention``, and the Decoder hook.
+
+Hugging Face (transformers >= 4.48, tested with 5.x). Importing this module registers attention
+functions in ``transformers``' ``AttentionInterface`` (and the matching SDPA-style mask builder in
+``AttentionMaskInterface``) under three names:
+
+* ``"decodekit"``: the dispatch rule of :mod:`decodekit._dispatch` (CUDA tensors -> Triton kernel, CPU
+  tensors -> PyTorch), except that with ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (in
+  Triton's interpreter, which is how the test suite exercises it);
+* ``"decodekit_triton"`` and ``"decodekit_torch"``: that backend always.
+
+So ``AutoModelForCausalLM.from_pretrained(..., attn_implementation="decodekit")`` works after
+``import decodekit.nn.attention``, and :func:`patch_attention` (also run by
+``decodekit.patch(model, attention=True)``) switches an existing model's config to it and back.
+
+Which calls reach the kernel: the mask builder returns no mask when the batch has no padding and the
+causal pattern is implied (prefill of a full prompt, one-token decode steps): those calls run
+:func:`decodekit.attention` (prefill) or :func:`decodekit.decode_attention` (one query token). A
+call that carries a mask (padded batches, chunked prefill against a cache), attention dropout while
+training, soft-capping, sliding windows, attention sinks or ``output_attentions`` falls back to
+transformers' own SDPA function, so the result stays correct; :data:`FALLBACK_CALLS` counts those fallbacks.
+
+decodekit's own :class:`~decodekit.models.Decoder` calls :func:`decoder_attention` when ``use_kernels``
+is set: prefill through :func:`decodekit.attention` with ``q_offset = P`` and one-to-few-token steps
+through :func:`decodekit.decode_attention`; left padding becomes the kernels' per-row ``kv_start``.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+from torch import nn
+
+from decodekit._dispatch import interpreter_enabled
+from decodekit.kernels.attention import MAX_DECODE_QUERIES, attention, decode_attention
+from decodekit.nn.patch import register_attention_patcher
+
+#: attn_implementation name -> decodekit backend
+IMPLEMENTATIONS: dict[str, str] = {"decodekit": "auto", "decodekit_triton": "triton", "decodekit_torch": "torch"}
+#: why calls went to transformers' SDPA function instead of decodekit (reason -> count)
+FALLBACK_CALLS: collections.Counter[str] = collections.Counter()
+PATCH_ATTR = "_decodekit_attention_patch"
+
+
+def _backend(backend: str, device: torch.device) -> str:
+    if backend == "auto" and device.type != "cuda" and interpreter_enabled():
+        return "triton"
+    return backend
+
+
+def _fallback_reason(attention_mask: Any, dropout: float, kwargs: dict[str, Any]) -> str | None:
+    if attention_mask is not None:
+        return "attention_mask"
+    if dropout and dropout > 0:
+        return "dropout"
+    for name in ("softcap", "sliding_window", "position_bias", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return name
+    if kwargs.get("output_attentions"):
+        return "output_attentions"
+    if kwargs.get("cache") is not None:
+        return "paged cache"
+    return None
+
+
+def hf_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # [B, H, S_q, D]
+    key: torch.Tensor,  # [B, H_kv, S_k, D]
+    value: torch.Tensor,  # [B, H_kv, S_k, D]
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    backend: str = "auto",
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (the ``sdpa_attention_forward`` contract) backed by decodekit.
+
+    Returns ``([B, S_q, H, D] output, None)``. Without a mask, the causal pattern follows SDPA's: a single
+    query sees every key (a decode step: :func:`decodekit.decode_attention` over the whole cache), and
+    ``S_q > 1`` queries are causal aligned top-left (``q_offset = 0``), which is also right for a prefill
+    into an empty static cache whose trailing keys are unused. Calls that need
+    what the kernel does not do are forwarded to transformers' SDPA function (see the module docstring).
+    """
+    reason = _fallback_reason(attention_mask, dropout, kwargs)
+    if reason is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        FALLBACK_CALLS[reason] += 1
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    backend = _backend(backend, query.device)
+    b, s_q, s_k = query.shape[0], query.shape[2], key.shape[2]
+    if s_q == 1 and s_k > 1:  # a decode step: split-K over the (dense) cache, all heads of a group together
+        seqlens = torch.full((b,), s_k, dtype=torch.int32, device=query.device)
+        out = decode_attention(query, key, value, seqlens, scaling, check=False, backend=backend)
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        out = attention(query, key, value, causal=bool(causal) and s_q > 1, scale=scaling, backend=backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _make_forward(backend: str):
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        return hf_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, backend=backend, **kwargs
+        )
+
+    forward.__name__ = forward.__qualname__ = f"decodekit_attention_forward_{backend}"
+    return forward
+
+
+def register() -> None:
+    """Register the decodekit attention functions (and SDPA-style masks) with transformers; idempotent."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    for name, backend in IMPLEMENTATIONS.items():
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _make_forward(backend))
+        if name not in AttentionMaskInterface._global_mapping:
+            AttentionMaskInterface.register(name, sdpa_mask)
+
+
+try:  # transformers is an optional dependency (the "hf" extra)
+    register()
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+
+
+# --------------------------------------------------------------------------- patch / unpatch
+
+
+def _attention_swaps(model: nn.Module, backend: str = "auto") -> list:
+    """The attention patcher for :mod:`decodekit.nn.patch`: returns its :class:`~decodekit.nn.patch.Swap` s.
+
+    Hugging Face models: every distinct config in the model gets ``_attn_implementation`` set to the
+    decodekit name for ``backend``. decodekit ``Decoder``: ``use_kernels`` is set. Other models: nothing.
+    """
+    from decodekit.nn.patch import swap
+
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"patch_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if type(model).__name__ == "Decoder" and hasattr(model, "use_kernels"):
+        return [swap(model, "use_kernels", True)]
+    name = next(n for n, b in IMPLEMENTATIONS.items() if b == backend)
+    register()
+    swaps, seen = [], set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation"):
+            continue
+        seen.add(id(config))
+        swaps.append(swap(config, "_attn_implementation", name))
+    return swaps
+
+
+register_attention_patcher(_attention_swaps)
+
+
+def patch_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Make ``model`` compute attention with decodekit's kernels, in place; returns ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A Hugging Face model that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (GPT-2, Llama, ...): its
+        config's ``attn_implementation`` becomes ``"decodekit"`` (or ``"decodekit_<backend>"``). A
+        ``decodekit.models.Decoder``: ``use_kernels`` becomes True.
+    backend : {"auto", "triton", "torch"}
+        For Hugging Face models; the Decoder's kernels follow the device (and the interpreter) instead.
+
+    Raises
+    ------
+    ValueError
+        If the model is already attention-patched or has nothing to patch.
+
+    Example
+    -------
+    >>> model = patch_attention(model)  # doctest: +SKIP
+    >>> unpatch_attention(model)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_attention: model must be an nn.Module, got {type(model).__name__}")
+    if getattr(model, PATCH_ATTR, None) is not None:
+        raise ValueError("patch_attention: model is already patched; call unpatch_attention(model) first")
+    swaps = _attention_swaps(model, backend)
+    if not swaps:
+        raise ValueError(
+            f"patch_attention: model ({type(model).__name__}) has no attention decodekit can switch; supported: "
+            "Hugging Face models using the attention-function registry (GPT-2, Llama), decodekit.models.Decoder"
+        )
+    object.__setattr__(model, PATCH_ATTR, swaps)
+    return model
+
+
+def unpatch_attention(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_attention` (restores the previous ``attn_implementation`` / ``use_kernels``)."""
+    swaps = getattr(model, PATCH_ATTR, None)
+    if swaps is None:
+        raise ValueError("unpatch_attention: model is not patched by patch_attention")
+    for s in reversed(swaps):
+        setattr(s.parent, s.name, s.original)
+    object.__delattr__(model, PATCH_ATTR)
+    return model
+
+
+# --------------------------------------------------------------------------- decodekit Decoder hook
+
+
+def left_padding_starts(attention_mask: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B]``: the number of leading zeros of each row of a ``[B, T]`` 0/1 mask (no host sync)."""
+    return (attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).to(torch.int32)
+
+
+def decoder_attention(
+    q: torch.Tensor,  # [B, H, S, D] rotated queries: the last S of the T key positions
+    k: torch.Tensor,  # [B, H_kv, T, D] cache + new keys
+    v: torch.Tensor,  # [B, H_kv, T, D]
+    attention_mask: torch.Tensor,  # [B, T] 1 = real token, 0 = left padding
+    scale: float,
+) -> torch.Tensor:  # [B, H, S, D]
+    """Causal, left-padding-masked attention for ``decodekit.models.Decoder(use_kernels=True)``.
+
+    Left padding becomes the kernels' per-row ``kv_start`` (the count of leading zeros). Only left
+    padding is supported: a mask with zeros after the first one is rejected with ``ValueError`` when it
+    lives on the CPU; on CUDA it is not inspected (that would sync) and such zeros are ignored. Query rows
+    at padding positions see no key and come out as zeros (the reference path gives them a uniform
+    average instead; neither reaches a real token). Steps of at most 16 new tokens after a non-empty
+    cache use the split-K decode kernel; longer chunks use the prefill kernel with ``q_offset = T - S``.
+    Backend: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, the PyTorch path otherwise.
+    """
+    s, t = q.shape[2], k.shape[2]
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (q.shape[0], t):
+        raise ValueError(f"attention_mask must have shape [{q.shape[0]}, {t}], got {tuple(attention_mask.shape)}")
+    kv_start = left_padding_starts(attention_mask)
+    if attention_mask.device.type == "cpu":
+        left_padded = torch.arange(t)[None, :] >= kv_start[:, None]
+        if not torch.equal(attention_mask.bool(), left_padded):
+            raise ValueError("attention_mask: use_kernels=True supports left padding only (zeros before the tokens)")
+    backend = "triton" if q.device.type == "cuda" or interpreter_enabled() else "torch"
+    if s < t and s <= MAX_DECODE_QUERIES:
+        seqlens = torch.full((q.shape[0],), t, dtype=torch.int32, device=q.device)
+        return decode_attention(q, k, v, seqlens, scale, kv_start=kv_start, backend=backend)
+    return attention(q, k, v, causal=True, scale=scale, q_offset=t - s, kv_start=kv_start, backend=backend)
