@@ -135,13 +135,13 @@ def attention_config(
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:
     """constexpr flags for :func:`_mma`.
 
-    fp32 inputs multiply with ``"ieee"`` precision (tf32 would lose ~3 decimal digits); the setting is
-    ignored for fp16/bf16. Triton's interpreter mis-evaluates ``tl.dot`` on bf16 operands (triton 3.8
+    fp32 inputs multiply with ``"ieee"`` precision (tf32 would lose ~3 decimal digits); fp16/bf16 use the
+    default (``None``). Triton's interpreter mis-evaluates ``tl.dot`` on bf16 operands (triton 3.8
     returns garbage), so under the interpreter bf16 tiles are widened to fp32 first: bf16 products are
     exact in fp32, which is what the tensor cores compute on a GPU.
     """
     upcast = dtype == torch.bfloat16 and interpreter_enabled()
-    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "DOT_UPCAST": upcast}
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else None, "DOT_UPCAST": upcast}
 
 
 @triton.jit
