@@ -418,10 +418,10 @@ def _finalize_kernel(
     flags = tl.load(final_ptr + row * 4 + 3)
     m = tl.load(final_ptr + row * 4 + 1)
     greedy = (flags == 1.0) | (flags == 3.0)
-    bad = flags >= 2.0
     ok = (first < CP2) & (flags < 2.0)
     tok = tl.where(ok, tok, -1.0)
-    lp = z - m - tl.log(tl.sum(km, axis=0))
+    total = tl.sum(km, axis=0)
+    lp = z - m - tl.log(tl.where(total > 0, total, 1.0))  # bad rows: no log(0)
     lp = tl.where(greedy, 0.0, lp)
     lp = tl.where(ok, lp, float("nan"))
     tl.store(tokens_ptr + row, tok.to(tl.int64))
@@ -443,6 +443,7 @@ def _probs_kernel(
     chunk = tl.program_id(1)
     c = tl.arange(0, CP2)
     total = tl.sum(tl.load(race_ptr + (row * C + c) * 4 + 3, mask=c < C, other=0.0), axis=0)
+    total = tl.where(total > 0, total, 1.0)  # bad rows have no kept mass (and are zeroed below)
     fo = final_ptr + row * 4
     lo = tl.load(fo + 0)
     m = tl.load(fo + 1)
@@ -795,8 +796,7 @@ def sample(
                                        mode="sample")
     else:
         prm = _row_params(params, counts, tts=False, greedy_top1=True)
-        tokens, logprobs = _st.sample_torch(logits, prm, seeds, seeds.new_full((B,), 0) + mult * torch.arange(
-            B, device=logits.device))
+        tokens, logprobs = _st.sample_torch(logits, prm, seeds, mult * torch.arange(B, device=logits.device))
     if check:
         bad = (tokens < 0).nonzero().flatten().tolist()
         if bad:
