@@ -58,3 +58,19 @@ def stories_dir() -> Path:
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+# --- appended by the models/export work (issue 3): exports shared by several test files ---------------------
+
+
+@pytest.fixture(scope="session")
+def stories_export_dir(stories_dir, tmp_path_factory) -> Path:
+    """stories260K exported ONCE per session (per xdist worker): fp32, validated, via ``export_decoder``.
+
+    Read-only for the tests: ``model.onnx``, ``decodekit.json`` (format_version 1) and ``tok512.bin``.
+    """
+    from decodekit.export import export_decoder
+
+    out = tmp_path_factory.mktemp("stories_export") / "stories260K"
+    export_decoder(stories_dir / "stories260K.bin", out, progress=False)
+    return out

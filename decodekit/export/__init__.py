@@ -182,25 +182,38 @@ def _export_onnx(model: Decoder, path: Path, *, opset: int | None, all_logits: b
 
 
 def _name_dims(program: Any, n_layers: int, all_logits: bool) -> None:
-    """Give the graph inputs/outputs readable symbolic dims; fail loudly if a dynamic dim was specialised."""
+    """Name the symbolic dims of the graph inputs/outputs by role; fail loudly if one was specialised.
+
+    The exporter names them ``s0``, ``s17 + s3``, ... (and may give each layer's cache its own symbol);
+    the runtime and ``decodekit.json`` speak of ``batch``, ``seq``, ``past_seq`` and ``total_seq``.
+    """
     import onnx_ir as ir
 
     graph = program.model.graph
-    by_name = {v.name: v for v in [*graph.inputs, *graph.outputs]}
-
-    def dims(name: str) -> list[Any]:
-        return [d if isinstance(d, int) else str(d) for d in by_name[name].shape]
-
-    ids, mask, past = dims("input_ids"), dims("attention_mask"), dims("past_key_values.0.key")
-    batch, seq, total, past_seq = ids[0], ids[1], mask[1], past[2]
-    for what, d in (("batch", batch), ("seq", seq), ("total_seq", total), ("past_seq", past_seq)):
-        if isinstance(d, int):
-            raise RuntimeError(f"the exporter specialised the {what} dimension to {d}; the graph would not be dynamic")
-    rename = {batch: "batch", seq: "seq", total: "total_seq", past_seq: "past_seq"}
-    present_total = dims("present.0.key")[2]
-    rename.setdefault(present_total, "total_seq")
-    for value in by_name.values():
-        value.shape = ir.Shape([rename.get(str(d), d) if not isinstance(d, int) else d for d in value.shape])
+    inputs, outputs, _, _ = io_names(n_layers)
+    roles: dict[str, tuple[str | None, ...]] = {
+        "input_ids": ("batch", "seq"),
+        "position_ids": ("batch", "seq"),
+        "attention_mask": ("batch", "total_seq"),
+        "logits": ("batch", "seq", None) if all_logits else ("batch", None),
+    }
+    roles.update({name: ("batch", None, "past_seq", None) for name in inputs[3:]})
+    roles.update({name: ("batch", None, "total_seq", None) for name in outputs[1:]})
+    for value in [*graph.inputs, *graph.outputs]:
+        want = roles[value.name]
+        dims = list(value.shape)
+        if len(dims) != len(want):
+            raise RuntimeError(f"exported {value.name} has rank {len(dims)}, expected {len(want)}")
+        for axis, (d, role) in enumerate(zip(dims, want)):
+            if role is None:
+                continue
+            if isinstance(d, int):
+                raise RuntimeError(
+                    f"the exporter specialised axis {axis} ({role}) of {value.name} to {d}; the graph would not be "
+                    "dynamic"
+                )
+            dims[axis] = role
+        value.shape = ir.Shape(dims)
 
 
 def _resolve_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
