@@ -63,6 +63,49 @@ def read_metadata(model_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+class _Binder:
+    """Thin IO binding over raw pointers.
+
+    It calls ONNX Runtime's C binding object directly with a device handle made once, because the public
+    ``IOBinding.bind_input`` wrapper rebuilds that handle on every call, which costs more than running the
+    whole graph of a small model. Falls back to the public API when the internals are not there.
+    """
+
+    def __init__(self, session: Any, device: torch.device) -> None:
+        self._public = session.io_binding()
+        self._session = session
+        dev_type, dev_id = ("cuda" if device.type == "cuda" else "cpu"), (device.index or 0)
+        self._dev = (dev_type, dev_id)
+        try:
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+            self._c_device = OrtDevice.make(dev_type, dev_id)._get_c_device()
+            self._c = self._public._iobinding
+            self._sess = session._sess
+        except (ImportError, AttributeError):  # pragma: no cover - other ORT versions
+            self._c = None
+
+    def raw(self, name: str, np_type: type, shape: tuple[int, ...], ptr: int, output: bool) -> None:
+        if self._c is not None:
+            (self._c.bind_output if output else self._c.bind_input)(name, self._c_device, np_type, shape, ptr)
+        elif output:  # pragma: no cover
+            self._public.bind_output(name, *self._dev, np_type, shape, ptr)
+        else:  # pragma: no cover
+            self._public.bind_input(name, *self._dev, np_type, shape, ptr)
+
+    def input(self, name: str, t: torch.Tensor) -> None:
+        self.raw(name, _NP_DTYPES[t.dtype], tuple(t.shape), t.data_ptr(), output=False)
+
+    def output(self, name: str, t: torch.Tensor) -> None:
+        self.raw(name, _NP_DTYPES[t.dtype], tuple(t.shape), t.data_ptr(), output=True)
+
+    def run(self) -> None:
+        if self._c is not None:
+            self._sess.run_with_iobinding(self._c, None)
+        else:  # pragma: no cover
+            self._session.run_with_iobinding(self._public)
+
+
 class OnnxDecoder(GenerateMixin):
     """An exported decoder on ONNX Runtime, with IO binding into preallocated torch buffers.
 
@@ -177,7 +220,14 @@ class OnnxDecoder(GenerateMixin):
         self._ids = torch.zeros(flat, dtype=self._int_dtypes["input_ids"], device=self.device)
         self._pos = torch.zeros(flat, dtype=self._int_dtypes["position_ids"], device=self.device)
         self._mask = torch.zeros(flat, dtype=self._int_dtypes["attention_mask"], device=self.device)
-        self._binding = self.session.io_binding() if io_binding else None
+        self._binder = _Binder(self.session, self.device) if io_binding else None
+        # byte address of each (storage, layer, key/value) region: steps bind pointers, not new tensors
+        el = self._kv.element_size()
+        base = [self._kv[i].data_ptr() for i in range(2)]
+        self._kv_ptr = [
+            [[base[st] + ((layer * 2 + w) * region) * el for w in (0, 1)] for layer in range(n)] for st in (0, 1)
+        ]
+        self._kv_np = _NP_DTYPES[self.kv_dtype]
         self._cur = 0  # which storage holds the current cache
         self._len = 0  # P: tokens in the cache
         self._batch = 0
@@ -213,12 +263,6 @@ class OnnxDecoder(GenerateMixin):
     @property
     def default_stop_ids(self) -> list[int]:
         return list(self.config.stop_ids or [self.config.eos_id])
-
-    def _bind(self, name: str, t: torch.Tensor, output: bool = False) -> None:
-        dev = "cuda" if t.is_cuda else "cpu"
-        idx = t.device.index or 0
-        bind = self._binding.bind_output if output else self._binding.bind_input
-        bind(name, dev, idx, _NP_DTYPES[t.dtype], tuple(t.shape), t.data_ptr())
 
     def kv_view(self, storage: int, layer: int, which: int, batch: int, length: int) -> torch.Tensor:
         """``[batch, H_kv, length, D]`` contiguous view of one layer's key (0) or value (1) region."""
@@ -259,20 +303,24 @@ class OnnxDecoder(GenerateMixin):
         ids.copy_(input_ids)
         pos.copy_(position_ids)
         mask.copy_(attention_mask)
-        self._bind("input_ids", ids)
-        self._bind("position_ids", pos)
-        self._bind("attention_mask", mask)
-        nxt = 1 - self._cur
+        bind = self._binder
+        bind.input("input_ids", ids)
+        bind.input("position_ids", pos)
+        bind.input("attention_mask", mask)
+        cfg = self.config
+        past_shape = (b, cfg.n_kv_heads, p, cfg.head_dim)
+        present_shape = (b, cfg.n_kv_heads, p + s, cfg.head_dim)
+        cur, nxt = self._kv_ptr[self._cur], self._kv_ptr[1 - self._cur]
         for layer, (names_past, names_present) in enumerate(zip(self.past_names, self.present_names)):
-            for which in (0, 1):
-                self._bind(names_past[which], self.kv_view(self._cur, layer, which, b, p))
-                self._bind(names_present[which], self.kv_view(nxt, layer, which, b, p + s), output=True)
+            for w in (0, 1):
+                bind.raw(names_past[w], self._kv_np, past_shape, cur[layer][w], output=False)
+                bind.raw(names_present[w], self._kv_np, present_shape, nxt[layer][w], output=True)
         logits = self._logits[:b]
-        self._bind("logits", logits, output=True)
+        bind.output("logits", logits)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the input copies above must land before ORT reads them
-        self.session.run_with_iobinding(self._binding)
-        self._cur, self._len = nxt, p + s
+        bind.run()
+        self._cur, self._len = 1 - self._cur, p + s
         return logits
 
     def _step_numpy(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor):
