@@ -102,7 +102,8 @@ def check_tensor(
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
-            raise ValueError(f"{where}{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+            dims = " or ".join(map(str, allowed))
+            raise ValueError(f"{where}{name} must have {dims} dims, got shape {tuple(t.shape)}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:

@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODELS = Path(os.environ.get("DECODEKIT_SHARED_MODELS", ROOT.parent / "shared" / "models"))
 STORIES_DIR = SHARED_MODELS / "stories260K"
 
-# Keep the two cores for the interpreter; intra-op threading only adds overhead at these sizes.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The suite runs on two xdist workers over two cores: one thread each for torch and ONNX Runtime, or their
+# spinning thread pools fight over the cores (measured: eager decoding 6x slower with 2 threads per worker).
+torch.set_num_threads(1)
+os.environ.setdefault("DECODEKIT_ORT_THREADS", "1")
 
 
 def test_device() -> torch.device:

@@ -53,19 +53,9 @@ def _progress(msg: str) -> None:
 
 
 def run_generate(args: GenerateArgs) -> int:
-    from decodekit.runtime import _encode_prompts, _generate_on, load_backend
+    from decodekit.runtime import GenerationConfig, _encode_prompts, _generate_on, load_backend
 
-    t0 = time.perf_counter()
-    model = load_backend(args.model, args.backend, device=args.device, max_batch=1, progress=_progress)
-    _progress(f"{args.backend} backend ready on {args.device} in {time.perf_counter() - t0:.2f} s")
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
-    prompt_ids = _encode_prompts(model, [args.prompt])[0]
-    stream = TextStream(tok, prompt_ids)
-    res = _generate_on(
-        model,
-        [prompt_ids],
+    params = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -73,10 +63,20 @@ def run_generate(args: GenerateArgs) -> int:
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        stream=stream,
     )
+    GenerationConfig(**params).validate()  # bad flags fail before anything is loaded or printed
+    t0 = time.perf_counter()
+    model = load_backend(args.model, args.backend, device=args.device, max_batch=1, progress=_progress)
+    load_s = time.perf_counter() - t0
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
+    prompt_ids = _encode_prompts(model, [args.prompt])[0]
+    stream = TextStream(tok, prompt_ids)
+    res = _generate_on(model, [prompt_ids], stream=stream, **params)
     sys.stdout.write("\n")
     _progress(
+        f"{args.backend} backend on {args.device} (loaded in {load_s:.2f} s): "
         f"{len(res.tokens[0])} tokens ({res.finish_reasons[0]}); time to first token "
         f"{res.time_to_first_token_s * 1e3:.1f} ms; decode {res.decode_tokens_per_s:.1f} tokens/s"
     )

@@ -124,7 +124,7 @@ class OnnxDecoder(GenerateMixin):
         ``True``: zero-copy IO binding (see the module docstring). ``False``: plain ``session.run`` with
         numpy arrays, for comparison.
     intra_op_threads : int, optional
-        ONNX Runtime's intra-op thread count (default: ORT's choice).
+        ONNX Runtime's intra-op thread count (default: ``$DECODEKIT_ORT_THREADS`` if set, else ORT's choice).
 
     Examples
     --------
@@ -188,6 +188,8 @@ class OnnxDecoder(GenerateMixin):
             providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads is None and os.environ.get("DECODEKIT_ORT_THREADS"):
+            intra_op_threads = int(os.environ["DECODEKIT_ORT_THREADS"])
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3

@@ -1,0 +1,150 @@
+"""End-to-end generation: eager PyTorch vs Hugging Face generate vs ONNX Runtime (plain run / IO binding).
+
+Each benchmark generates exactly 128 new tokens per row (stop ids off) from an 8-token prompt, sampling with
+temperature 0.8 and top-p 0.95, at batch 1 and 8, for
+
+* stories260K (the real llama2.c model in ../shared), and
+* a GPT-2-small-shaped model with random weights (d 768, 12 layers, 12 heads, vocab 50257), saved in Hugging
+  Face format so that ``transformers``' own ``generate`` runs the very same weights.
+
+Implementations (one group per model and batch; the baseline is eager PyTorch, decodekit's model with its KV
+cache): ``hf-generate`` (GPT-2 only), ``ort-plain-run`` (``session.run`` with numpy, the cache round-tripping
+through numpy), ``ort-iobinding+fused-sampler`` (this project's runtime). ``tokens`` in extra_info is B x 128,
+so the report's tok/s is generated tokens per second of the whole call (prefill included).
+
+For GPT-2 at batch 1 the IO-binding benchmark also records the memory-bandwidth floor: the fp32 weight bytes
+read per token divided by the measured matrix-vector bandwidth of this machine (torch ``F.linear`` of one
+vector by a 50257 x 768 matrix), and the fraction of that floor the measured time per token reaches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.conftest import run_bench
+from decodekit.export import export_decoder
+from decodekit.models import load_model
+from decodekit.runtime import EagerDecoder, OnnxDecoder
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K" / "stories260K.bin"
+NEW_TOKENS = 128
+PROMPT_LEN = 8
+SAMPLING = dict(temperature=0.8, top_p=0.95, seed=1234, stop_ids=[])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, dict]:
+    """name -> {"src": checkpoint or HF dir, "export": export dir, "hf": HF model or None}."""
+    if not STORIES.is_file():
+        pytest.fail(f"missing {STORIES} (the shared stories260K model)")
+    root = tmp_path_factory.mktemp("runtime-bench")
+    out = {"stories260K": {"src": STORIES, "hf": None}}
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)
+    hf = GPT2LMHeadModel(cfg).eval()
+    hf_dir = root / "gpt2-small-random"
+    hf.save_pretrained(hf_dir)
+    out["gpt2-small-shape"] = {"src": hf_dir, "hf": hf}
+    for name, entry in out.items():
+        entry["export"] = root / f"{name}-onnx"
+        export_decoder(entry["src"], entry["export"], progress=False)
+    return out
+
+
+def _prompts(batch: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [[1] + torch.randint(3, min(vocab, 500), (PROMPT_LEN - 1,), generator=g).tolist() for _ in range(batch)]
+
+
+def _matvec_bandwidth_gbs() -> float:
+    """Median GB/s of one fp32 matrix-vector product over a 50257 x 768 matrix (the GPT-2 classifier)."""
+    w = torch.randn(50257, 768)
+    x = torch.randn(1, 768)
+    times = []
+    for _ in range(30):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - t)
+    return w.numel() * 4 / statistics.median(times[5:]) / 1e9
+
+
+IMPLS = ["eager", "hf-generate", "ort-plain-run", "ort-iobinding+fused-sampler"]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("model_name", ["stories260K", "gpt2-small-shape"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_generate(benchmark, models, model_name, batch, impl):
+    entry = models[model_name]
+    if impl == "hf-generate" and entry["hf"] is None:
+        pytest.skip("Hugging Face generate only for the GPT-2 model (stories260K is a llama2.c checkpoint)")
+    if impl == "eager":
+        runner = EagerDecoder(load_model(entry["src"]), max_batch=batch)
+    elif impl == "ort-plain-run":
+        runner = OnnxDecoder(entry["export"], "cpu", max_batch=batch, io_binding=False)
+    elif impl == "ort-iobinding+fused-sampler":
+        runner = OnnxDecoder(entry["export"], "cpu", max_batch=batch)
+    else:
+        runner = None
+    vocab = 512 if model_name == "stories260K" else 50257
+    prompts = _prompts(batch, vocab)
+
+    if runner is not None:
+
+        def fn():
+            res = runner.generate(prompts, max_new_tokens=NEW_TOKENS, **SAMPLING)
+            assert all(len(t) == NEW_TOKENS for t in res.tokens)
+            return res
+
+    else:
+        hf = entry["hf"]
+        ids = torch.tensor(prompts)
+
+        def fn():
+            with torch.inference_mode():
+                out = hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=True,
+                    temperature=0.8,
+                    top_p=0.95,
+                    top_k=0,
+                    pad_token_id=0,
+                )
+            assert out.shape[1] == PROMPT_LEN + NEW_TOKENS
+            return out
+
+    rounds = 3 if model_name == "gpt2-small-shape" else 7
+    run_bench(
+        benchmark,
+        fn,
+        group=f"generate {model_name} B={batch} {NEW_TOKENS} new tokens (fp32, CPU)",
+        impl=impl,
+        baseline=impl == "eager",
+        rounds=rounds,
+        tokens=batch * NEW_TOKENS,
+        batch=batch,
+        prompt_len=PROMPT_LEN,
+    )
+    if model_name == "gpt2-small-shape" and batch == 1 and impl == "ort-iobinding+fused-sampler":
+        n_params = sum(p.numel() for p in entry["hf"].parameters())  # tied classifier counted once
+        weight_bytes = n_params * 4
+        bw = _matvec_bandwidth_gbs()
+        per_token = benchmark.stats.stats.median / NEW_TOKENS
+        floor = weight_bytes / (bw * 1e9)
+        benchmark.extra_info.update(
+            weight_mb=round(weight_bytes / 1e6, 1),
+            matvec_gbs=round(bw, 2),
+            floor_ms_per_token=round(floor * 1e3, 3),
+            ms_per_token=round(per_token * 1e3, 3),
+            fraction_of_bw_floor=round(floor / per_token, 3),
+        )

@@ -1,0 +1,284 @@
+"""ONNX Runtime decoder with IO binding, the shared generation loop, and `decodekit generate` / `demo`."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from decodekit.errors import UsageError
+from decodekit.runtime import EagerDecoder, OnnxDecoder, generate, load_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def export_dir(stories_export_dir) -> Path:
+    return stories_export_dir
+
+
+@pytest.fixture(scope="module")
+def ckpt(stories_dir) -> Path:
+    return stories_dir / "stories260K.bin"
+
+
+@pytest.fixture(scope="module")
+def eager(ckpt) -> EagerDecoder:
+    return load_backend(ckpt, "eager", max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def onnx4(export_dir) -> OnnxDecoder:
+    return OnnxDecoder(export_dir, "cpu", max_batch=4)
+
+
+def test_greedy_onnx_equals_eager_for_200_tokens(export_dir, eager):
+    onnx = OnnxDecoder(export_dir, "cpu", max_batch=1)
+    a = onnx.generate([[1]], max_new_tokens=200, temperature=0.0, stop_ids=[])
+    b = eager.generate([[1]], max_new_tokens=200, temperature=0.0, stop_ids=[])
+    assert len(a.tokens[0]) == 200
+    assert a.tokens == b.tokens
+    assert a.text[0].startswith("Once upon a time, there was a little girl named Lily.")
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=20, min_p=0.05)])
+def test_same_seed_same_tokens_on_both_backends(onnx4, eager, params):
+    prompts = ["Once upon a time", "The cat"]
+    a = onnx4.generate(prompts, max_new_tokens=48, seed=1234, stop_ids=[], **params)
+    b = eager.generate(prompts, max_new_tokens=48, seed=1234, stop_ids=[], **params)
+    assert a.tokens == b.tokens
+    c = onnx4.generate(prompts, max_new_tokens=48, seed=1235, stop_ids=[], **params)
+    assert c.tokens != a.tokens, "a different seed must change the draw"
+
+
+def test_left_padded_batch_matches_rows_alone(onnx4):
+    prompts = ["Once upon a time there was a dog", "Tom", "The sun was hot and the"]
+    batch = onnx4.generate(prompts, max_new_tokens=24, temperature=0.0, stop_ids=[])
+    for i, p in enumerate(prompts):
+        alone = onnx4.generate([p], max_new_tokens=24, temperature=0.0, stop_ids=[])
+        assert alone.tokens[0] == batch.tokens[i], f"row {i} changed when batched with left padding"
+
+
+def test_stops_per_row_on_stop_ids(onnx4):
+    # greedy from BOS: find a token the story emits, then make it a stop id for row 0 only by choosing
+    # prompts whose continuations differ
+    ref = onnx4.generate(["", "Lily"], max_new_tokens=30, temperature=0.0, stop_ids=[])
+    stop = ref.tokens[0][5]
+    res = onnx4.generate(["", "Lily"], max_new_tokens=30, temperature=0.0, stop_ids=[stop])
+    first = ref.tokens[0].index(stop)
+    assert res.tokens[0] == ref.tokens[0][: first + 1]
+    assert res.finish_reasons[0] == "stop"
+    if stop in ref.tokens[1]:
+        assert res.tokens[1] == ref.tokens[1][: ref.tokens[1].index(stop) + 1]
+    else:
+        assert res.tokens[1] == ref.tokens[1] and res.finish_reasons[1] == "length"
+
+
+def test_zero_copy_buffers_keep_their_addresses(export_dir, monkeypatch):
+    dec = OnnxDecoder(export_dir, "cpu", max_batch=2)
+    kv_ptr, logits_ptr = dec._kv.data_ptr(), dec._logits.data_ptr()
+    seen = []
+    real_step = dec.step
+
+    def spy(ids, pos, mask):
+        out = real_step(ids, pos, mask)
+        seen.append((out.data_ptr(), dec._kv.data_ptr(), dec._logits.data_ptr()))
+        return out
+
+    monkeypatch.setattr(dec, "step", spy)
+
+    def no_numpy(*a, **k):
+        raise AssertionError("numpy conversion on the IO-binding hot path")
+
+    # any numpy conversion or plain session.run during generation fails the test
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    monkeypatch.setattr(type(dec.session), "run", no_numpy)
+    res = dec.generate([[1], [1, 403]], max_new_tokens=16, temperature=0.7, seed=3, stop_ids=[])
+    monkeypatch.undo()
+    assert len(seen) == 16 and len(res.tokens[0]) == 16
+    assert {s[0] for s in seen} == {logits_ptr}, "logits must be the bound buffer, not a copy"
+    assert {s[1] for s in seen} == {kv_ptr} and {s[2] for s in seen} == {logits_ptr}
+
+
+def test_results_survive_aggressive_garbage_collection(export_dir):
+    ref = OnnxDecoder(export_dir, "cpu", max_batch=1).generate([[1]], max_new_tokens=40, temperature=0.0)
+    old = gc.get_threshold()
+    gc.set_threshold(10, 1, 1)  # collect all generations very often ...
+    try:
+        dec = OnnxDecoder(export_dir, "cpu", max_batch=1)
+        # ... and fully between every two steps: nothing the binding points at may be freed
+        res = dec.generate([[1]], max_new_tokens=40, temperature=0.0, stream=lambda row, tok: gc.collect())
+    finally:
+        gc.set_threshold(*old)
+    assert res.tokens == ref.tokens
+
+
+def test_plain_run_path_matches_io_binding(export_dir):
+    a = OnnxDecoder(export_dir, "cpu", max_batch=2).generate(["Tom had", "A"], max_new_tokens=20, temperature=0.0)
+    b = OnnxDecoder(export_dir, "cpu", max_batch=2, io_binding=False).generate(
+        ["Tom had", "A"], max_new_tokens=20, temperature=0.0
+    )
+    assert a.tokens == b.tokens
+
+
+def test_step_logits_match_eager_logits(export_dir, eager):
+    dec = OnnxDecoder(export_dir, "cpu", max_batch=2)
+    ids = torch.tensor([[0, 1, 403, 261], [1, 365, 300, 290]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    dec.reset(2)
+    eager.reset(2)
+    got = dec.step(ids, pos, mask).clone()
+    want = eager.step(ids, pos, mask)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    nxt = torch.tensor([[300], [301]])
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    got = dec.step(nxt, pos[:, -1:] + 1, mask2)
+    want = eager.step(nxt, pos[:, -1:] + 1, mask2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_timings_are_reported(onnx4):
+    res = onnx4.generate(["Once"], max_new_tokens=10, temperature=0.0, stop_ids=[])
+    assert res.time_to_first_token_s > 0 and res.decode_steps == 9 and res.decode_tokens == 9
+    assert res.decode_tokens_per_s > 0
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_prompt_longer_than_max_seq_len(export_dir):
+    dec = OnnxDecoder(export_dir, "cpu", max_batch=1, max_seq_len=16)
+    with pytest.raises(UsageError, match="max_seq_len"):
+        dec.generate([[1] * 16], max_new_tokens=4)
+
+
+def test_batch_larger_than_max_batch(export_dir):
+    dec = OnnxDecoder(export_dir, "cpu", max_batch=2)
+    with pytest.raises(UsageError, match="max_batch"):
+        dec.generate(["a", "b", "c"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "params, name",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+    ],
+)
+def test_invalid_sampling_parameters(onnx4, params, name):
+    with pytest.raises(UsageError, match=name):
+        onnx4.generate(["a"], **params)
+
+
+def test_token_ids_out_of_range(onnx4):
+    with pytest.raises(UsageError, match="outside"):
+        onnx4.generate([[1, 99999]], max_new_tokens=2)
+
+
+def test_cuda_requested_without_cuda(export_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the missing-provider error cannot be provoked")
+    with pytest.raises(UsageError, match="cuda"):
+        OnnxDecoder(export_dir, "cuda")
+
+
+def _broken_copy(export_dir: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
+    dst = tmp_path / "broken"
+    shutil.copytree(export_dir, dst)
+    edit(dst)
+    return dst
+
+
+def test_export_dir_without_metadata(export_dir, tmp_path):
+    bad = _broken_copy(export_dir, tmp_path, lambda d: (d / "decodekit.json").unlink())
+    with pytest.raises(UsageError, match="decodekit.json"):
+        OnnxDecoder(bad)
+
+
+def test_export_dir_with_mismatched_metadata(export_dir, tmp_path):
+    def edit(d: Path) -> None:
+        meta = json.loads((d / "decodekit.json").read_text())
+        meta["config"]["n_layers"] += 1
+        (d / "decodekit.json").write_text(json.dumps(meta))
+
+    with pytest.raises(UsageError, match="does not match"):
+        OnnxDecoder(_broken_copy(export_dir, tmp_path, edit))
+
+
+def test_export_dir_with_garbage_metadata(export_dir, tmp_path):
+    bad = _broken_copy(export_dir, tmp_path, lambda d: (d / "decodekit.json").write_text("{not json"))
+    with pytest.raises(UsageError, match="JSON"):
+        OnnxDecoder(bad)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "decodekit", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_cli_generate_streams_the_greedy_story(export_dir):
+    out = _cli("generate", str(export_dir), "--temperature", "0", "--max-new-tokens", "40")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Once upon a time, there was a little girl named Lily.")
+
+
+def test_cli_generate_eager_from_checkpoint_with_prompt(ckpt):
+    out = _cli("generate", str(ckpt), "--backend", "eager", "--prompt", "Lily and Tom", "--temperature", "0",
+               "--max-new-tokens", "20")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Lily and Tom")
+    assert len(out.stdout) > len("Lily and Tom") + 10
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--top-p", "0"], "top_p"),
+        (["--temperature", "-1"], "temperature"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+    ],
+)
+def test_cli_bad_sampling_arguments_exit_2(export_dir, args, needle):
+    out = _cli("generate", str(export_dir), *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_cli_missing_model_exit_2(tmp_path):
+    out = _cli("generate", str(tmp_path / "nope"))
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and "does not exist" in out.stderr
+
+
+def test_cli_too_long_prompt_exit_2(export_dir):
+    out = _cli("generate", str(export_dir), "--prompt", "word " * 600, "--max-new-tokens", "4")
+    assert out.returncode == 2 and "max_seq_len" in out.stderr, out.stderr
+
+
+def test_generate_function_exports_a_checkpoint_on_the_fly(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("DECODEKIT_CACHE", str(tmp_path / "cache"))
+    res = generate(ckpt, "", max_new_tokens=12, temperature=0.0, backend="onnx")
+    assert res.text[0].startswith("Once upon a time")
+    cached = list((tmp_path / "cache" / "exports").iterdir())
+    assert len(cached) == 1 and (cached[0] / "decodekit.json").is_file()
+    assert np.isfinite(res.time_to_first_token_s)
