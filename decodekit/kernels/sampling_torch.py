@@ -84,9 +84,12 @@ def penalized_logits(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
         counts = prm.token_counts
         seen = counts > 0
         rep = prm.repetition_penalty[:, None]
-        z = torch.where(seen, torch.where(z > 0, z / rep, z * rep), z)
-        z = z - prm.presence_penalty[:, None] * seen.to(torch.float32)
-        z = z - prm.frequency_penalty[:, None] * counts.to(torch.float32)
+        if bool((prm.repetition_penalty != 1).any()):
+            z = torch.where(seen, torch.where(z > 0, z / rep, z * rep), z)
+        if bool((prm.presence_penalty != 0).any()):
+            z = z - prm.presence_penalty[:, None] * seen.to(torch.float32)
+        if bool((prm.frequency_penalty != 0).any()):
+            z = z - prm.frequency_penalty[:, None] * counts.to(torch.float32)
     temp = prm.temperature
     if bool(((temp != 1) & (temp != 0)).any()):
         z = z / torch.where(temp > 0, temp, 1.0)[:, None]
@@ -173,7 +176,8 @@ def filter_rows(logits: torch.Tensor, prm: RowParams) -> dict:
     if bool(filt.any()):
         k = torch.where(k_on, prm.top_k, V + 1)
         p = torch.where(p_on, prm.top_p, 2.0)  # >= 1: no top-p
-        k_start = max(64, int(torch.where(k_on & filt, prm.top_k, 0).max()))
+        # one more than the largest k: a row whose cut is its top-k cut resolves in the first round
+        k_start = max(64, int(torch.where(k_on & filt, prm.top_k, 0).max()) + 1)
         s_ref = torch.ones_like(m)
         if not prm.tts and bool((k_on & p_on & filt).any()):
             # HF order: top-p acts on the distribution renormalized over the top-k set
