@@ -49,7 +49,7 @@ never needs a 4-D mask.
       "vocab_size": V,
       "bos_id": int, "eos_id": int, "stop_ids": [int, ...],   # generation ends on any stop id
       "tokenizer": null | {"file": "tok512.bin", "type": "llama2c" | "hf", "bos_id": int, "eos_id": int},
-      "validation": null | {"max_abs_diff": {name: float}, "atol": float, "provider": str,
+      "validation": null | {"max_abs_diff": {name: float}, "atol": float, "rtol": float, "provider": str,
                             "steps": int, "prompt_lengths": [int, int]},
       "timings_s": {step: seconds}
     }
@@ -97,6 +97,7 @@ METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 1e-2}
+DEFAULT_RTOL = {"fp32": 0.0, "fp16": 4e-3}  # see decodekit.export.validate for why fp16 needs one
 MIN_OPSET = 18  # the dynamo exporter's floor
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf caps a file at 2 GiB)
 
@@ -233,6 +234,20 @@ def _resolve_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def _preflight(model_path: Path, fmt: str) -> None:
+    """Cheap checks of the model's files (header/size, config.json, weights present) before the slow steps."""
+    if fmt == "llama2c":
+        from decodekit.models.llama2c import read_llama2c_config
+
+        read_llama2c_config(model_path)
+    else:
+        from decodekit.models.hf import read_hf_config
+
+        read_hf_config(model_path)
+        if not any((model_path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            raise UsageError(f"no model.safetensors (or model.safetensors.index.json) in {model_path}")
+
+
 def _find_tokenizer(model_path: Path | None, fmt: str, tokenizer: str | os.PathLike | None, vocab: int) -> Path | None:
     if tokenizer is not None:
         path = Path(tokenizer)
@@ -312,6 +327,7 @@ def export_decoder(
     opset: int | None = None,
     max_seq_len: int | None = None,
     atol: float | None = None,
+    rtol: float | None = None,
     validate: bool = True,
     force: bool = False,
     all_logits: bool = False,
@@ -332,8 +348,9 @@ def export_decoder(
         ONNX opset (>= 18); default: the exporter's.
     max_seq_len : int, optional
         Override the context length recorded for the runtime.
-    atol : float, optional
-        Validation tolerance (default 1e-4 for fp32, 1e-2 for fp16).
+    atol, rtol : float, optional
+        Validation tolerance: every output element must satisfy ``|ort - eager| <= atol + rtol * |eager|``
+        (defaults: atol 1e-4 and rtol 0 for fp32; atol 1e-2 and rtol 4e-3 for fp16).
     validate : bool
         Compare ONNX Runtime against eager PyTorch before committing ``out_dir`` (see
         :mod:`decodekit.export.validate`).
@@ -371,8 +388,12 @@ def export_decoder(
         raise UsageError(f"opset must be an int >= {MIN_OPSET} for the dynamo exporter, got {opset!r}")
     if atol is None:
         atol = DEFAULT_ATOL[dtype]
+    if rtol is None:
+        rtol = DEFAULT_RTOL[dtype]
     if not atol > 0:
         raise UsageError(f"atol must be > 0, got {atol!r}")
+    if not rtol >= 0:
+        raise UsageError(f"rtol must be >= 0, got {rtol!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise UsageError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
     out = _resolve_out_dir(out_dir, force)
@@ -390,6 +411,7 @@ def export_decoder(
         model_path = Path(model).expanduser().absolute()
         fmt = model_format(model_path)
         source = {"format": fmt, "path": str(model_path)}
+        _preflight(model_path, fmt)  # bad input fails here, before any progress line
         with prog.step(f"loading {model_path.name}"):
             decoder = load_model(model_path, max_seq_len=max_seq_len)
     cfg = decoder.config
@@ -427,8 +449,9 @@ def export_decoder(
         if validate:
             from decodekit.export.validate import validate_export
 
-            with prog.step(f"validating with ONNX Runtime against eager PyTorch (atol {atol:g})"):
-                report = validate_export(decoder, tmp, atol=atol, report_line=prog.info)
+            tol = f"atol {atol:g}" + (f", rtol {rtol:g}" if rtol else "")
+            with prog.step(f"validating with ONNX Runtime against eager PyTorch ({tol})"):
+                report = validate_export(decoder, tmp, atol=atol, rtol=rtol, report_line=prog.info)
             meta["validation"] = report.to_dict()
         meta["timings_s"] = {k: round(v, 3) for k, v in prog.timings.items()}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")

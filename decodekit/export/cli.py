@@ -24,6 +24,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (>= 18; exporter default)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="override the context length")
     p.add_argument("--atol", type=float, default=None, metavar="X", help="validation tolerance (1e-4 fp32, 1e-2 fp16)")
+    p.add_argument("--rtol", type=float, default=None, metavar="X", help="relative tolerance (0 fp32, 4e-3 fp16)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ONNX Runtime check")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--all-logits", action="store_true", help="output logits for every position, not only the last")
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from decodekit.export import export_decoder
 
     result = export_decoder(
-        args.model, args.out_dir, dtype=args.dtype, opset=args.opset, max_seq_len=args.max_seq_len, atol=args.atol,
+        args.model, args.out_dir, dtype=args.dtype, opset=args.opset, max_seq_len=args.max_seq_len,
+        atol=args.atol, rtol=args.rtol,
         validate=args.validate, force=args.force, all_logits=args.all_logits, tokenizer=args.tokenizer,
         progress=not args.quiet,
     )
