@@ -222,6 +222,20 @@ def test_decode(b, h, h_kv, s_q, s_max, d, lens, dtype, atol, num_splits, device
     )
 
 
+def test_decode_long_cache(device, nan_empty):
+    """Cache length 1000 (many key tiles per split, lengths not multiples of the chunk), GQA 8, Sq 1, fp16."""
+    dtype, atol = torch.float16, 1e-3
+    q = torch.randn(2, 8, 1, 64, device=device, dtype=dtype)
+    kc = torch.randn(2, 1, 1000, 64, device=device, dtype=dtype)
+    vc = torch.randn(2, 1, 1000, 64, device=device, dtype=dtype)
+    seqlens = torch.tensor([1000, 517], dtype=torch.int32, device=device)
+    with count_launches() as launches:
+        out = decode_attention(q, kc, vc, seqlens, num_splits=5, backend="triton")
+    assert launches["decode_split"] == 1
+    ref = decode_attention_ref(q, kc, vc, seqlens)
+    _assert_within("out", out, ref, decode_attention_ref(q, kc, vc, seqlens, upcast=False), atol)
+
+
 def test_decode_split_plan():
     cfg = attention_config("decode", 64, torch.float16, torch.device("cpu"), batch=1, kv_heads=1, s_max=100, rows=4)
     assert cfg.block_r >= 16 and cfg.chunk_size % cfg.block_n == 0
@@ -319,3 +333,58 @@ def test_decode_unchecked_lengths_are_clamped(device):
     bad = torch.tensor([1000], dtype=torch.int32, device=device)
     out = decode_attention(q, kc, kc, bad, check=False, backend="triton")
     torch.testing.assert_close(out, decode_attention_ref(q, kc, kc, torch.tensor([16], device=device)))
+
+
+# --------------------------------------------------------------------------- compiled code generation
+
+_AOT_SCRIPT = r"""
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import decodekit.kernels.attention as A
+
+def build(kern, types, consts, warps, stages):
+    names = list(inspect.signature(kern.fn).parameters)
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
+    src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+for dt, causal, ks in (("bf16", True, True),):
+    f = {"DOT_PRECISION": "ieee" if dt == "fp32" else None, "DOT_UPCAST": False}
+    io = {n: "*" + dt for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
+    io.update(LSE="*fp32", DELTA="*fp32", O_PART="*fp32", LSE_PART="*fp32", KV_START="*i32", SEQLENS="*i32",
+              sm_scale_log2="fp32", sm_scale="fp32")
+    mask = dict(CAUSAL=causal, HAS_KV_START=ks)
+    shared = [
+        build(A._attn_fwd_kernel, io, dict(mask, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, **f), 8, 3),
+        build(A._attn_bwd_preprocess_kernel, io, dict(BLOCK_M=64, BLOCK_D=128), 4, 1),
+        build(A._attn_bwd_dkdv_kernel, io, dict(mask, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, **f), 8, 2),
+        build(A._attn_bwd_dq_kernel, io, dict(mask, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, **f), 8, 2),
+        build(A._decode_split_kernel, io, dict(HAS_KV_START=ks, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, **f), 4, 3),
+        build(A._decode_merge_kernel, io, dict(BLOCK_S=32, BLOCK_D=128), 4, 1),
+    ]
+    assert all(k.asm.get("cubin") for k in shared), "no cubin"
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path, device):
+    """Without a GPU, still compile every kernel (bf16, every mask on) to sm_90 machine code.
+
+    The interpreter does not type-check loops or lower tl.dot layouts; this catches compiled-only errors.
+    (fp32 variants compile too but take ~10 s each, so they are left out of the suite.)
+    """
+    import os
+    import subprocess
+    import sys
+
+    if device.type == "cuda":
+        pytest.skip("make gpu-check runs every kernel compiled on the GPU")
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend in this installation")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
