@@ -8,10 +8,11 @@ and row sum (the *online softmax*, in fp32 and in the base-2 domain so the expon
 the kernel reads Q, K, V once per query tile and writes O (and the log-sum-exp) once, so the work is
 bound by the tensor cores rather than by memory traffic. Grouped-query attention is an index map
 (query head ``h`` reads key/value head ``h // group``), never a copy. Causal tiles above the diagonal
-are skipped, not just masked. The backward pass recomputes the probabilities from the saved
-log-sum-exp (FlashAttention-2): a small kernel forms ``delta = rowsum(dO * O)``, one kernel per
-key tile accumulates dK and dV over all query heads of its group and all query tiles (so the GQA
-gradient sum needs no atomics), and one kernel per query tile accumulates dQ.
+are skipped, and only the tiles on the diagonal (or at the ragged end of the keys) pay for masking.
+The backward pass recomputes the probabilities from the saved log-sum-exp (FlashAttention-2): a
+small kernel forms ``delta = rowsum(dO * O)``, one kernel per key tile accumulates dK and dV over all
+query heads of its group and all query tiles (so the GQA gradient sum needs no atomics), and one
+kernel per query tile accumulates dQ.
 
 Decode (:func:`decode_attention`). With one (or a few) new queries per sequence, attention is a
 memory-bound read of the KV cache, and a grid of ``batch x kv_heads`` programs is far too small to
@@ -157,6 +158,64 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _attn_fwd_inner(
+    acc,  # [BLOCK_M, BLOCK_D] fp32 running output (unnormalized)
+    l_i,  # [BLOCK_M] fp32 running sum of exp2
+    m_i,  # [BLOCK_M] fp32 running max (log2 domain)
+    q,  # [BLOCK_M, BLOCK_D] query tile
+    k_base,  # K pointer at (b, kv head)
+    v_base,  # V pointer at (b, kv head)
+    offs_m,  # [BLOCK_M] query positions
+    offs_n0,  # [BLOCK_N] arange
+    offs_d,  # [BLOCK_D] arange
+    m_valid,  # [BLOCK_M] query row < S_q
+    d_valid,  # [BLOCK_D] lane < D
+    lo,  # first key of the range (multiple of BLOCK_N)
+    hi,  # end of the key range
+    S_k,  # number of keys
+    q_offset,  # key position of query 0
+    kv_start,  # first visible key (used when HAS_KV_START)
+    sm_scale_log2,  # scale * log2(e)
+    stride_kn, stride_kd, stride_vn, stride_vd,  # K / V strides along keys and head dim
+    MASKED: tl.constexpr,  # apply bounds / causal / kv_start masks (False: every key of the range is visible)
+    CAUSAL: tl.constexpr,  # causal mask (when MASKED)
+    HAS_KV_START: tl.constexpr,  # kv_start mask (when MASKED)
+    DOT_PRECISION: tl.constexpr,  # see _mma
+    DOT_UPCAST: tl.constexpr,  # see _mma
+    BLOCK_N: tl.constexpr,  # keys per loop step (= offs_n0's length)
+):
+    """Stream key/value tiles ``[lo, hi)`` through the online softmax; returns the updated (acc, l_i, m_i)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            n_valid = offs_n < S_k
+            kt = tl.load(kt_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+            v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        else:
+            kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+        qk = _mma(q, kt, DOT_PRECISION, DOT_UPCAST) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            visible = m_valid[:, None] & n_valid[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + q_offset)
+            if HAS_KV_START:
+                visible = visible & (offs_n[None, :] >= kv_start)
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row with nothing visible yet keeps max -inf; shift by 0 so exp2 sees -inf - 0, never -inf + inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,  # [B, H, S_q, D] queries
     K,  # [B, H_kv, S_k, D] keys
@@ -204,37 +263,36 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo = 0
-    if HAS_KV_START:
-        kv_start = tl.load(KV_START + b).to(tl.int32)
-        lo = (tl.maximum(kv_start, 0) // BLOCK_N) * BLOCK_N  # whole tiles before the start are skipped
     hi = S_k
     if CAUSAL:
         # the last query of this tile sees keys < (pid_m + 1) * BLOCK_M + q_offset: later tiles are all masked
         hi = tl.maximum(tl.minimum(S_k, (pid_m + 1) * BLOCK_M + q_offset), 0)
-
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_valid = offs_n < S_k
-        kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        kt = tl.load(kt_ptrs, mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        qk = _mma(q, kt, DOT_PRECISION, DOT_UPCAST) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
-        visible = m_valid[:, None] & n_valid[None, :]
+    if HAS_KV_START:
+        # left padding is rare: every tile takes the masked path, starting at the tile holding kv_start
+        kv_start = tl.load(KV_START + b).to(tl.int32)
+        lo = (tl.maximum(kv_start, 0) // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, m_valid, d_valid, lo, hi, S_k, q_offset,
+            kv_start, sm_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+            True, CAUSAL, True, DOT_PRECISION, DOT_UPCAST, BLOCK_N,
+        )  # fmt: skip
+    else:
+        # phase 1: tiles every query of this tile sees entirely (inside S_k, below the diagonal): no mask work
+        n_full = (S_k // BLOCK_N) * BLOCK_N
         if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + q_offset)
-        if HAS_KV_START:
-            visible = visible & (offs_n[None, :] >= kv_start)
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # a row with nothing visible yet keeps max -inf; shift by 0 so exp2 sees -inf - 0, never -inf + inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-        m_i = m_new
+            first_limit = tl.maximum(pid_m * BLOCK_M + q_offset + 1, 0)  # keys visible to the tile's first query
+            n_full = tl.minimum(n_full, (first_limit // BLOCK_N) * BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, m_valid, d_valid, 0, n_full, S_k, q_offset,
+            0, sm_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+            False, CAUSAL, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N,
+        )  # fmt: skip
+        # phase 2: the diagonal tiles and the ragged end of the keys, masked
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n0, offs_d, m_valid, d_valid, n_full, hi, S_k, q_offset,
+            0, sm_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+            True, CAUSAL, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N,
+        )  # fmt: skip
 
     empty = l_i == 0.0  # no visible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
