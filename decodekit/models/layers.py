@@ -50,43 +50,44 @@ def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | None = N
 def rotary_cos_sin(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, layout: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-width ``(cos, sin)``, each fp32 ``[B, 1, S, head_dim]``, laid out for :func:`apply_rotary`.
+    """Full-width ``(cos, signed_sin)``, each fp32 ``[B, 1, S, head_dim]``, laid out for :func:`apply_rotary`.
 
     Element ``j`` holds the angle of the pair that ``j`` belongs to: ``(2i, 2i+1)`` share angle ``i`` in the
-    ``"adjacent"`` layout, ``(i, i + D/2)`` in the ``"halves"`` layout. Computed once per forward.
+    ``"adjacent"`` layout, ``(i, i + D/2)`` in the ``"halves"`` layout. The sine carries the rotation's sign:
+    ``-sin`` on the first element of each pair, ``+sin`` on the second. Computed once per forward.
     """
     angles = cast(position_ids, torch.float32)[:, None, :, None] * inv_freq  # [B, 1, S, D/2]
+    sin = torch.sin(angles)
     if layout == "adjacent":
-        angles = torch.stack((angles, angles), dim=-1).flatten(-2)  # a0 a0 a1 a1 ...
+        cos = torch.stack((torch.cos(angles), torch.cos(angles)), dim=-1).flatten(-2)  # c0 c0 c1 c1 ...
+        signed_sin = torch.stack((-sin, sin), dim=-1).flatten(-2)  # -s0 s0 -s1 s1 ...
     elif layout == "halves":
-        angles = torch.cat((angles, angles), dim=-1)  # a0 a1 ... a0 a1 ...
+        cos = torch.cat((torch.cos(angles), torch.cos(angles)), dim=-1)  # c0 c1 ... c0 c1 ...
+        signed_sin = torch.cat((-sin, sin), dim=-1)  # -s0 -s1 ... s0 s1 ...
     else:
         raise ValueError(f"layout must be 'adjacent' or 'halves', got {layout!r}")
-    return torch.cos(angles), torch.sin(angles)
+    return cos, signed_sin
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate pairs of ``x`` ``[B, H, S, D]`` by the angles behind ``cos``/``sin`` ``[B, 1, S, D]``.
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate pairs of ``x`` ``[B, H, S, D]`` by the angles behind ``cos``/``signed_sin`` ``[B, 1, S, D]``.
 
     ``layout="adjacent"`` pairs ``(2i, 2i+1)`` (llama2.c); ``layout="halves"`` pairs ``(i, i + D/2)``
     (Hugging Face). With ``(a, b)`` a pair, the result is ``(a cos - b sin, b cos + a sin)``, written as
-    ``x * cos + partner(x) * sin`` where ``partner`` swaps each pair and negates its first element: one
-    flip and one multiply, the same for both layouts and cheap in the exported graph. Computed in fp32
-    and cast back to ``x.dtype``; the roundings are those of llama2.c's ``v0*fcr - v1*fci``.
+    ``x * cos + swap(x) * signed_sin`` where ``swap`` exchanges the two elements of each pair: one flip,
+    the same for both layouts and cheap in the exported graph (the signs live in ``signed_sin``, built once
+    per forward by :func:`rotary_cos_sin`). Computed in fp32 and cast back to ``x.dtype``; the roundings are
+    those of llama2.c's ``v0*fcr - v1*fci`` (adding ``b * (-sin)`` is exactly subtracting ``b * sin``).
     """
     xf = cast(x, torch.float32)
     d = xf.shape[-1]
     if layout == "adjacent":
-        pairs = xf.unflatten(-1, (d // 2, 2))  # [..., D/2, 2]: (a, b) along the last axis
-        sign = torch.tensor([-1.0, 1.0], device=x.device)
-        partner = (pairs.flip(-1) * sign).flatten(-2)  # (-b, a)
+        swapped = xf.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)  # (b, a) for each pair (a, b)
     elif layout == "halves":
-        pairs = xf.unflatten(-1, (2, d // 2))  # [..., 2, D/2]: a = first half, b = second half
-        sign = torch.tensor([[-1.0], [1.0]], device=x.device)
-        partner = (pairs.flip(-2) * sign).flatten(-2)  # (-b, a)
+        swapped = xf.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)  # second half first
     else:
         raise ValueError(f"layout must be 'adjacent' or 'halves', got {layout!r}")
-    return cast(xf * cos + partner * sin, x.dtype)
+    return cast(xf * cos + swapped * signed_sin, x.dtype)
 
 
 class SwiGLU(nn.Module):
