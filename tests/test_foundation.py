@@ -63,10 +63,11 @@ def test_kernels_are_interpreted_functions(device):
     if device.type == "cuda":
         pytest.skip("compiled run: kernels are JITFunctions on CUDA")
     import triton.runtime.interpreter as interp
+    from triton.runtime.jit import KernelInterface
 
     for modname in ("decodekit.kernels.sampling", "decodekit.kernels.norm_linear", "decodekit.kernels.attention"):
         mod = importlib.import_module(modname)
-        kernels = [v for k, v in vars(mod).items() if k.startswith("_") and k.endswith("_kernel")]
+        kernels = [v for k, v in vars(mod).items() if k.endswith("_kernel") and isinstance(v, KernelInterface)]
         assert kernels, f"{modname} defines no _*_kernel"
         for k in kernels:
             fn = k
