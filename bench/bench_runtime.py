@@ -131,6 +131,7 @@ def test_generate(benchmark, models, model_name, batch, impl):
         impl=impl,
         baseline=impl == "eager",
         rounds=rounds,
+        host_only=True,  # ONNX Runtime's CPU provider and CPU torch tensors, also on a GPU machine
         tokens=batch * NEW_TOKENS,
         batch=batch,
         prompt_len=PROMPT_LEN,

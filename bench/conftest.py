@@ -50,14 +50,16 @@ def run_bench(
     flops: float | None = None,
     rounds: int | None = None,
     warmup_rounds: int = 1,
+    host_only: bool = False,
     **info: Any,
 ) -> Any:
     """Time ``fn`` under pytest-benchmark and record what the report needs.
 
     ``rounds`` switches to pedantic mode (for calls that take seconds); otherwise pytest-benchmark
-    calibrates. Extra keyword arguments (shapes, dtype, parameters) are stored in ``extra_info``.
+    calibrates. ``host_only`` marks work that runs on the CPU even where a GPU exists (no device sync, no
+    CUDA-event timing). Extra keyword arguments (shapes, dtype, parameters) are stored in ``extra_info``.
     """
-    device = bench_device()
+    device = torch.device("cpu") if host_only else bench_device()
     benchmark.group = group
     benchmark.extra_info.update(
         impl=impl,
