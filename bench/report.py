@@ -40,7 +40,8 @@ def _fmt_time(s: float) -> str:
 def build_table(data: dict) -> tuple[str, str]:
     benches = data.get("benchmarks", [])
     devices = sorted({b.get("extra_info", {}).get("device", "?") for b in benches}) or ["?"]
-    machine = "cpu" if devices[0].startswith("CPU") else (_slug(devices[0]) if devices[0] != "?" else "unknown")
+    gpus = [d for d in devices if not d.startswith("CPU") and d != "?"]  # host-only rows also run on GPU machines
+    machine = _slug(gpus[0]) if gpus else ("cpu" if devices[0].startswith("CPU") else "unknown")
     groups: dict[str, list[dict]] = {}
     for b in benches:
         groups.setdefault(b.get("group") or b["name"], []).append(b)
