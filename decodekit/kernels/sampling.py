@@ -37,6 +37,7 @@ last pass (values closer than ~range / 17**NPASS), the whole bracket is kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -581,8 +582,9 @@ Param = float | int | torch.Tensor
 def _row_param(
     name: str, value: Param, B: int, device: torch.device, op: str, *, integer: bool = False,
     lo: float | None = None, lo_open: bool = False, hi: float | None = None,
-) -> torch.Tensor:
-    """Validate a scalar or per-row [B] parameter; return it as fp32 [B] on ``device``.
+) -> float | int | torch.Tensor:
+    """Validate a scalar or per-row [B] parameter: a Python scalar is checked in Python and returned as a
+    Python number (int for ``integer``), a tensor is returned as fp32 [B] on ``device``.
 
     Python scalars are range-checked always; CPU tensors too; device tensors are not read (that would
     synchronize), so out-of-range values there are the caller's responsibility.
@@ -597,24 +599,31 @@ def _row_param(
             raise TypeError(f"{op}: {name} must be a float tensor, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but logits are on {device}")
-        check_vals = t.device.type == "cpu"
-        vals = t.to(torch.float64) if check_vals else None
-        t = t.to(torch.float32).reshape(-1).expand(B)
-    else:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            want = "an int" if integer else "a float"
-            raise TypeError(f"{op}: {name} must be {want} or a [B] tensor, got {type(value).__name__}")
-        check_vals = True
-        vals = torch.tensor([float(value)], dtype=torch.float64)
-        t = torch.full((B,), float(value), dtype=torch.float32, device=device)
-    if check_vals and vals.numel():
-        if not bool(torch.isfinite(vals).all()):
-            raise ValueError(f"{op}: {name} must be finite")
-        if lo is not None and (bool((vals <= lo).any()) if lo_open else bool((vals < lo).any())):
-            raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {_show(vals)}")
-        if hi is not None and bool((vals > hi).any()):
-            raise ValueError(f"{op}: {name} must be <= {hi}, got {_show(vals)}")
-    return t
+        if t.device.type == "cpu" and t.numel():
+            vals = t.to(torch.float64)
+            if not bool(torch.isfinite(vals).all()):
+                raise ValueError(f"{op}: {name} must be finite")
+            if lo is not None and (bool((vals <= lo).any()) if lo_open else bool((vals < lo).any())):
+                raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {_show(vals)}")
+            if hi is not None and bool((vals > hi).any()):
+                raise ValueError(f"{op}: {name} must be <= {hi}, got {_show(vals)}")
+        return t.to(torch.float32).reshape(-1).expand(B)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        want = "an int" if integer else "a float"
+        raise TypeError(f"{op}: {name} must be {want} or a [B] tensor, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{op}: {name} must be <= {hi}, got {v}")
+    return int(value) if integer else v
+
+
+def _column(v: float | int | torch.Tensor, B: int, device: torch.device) -> torch.Tensor:
+    """A validated parameter as an fp32 [B] tensor (for the packed kernel parameters)."""
+    return v if isinstance(v, torch.Tensor) else torch.full((B,), float(v), dtype=torch.float32, device=device)
 
 
 def _show(vals: torch.Tensor) -> str:
@@ -634,26 +643,50 @@ def _check_logits(logits: object, op: str) -> torch.Tensor:
     return logits
 
 
-def _seeds(seed: int | torch.Tensor | None, B: int, device: torch.device, op: str) -> tuple[torch.Tensor, int]:
-    """Per-row int64 seeds and the row-key multiplier (1: a shared seed, rows keyed by their index; 0: per-row
-    seeds, the row index is not part of the key)."""
+def _check_seed(seed: object, B: int, device: torch.device, op: str) -> int | torch.Tensor | None:
+    """Validate ``seed``; return it as None, a Python int, or an int64 tensor (0-dim/[1]: shared, or [B])."""
     if seed is None:
-        return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64).expand(B).contiguous(), 1
+        return None
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64:
             raise TypeError(f"{op}: seed must be an int64 tensor, got {seed.dtype}")
         if seed.device != device:
             raise ValueError(f"{op}: seed is on {seed.device} but logits are on {device}")
-        if seed.dim() == 0 or (seed.dim() == 1 and seed.shape[0] == 1 and B != 1):
-            return seed.reshape(1).expand(B).contiguous(), 1
-        if seed.dim() != 1 or seed.shape[0] != B:
+        if not (seed.dim() == 0 or (seed.dim() == 1 and (seed.shape[0] == B or seed.shape[0] == 1))):
             raise ValueError(f"{op}: seed must be an int or an int64 [B] tensor with B={B}, got shape {tuple(seed.shape)}")
-        return seed.contiguous(), 0
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{op}: seed must be an int, an int64 [B] tensor or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def _draw_seed(seed: int | torch.Tensor | None, device: torch.device) -> int | torch.Tensor:
+    """``seed=None``: one seed from torch's default generator (on the device: no synchronization)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64) if seed is None else seed
+
+
+def _seeds(seed: int | torch.Tensor | None, B: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Kernel form of a checked seed: per-row int64 seeds and the row-key multiplier (1: a shared seed, rows
+    keyed by their index; 0: per-row seeds, the row index is not part of the key)."""
+    seed = _draw_seed(seed, device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() == 0 or (seed.shape[0] == 1 and B != 1):
+            return seed.reshape(1).expand(B).contiguous(), 1
+        return seed.contiguous(), 0
     return torch.full((B,), seed, dtype=torch.int64, device=device), 1
+
+
+def _torch_seed(seed: int | torch.Tensor | None, B: int, device: torch.device) -> _st.Seed:
+    """PyTorch-path form of a checked seed (the same random stream as :func:`_seeds`)."""
+    seed = _draw_seed(seed, device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() == 0 or (seed.shape[0] == 1 and B != 1):
+            seed = seed.reshape(1)
+            return _st.Seed(int(seed) if device.type == "cpu" else seed.expand(B), 1)
+        return _st.Seed(seed, 0)
+    return _st.Seed(seed, 1)
 
 
 def _check_counts(token_counts: object, logits: torch.Tensor, op: str) -> torch.Tensor | None:
@@ -690,35 +723,50 @@ def _npass(temperature: Param, top_k: Param, top_p: Param, *, tts: bool, greedy_
 _PASSES_PER_PHASE = 8
 
 
+_PARAM_ORDER = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty")  # the packed kernel columns P_TEMP .. P_FREQ
+
+
 def _filter_setup(
     op: str, logits: object, temperature: Param, top_k: Param, top_p: Param, min_p: Param,
     repetition_penalty: Param, presence_penalty: Param, frequency_penalty: Param, token_counts: object,
     *, tts: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Validate everything; return (logits, packed fp32 [B, 8] params, token_counts)."""
+) -> tuple[torch.Tensor, dict[str, float | int | torch.Tensor], torch.Tensor | None]:
+    """Validate everything; return (logits, checked parameters by name, token_counts)."""
     logits = _check_logits(logits, op)
     B, _ = logits.shape
     dev = logits.device
-    cols = [
-        _row_param("temperature", temperature, B, dev, op, lo=0.0),
-        _row_param("top_k", top_k, B, dev, op, integer=True, lo=0.0),
-        _row_param("top_p", top_p, B, dev, op) if tts else _row_param("top_p", top_p, B, dev, op, lo=0.0,
-                                                                       lo_open=True, hi=1.0),
-        _row_param("min_p", min_p, B, dev, op, lo=0.0, hi=1.0),
-        _row_param("repetition_penalty", repetition_penalty, B, dev, op, lo=0.0, lo_open=True),
-        _row_param("presence_penalty", presence_penalty, B, dev, op),
-        _row_param("frequency_penalty", frequency_penalty, B, dev, op),
-        torch.zeros(B, dtype=torch.float32, device=dev),
-    ]
+    prm = {
+        "temperature": _row_param("temperature", temperature, B, dev, op, lo=0.0),
+        "top_k": _row_param("top_k", top_k, B, dev, op, integer=True, lo=0.0),
+        "top_p": _row_param("top_p", top_p, B, dev, op) if tts else _row_param("top_p", top_p, B, dev, op, lo=0.0,
+                                                                                lo_open=True, hi=1.0),
+        "min_p": _row_param("min_p", min_p, B, dev, op, lo=0.0, hi=1.0),
+        "repetition_penalty": _row_param("repetition_penalty", repetition_penalty, B, dev, op, lo=0.0,
+                                         lo_open=True),
+        "presence_penalty": _row_param("presence_penalty", presence_penalty, B, dev, op),
+        "frequency_penalty": _row_param("frequency_penalty", frequency_penalty, B, dev, op),
+    }
     counts = _check_counts(token_counts, logits, op)
-    return logits, torch.stack(cols, dim=1).contiguous(), counts
+    return logits, prm, counts
 
 
-def _row_params(params: torch.Tensor, counts: torch.Tensor | None, *, tts: bool, greedy_top1: bool) -> _st.RowParams:
+def _pack(prm: dict[str, float | int | torch.Tensor], B: int, device: torch.device) -> torch.Tensor:
+    """The packed fp32 [B, 8] kernel parameters (columns P_TEMP .. P_NOISE; no noise)."""
+    cols = [_column(prm[name], B, device) for name in _PARAM_ORDER]
+    cols.append(torch.zeros(B, dtype=torch.float32, device=device))
+    return torch.stack(cols, dim=1).contiguous()
+
+
+def _row_params(
+    prm: dict[str, float | int | torch.Tensor], counts: torch.Tensor | None, *, tts: bool, greedy_top1: bool
+) -> _st.RowParams:
+    k = prm["top_k"]
     return _st.RowParams(
-        temperature=params[:, P_TEMP], top_k=params[:, P_TOPK].to(torch.int64), top_p=params[:, P_TOPP],
-        min_p=params[:, P_MINP], repetition_penalty=params[:, P_REP], presence_penalty=params[:, P_PRES],
-        frequency_penalty=params[:, P_FREQ], token_counts=counts, tts=tts, greedy_top1=greedy_top1,
+        temperature=prm["temperature"], top_k=k.to(torch.int64) if isinstance(k, torch.Tensor) else k,
+        top_p=prm["top_p"], min_p=prm["min_p"], repetition_penalty=prm["repetition_penalty"],
+        presence_penalty=prm["presence_penalty"], frequency_penalty=prm["frequency_penalty"], token_counts=counts,
+        tts=tts, greedy_top1=greedy_top1,
     )
 
 
@@ -783,20 +831,22 @@ def sample(
     torch.Size([4])
     """
     op = "sample"
-    logits, params, counts = _filter_setup(op, logits, temperature, top_k, top_p, min_p, repetition_penalty,
-                                           presence_penalty, frequency_penalty, token_counts, tts=False)
+    logits, prm, counts = _filter_setup(op, logits, temperature, top_k, top_p, min_p, repetition_penalty,
+                                        presence_penalty, frequency_penalty, token_counts, tts=False)
     B, _ = logits.shape
-    seeds, mult = _seeds(seed, B, logits.device, op)
-    path = resolve_backend(backend, logits.device, op)
+    dev = logits.device
+    seed = _check_seed(seed, B, dev, op)
+    path = resolve_backend(backend, dev, op)
     if B == 0:
-        tokens, logprobs = torch.empty(0, dtype=torch.int64, device=logits.device), torch.empty(0, device=logits.device)
+        tokens, logprobs = torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, device=dev)
     elif path == "triton":
         npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True)
-        tokens, logprobs = _run_triton(logits, params, seeds, mult, counts, tts=False, greedy_top1=True, npass=npass,
-                                       mode="sample")
+        seeds, mult = _seeds(seed, B, dev)
+        tokens, logprobs = _run_triton(logits, _pack(prm, B, dev), seeds, mult, counts, tts=False, greedy_top1=True,
+                                       npass=npass, mode="sample")
     else:
-        prm = _row_params(params, counts, tts=False, greedy_top1=True)
-        tokens, logprobs = _st.sample_torch(logits, prm, seeds, mult * torch.arange(B, device=logits.device))
+        tokens, logprobs = _st.sample_torch(logits, _row_params(prm, counts, tts=False, greedy_top1=True),
+                                            _torch_seed(seed, B, dev))
     if check:
         bad = (tokens < 0).nonzero().flatten().tolist()
         if bad:
@@ -829,16 +879,18 @@ def sampling_probs(
     tensor([5, 5])
     """
     op = "sampling_probs"
-    logits, params, counts = _filter_setup(op, logits, temperature, top_k, top_p, min_p, repetition_penalty,
-                                           presence_penalty, frequency_penalty, token_counts, tts=False)
+    logits, prm, counts = _filter_setup(op, logits, temperature, top_k, top_p, min_p, repetition_penalty,
+                                        presence_penalty, frequency_penalty, token_counts, tts=False)
     path = resolve_backend(backend, logits.device, op)
-    if logits.shape[0] == 0:
+    B = logits.shape[0]
+    if B == 0:
         return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     if path == "triton":
         npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True)
+        params = _pack(prm, B, logits.device)
         return _run_triton(logits, params, params[:, 0].to(torch.int64), 0, counts, tts=False, greedy_top1=True,
                            npass=npass, mode="probs")
-    return _st.sampling_probs_torch(logits, _row_params(params, counts, tts=False, greedy_top1=True))
+    return _st.sampling_probs_torch(logits, _row_params(prm, counts, tts=False, greedy_top1=True))
 
 
 def _sample_logits_impl(
@@ -846,23 +898,24 @@ def _sample_logits_impl(
     backend: str, *, probs: bool,
 ) -> torch.Tensor:
     op = "sample_logits"
-    logits, params, _ = _filter_setup(op, logits, temperature, top_k, top_p, 0.0, 1.0, 0.0, 0.0, None, tts=True)
+    logits, prm, _ = _filter_setup(op, logits, temperature, top_k, top_p, 0.0, 1.0, 0.0, 0.0, None, tts=True)
     B, _ = logits.shape
-    path = resolve_backend(backend, logits.device, op)
-    seeds, mult = _seeds(seed, B, logits.device, op)
+    dev = logits.device
+    path = resolve_backend(backend, dev, op)
+    seed = _check_seed(seed, B, dev, op)
     if B == 0:
-        return torch.empty((0, logits.shape[1]) if probs else (0, 1), device=logits.device,
+        return torch.empty((0, logits.shape[1]) if probs else (0, 1), device=dev,
                            dtype=torch.float32 if probs else torch.int64)
     if path == "triton":
         npass = _npass(temperature, top_k, top_p, tts=True, greedy_top1=False)
-        out = _run_triton(logits, params, seeds, mult, None, tts=True, greedy_top1=False, npass=npass,
+        seeds, mult = _seeds(seed, B, dev)
+        out = _run_triton(logits, _pack(prm, B, dev), seeds, mult, None, tts=True, greedy_top1=False, npass=npass,
                           mode="probs" if probs else "sample")
         return out if probs else out[0][:, None]
-    prm = _row_params(params, None, tts=True, greedy_top1=False)
+    rp = _row_params(prm, None, tts=True, greedy_top1=False)
     if probs:
-        return _st.sampling_probs_torch(logits, prm)
-    keys = mult * torch.arange(B, device=logits.device)
-    return _st.sample_torch(logits, prm, seeds, keys)[0][:, None]
+        return _st.sampling_probs_torch(logits, rp)
+    return _st.sample_torch(logits, rp, _torch_seed(seed, B, dev))[0][:, None]
 
 
 def sample_logits(
@@ -922,18 +975,19 @@ def sampler_simple_batch(
     logits = _check_logits(logits, op)
     B, V = logits.shape
     dev = logits.device
-    noise_t = _row_param("noise", noise, B, dev, op, lo=0.0)
-    temp_t = _row_param("temp", temp, B, dev, op, lo=0.0)
-    seeds, mult = _seeds(seed, B, dev, op)
+    noise_v = _row_param("noise", noise, B, dev, op, lo=0.0)
+    temp_v = _row_param("temp", temp, B, dev, op, lo=0.0)
+    seed = _check_seed(seed, B, dev, op)
     path = resolve_backend(backend, dev, op)
     if B == 0:
         return torch.empty(0, 1, dtype=torch.int64, device=dev)
     if path == "triton":
+        seeds, mult = _seeds(seed, B, dev)
+        noise_t, temp_t = _column(noise_v, B, dev), _column(temp_v, B, dev)
         zeros = torch.zeros(B, dtype=torch.float32, device=dev)
         ones = torch.ones(B, dtype=torch.float32, device=dev)
         params = torch.stack([temp_t, zeros, ones, zeros, ones, zeros, zeros, noise_t], dim=1).contiguous()
         tokens, _ = _run_triton(logits, params, seeds, mult, None, tts=True, greedy_top1=False, npass=0,
                                 mode="simple")
         return tokens[:, None]
-    keys = mult * torch.arange(B, device=dev)
-    return _st.simple_batch_torch(logits, noise_t, temp_t, seeds, keys)[:, None]
+    return _st.simple_batch_torch(logits, noise_v, temp_v, _torch_seed(seed, B, dev))[:, None]

@@ -1,23 +1,42 @@
 """Fast PyTorch path of the sampler (what CPU tensors get with ``backend="auto"``).
 
 Same semantics and the same random stream as the Triton kernels in :mod:`decodekit.kernels.sampling`, without
-ever sorting the vocabulary:
+ever sorting the vocabulary, and with as few full-row passes as the filters allow:
 
-* the row max and the softmax normalizer take one pass over ``[B, V]``;
-* the top-k / top-p cut is found on a *candidate set* from ``torch.topk`` (a partial selection, linear in V):
-  the candidates are the K highest tokens of each row, K grows (x4) only for the rows whose cut is not inside
-  their candidates yet, so a peaked distribution touches a few dozen values per row;
-* the draw is the exponential race (Gumbel-max) over the kept tokens only, with uniforms from
-  :func:`philox_uniform`, a vectorized int64 re-implementation of Triton's ``tl.rand`` (Philox-4x32, 10
-  rounds, the same uint32 -> float conversion), keyed by ``(seed, row key, token index)`` exactly as in the
-  kernel. Hence the same seed gives the same token on CPU and on GPU (up to float rounding of ``log`` in a
-  near-tie of two race keys, an event of probability ~1e-7 per draw).
+* **Candidates by a two-level selection.** A row of V tokens is viewed as ``V / 64`` blocks; one ``amax`` pass
+  gives the block maxima (and with them the row max and the NaN / ``+inf`` / all ``-inf`` check), ``topk`` over
+  the block maxima picks the ``Kb`` best blocks, and only their tokens are gathered and ranked. Every token
+  above the ``Kb``-th block max ``t`` is in a picked block, so the ranked candidates ``>= t`` are an exact
+  prefix of the row's descending order (at least ``Kb`` of them). ``torch.topk`` over the whole row costs
+  ~15x more on CPU: it copies and partially sorts all V values. ``Kb`` grows x4 only for rows whose cut is not
+  inside their prefix yet. Small rows (V <= 2048) are simply sorted.
+* **Temperature only on candidates.** T > 0 is monotone, so the order of ``logits / T`` is the order of the
+  logits; the division (the same fp32 ``x / T`` as the kernel) runs on the candidates.
+* **No full softmax unless the semantics need one.** Top-k cuts, top-p after top-k (Hugging Face order:
+  renormalized over the top-k set), min-p (``exp(z - max) >= min_p``) and the log-probabilities only need the
+  candidates' ``exp(z - max)``. Only top-p without top-k (or the TTS rule, whose top-p runs on the
+  un-renormalized probabilities) needs the row normalizer: one ``softmax`` pass.
+* **Penalties only at seen tokens.** The nonzero ``token_counts`` are found block-wise (``aminmax`` over blocks,
+  then ``nonzero`` inside the few blocks that hold a count), and only those logits of an fp32 copy are changed
+  (the caller's tensor is never modified).
+* **The draw** is the exponential race (Gumbel-max) ``argmax z_i - log(-log u_i)`` over the kept tokens only,
+  with ``u_i`` the uniforms of Triton's ``tl.rand(seed, (row_key << 32) | token)`` (Philox-4x32, 10 rounds, the
+  same uint32 -> float conversion): :func:`philox_uniform` in torch, and on CPU the same counters in NumPy
+  ``uint64`` arithmetic, whose per-call overhead is a fraction of torch's (the draw runs on a few hundred
+  values, where per-op overhead is everything). Hence the same seed gives the same token on CPU and on GPU (up
+  to float rounding of ``log`` in a near-tie of two race keys, an event of probability ~1e-7 per draw).
+
+Python scalars stay Python numbers all the way (no ``[B]`` tensors, no per-parameter reductions), so a call at
+B = 1, V = 512 is a few dozen small tensor ops.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -27,6 +46,18 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _U32_TO_FLOAT = 4.6566127342e-10  # triton.language.random.uint_to_uniform_float, 32-bit case
 _NEG_BIG = -3.0e38  # race keys of kept tokens never fall below this (a uniform of exactly 0 gives -inf)
+
+_BLOCK = 64  # tokens per block of the two-level candidate selection
+_SORT_V = 2048  # rows up to this many tokens are sorted whole
+_KB_TOPP = 512  # first-round blocks for rows whose cut is set by top-p alone (a few hundred tokens typically)
+_KB_MIN = 64  # first-round blocks otherwise (top-k rows get k + 1)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+Scalar = float | int
+Param = float | int | torch.Tensor
+
+
+# --------------------------------------------------------------------------- random numbers
 
 
 def philox_uniform(seed: torch.Tensor, row_key: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -56,207 +87,512 @@ def philox_uniform(seed: torch.Tensor, row_key: torch.Tensor, token: torch.Tenso
     return x.to(torch.float32) * torch.tensor(_U32_TO_FLOAT, dtype=torch.float32)
 
 
+_ROUND_MUL = np.array([_PHILOX_ROUND_A, _PHILOX_ROUND_B], dtype=np.uint64)[:, None, None]
+_KEY_STEP = np.array([_PHILOX_KEY_A, _PHILOX_KEY_B], dtype=np.uint64)[:, None, None]
+_ROUNDS = np.arange(10, dtype=np.uint64)[:, None, None, None]
+_SH32 = np.uint64(32)
+_MASK = np.uint64(_M32)
+
+
+_BIGINT_LANES = 256  # below this many counters, Python big integers beat NumPy's per-call overhead
+
+
+def _philox_bigint(k0: np.ndarray, k1: np.ndarray, row_key: np.ndarray, token: np.ndarray) -> np.ndarray:
+    """:func:`philox_uniform_np` for a few counters: every counter is a 64-bit lane of one Python integer.
+
+    Lane values stay below 2**32 and the multipliers too, so a lane's product fits its 64 bits (no carry into
+    the next lane): a whole round is a dozen big-integer operations, whatever the number of lanes.
+    """
+    n = token.size
+    K = token.shape[1]
+
+    def pack(a: np.ndarray) -> int:  # [R, K] or per-row [R, 1] values -> one lane per counter
+        a = a.ravel().astype("<u8")
+        return int.from_bytes((a if a.size == n else np.repeat(a, K)).tobytes(), "little")
+
+    rep = int.from_bytes((b"\x01" + b"\x00" * 7) * n, "little")  # 1 in every lane
+    mlo = rep * _M32
+    c0, c1, c2, c3 = pack(token), pack(row_key), 0, 0
+    key0, key1 = pack(k0), pack(k1)
+    step0, step1 = rep * _PHILOX_KEY_A, rep * _PHILOX_KEY_B
+    for r in range(10):
+        prod_b = c2 * _PHILOX_ROUND_B
+        prod_a = c0 * _PHILOX_ROUND_A
+        c0 = ((prod_b >> 32) & mlo) ^ c1 ^ ((key0 + r * step0) & mlo)
+        c2 = ((prod_a >> 32) & mlo) ^ c3 ^ ((key1 + r * step1) & mlo)
+        c1 = prod_b & mlo
+        c3 = prod_a & mlo
+    x = np.frombuffer(c0.to_bytes(8 * n, "little"), dtype="<u8").astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)  # Triton: negative int32 x -> -x - 1
+    return (x.astype(np.float32) * np.float32(_U32_TO_FLOAT)).reshape(token.shape)
+
+
+def philox_uniform_np(k0: np.ndarray, k1: np.ndarray, row_key: np.ndarray, token: np.ndarray) -> np.ndarray:
+    """:func:`philox_uniform` in NumPy: fp32 uniforms ``[R, K]`` for uint32 counters.
+
+    ``k0``/``k1`` (seed low / high words) and ``row_key`` are uint32 ``[R, 1]``, ``token`` is uint32 ``[R, K]``.
+    Both lanes of a round run as one ``[2, R, K]`` array: ``X = (c0, c2)`` times ``(A, B)`` gives the exact
+    uint64 products, whose high / low words are uint32 views (little-endian) and whose lane swap is a reversed
+    view, so a round is one multiply and two XORs.
+    """
+    R, K = token.shape
+    if R * K <= _BIGINT_LANES:
+        return _philox_bigint(k0, k1, row_key, token)
+    keys = ((np.stack([k0, k1]).astype(np.uint64) + _ROUNDS * _KEY_STEP) & _MASK).astype(np.uint32)  # [10, 2, R, 1]
+    x = np.zeros((2, R, K), dtype=np.uint32)
+    x[0] = token
+    y = np.zeros((2, R, K), dtype=np.uint32)
+    y[0] = row_key
+    for r in range(10):
+        prod = np.multiply(x, _ROUND_MUL, dtype=np.uint64)  # (A * c0, B * c2)
+        if _LITTLE_ENDIAN:
+            w = prod.view(np.uint32)
+            hi, lo = w[..., 1::2], w[..., 0::2]
+        else:
+            hi, lo = (prod >> _SH32).astype(np.uint32), (prod & _MASK).astype(np.uint32)
+        x = hi[::-1] ^ y ^ keys[r]  # c0 = hi(B c2) ^ c1 ^ k0, c2 = hi(A c0) ^ c3 ^ k1
+        y = lo[::-1]  # c1 = lo(B c2), c3 = lo(A c0)
+    c0 = x[0].view(np.int32)
+    c0 = np.where(c0 < 0, ~c0, c0)  # Triton: negative int32 x -> -x - 1
+    return c0.astype(np.float32) * np.float32(_U32_TO_FLOAT)
+
+
+@dataclass
+class Seed:
+    """Where a row's random stream comes from: ``seed`` is a Python int shared by all rows, or an int64 ``[B]``
+    tensor; row ``i``'s Philox row key is ``i * row_key_mult`` (1: a shared seed, rows keyed by index; 0: per-row
+    seeds, the row index is not part of the key)."""
+
+    seed: int | torch.Tensor
+    row_key_mult: int
+
+
+def _uniforms(seed: Seed, rows: torch.Tensor | None, tok: torch.Tensor) -> torch.Tensor:
+    """fp32 uniforms ``[R, K]`` for the tokens ``tok`` (int64 ``[R, K]``) of batch rows ``rows`` (None: all)."""
+    R = tok.shape[0]
+    dev = tok.device
+    s = seed.seed
+    if dev.type != "cpu":
+        row_idx = rows if rows is not None else torch.arange(R, device=dev)
+        key = (row_idx * seed.row_key_mult)[:, None].expand_as(tok)
+        if isinstance(s, torch.Tensor):
+            sd = s[row_idx][:, None].expand_as(tok)
+        else:
+            sd = torch.full_like(tok, s)
+        return philox_uniform(sd, key, tok)
+    if isinstance(s, torch.Tensor):
+        sd = (s if rows is None else s[rows]).numpy().view(np.uint64)[:, None]
+        k0, k1 = (sd & _MASK).astype(np.uint32), (sd >> _SH32).astype(np.uint32)
+    else:
+        k0 = np.full((R, 1), s & _M32, dtype=np.uint32)
+        k1 = np.full((R, 1), (s >> 32) & _M32, dtype=np.uint32)
+    if seed.row_key_mult:
+        row_idx = np.arange(R, dtype=np.uint32) if rows is None else rows.numpy().astype(np.uint32)
+        key = (row_idx * np.uint32(seed.row_key_mult))[:, None]
+    else:
+        key = np.zeros((R, 1), dtype=np.uint32)
+    u = philox_uniform_np(k0, k1, key, tok.numpy().astype(np.uint32))
+    return torch.from_numpy(u)
+
+
 def gumbel_keys(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Race keys ``z - log(-log u)`` (argmax = a draw from softmax(z)); never below ``_NEG_BIG``."""
     return torch.clamp(z - torch.log(-torch.log(u)), min=_NEG_BIG)
 
 
+# --------------------------------------------------------------------------- parameters
+
+
 @dataclass
 class RowParams:
-    """Per-row sampling parameters, already validated and broadcast to ``[B]`` tensors on the logits' device."""
+    """Validated sampling parameters: Python scalars (broadcast) or ``[B]`` tensors on the logits' device
+    (fp32; ``top_k`` int64)."""
 
-    temperature: torch.Tensor  # fp32 [B]
-    top_k: torch.Tensor  # int64 [B]
-    top_p: torch.Tensor  # fp32 [B]
-    min_p: torch.Tensor  # fp32 [B]
-    repetition_penalty: torch.Tensor  # fp32 [B]
-    presence_penalty: torch.Tensor  # fp32 [B]
-    frequency_penalty: torch.Tensor  # fp32 [B]
+    temperature: Param
+    top_k: Param
+    top_p: Param
+    min_p: Param
+    repetition_penalty: Param
+    presence_penalty: Param
+    frequency_penalty: Param
     token_counts: torch.Tensor | None  # int [B, V]
     tts: bool  # True: sample_logits semantics (top-p on un-renormalized post-top-k probs, "<=")
     greedy_top1: bool  # True: top_k == 1 means greedy (sample); False: it keeps the ties of the max (TTS)
 
 
+def _sub(v: Param, rows: torch.Tensor | None) -> Param:
+    """Parameter values of the batch rows ``rows`` (None: all rows)."""
+    return v[rows] if rows is not None and isinstance(v, torch.Tensor) else v
+
+
+def _col(v: Param) -> Param:
+    """Broadcastable against ``[R, K]``."""
+    return v[:, None] if isinstance(v, torch.Tensor) else v
+
+
+def _any(v: bool | torch.Tensor) -> bool:
+    return bool(v.any()) if isinstance(v, torch.Tensor) else bool(v)
+
+
+def _all(v: bool | torch.Tensor) -> bool:
+    return bool(v.all()) if isinstance(v, torch.Tensor) else bool(v)
+
+
+def _not(v: bool | torch.Tensor) -> bool | torch.Tensor:
+    return ~v if isinstance(v, torch.Tensor) else not v
+
+
+def _rows_of(mask: bool | torch.Tensor) -> torch.Tensor | None:
+    """Row indices where ``mask`` holds (None when that is every row; only called when some row does)."""
+    if not isinstance(mask, torch.Tensor) or bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+# --------------------------------------------------------------------------- penalties
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    """``[B, V // _BLOCK, _BLOCK]`` view of the leading whole blocks of a ``[B, V]`` tensor (unit column stride)."""
+    B, V = x.shape
+    return x.as_strided((B, V // _BLOCK, _BLOCK), (x.stride(0), _BLOCK, 1), x.storage_offset())
+
+
+def nonzero_positions(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the nonzero entries of an int ``[B, V]`` tensor, row-major order, read block-wise.
+
+    A token history touches few tokens: one ``aminmax`` pass over blocks of 64 finds the blocks holding a
+    count, and ``nonzero`` runs on those blocks only (a full ``nonzero`` is several times slower on CPU).
+    """
+    B, V = counts.shape
+    nb = V // _BLOCK
+    rows, cols = [], []
+    if nb:
+        lo, hi = torch.aminmax(_blocks(counts), dim=2)
+        r, b = ((lo != 0) | (hi != 0)).nonzero(as_tuple=True)
+        bcols = (b * _BLOCK)[:, None] + torch.arange(_BLOCK, device=counts.device)
+        i, j = counts[r[:, None], bcols].nonzero(as_tuple=True)
+        rows.append(r[i])
+        cols.append(bcols[i, j])
+    if nb * _BLOCK < V:
+        r, c = counts[:, nb * _BLOCK:].nonzero(as_tuple=True)
+        rows.append(r)
+        cols.append(c + nb * _BLOCK)
+    if len(rows) == 1:
+        return rows[0], cols[0]
+    return torch.cat(rows), torch.cat(cols)
+
+
 def penalized_logits(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
-    """fp32 ``[B, V]`` logits after the penalties and the temperature (greedy rows are not divided)."""
+    """fp32 ``[B, V]`` logits after the penalties (no temperature). The caller's tensor is never modified: a
+    penalized copy is made when some penalty is active; otherwise fp32 logits are returned as they are."""
     z = logits.float()
-    if prm.token_counts is not None:
-        counts = prm.token_counts
-        seen = counts > 0
-        rep = prm.repetition_penalty[:, None]
-        if bool((prm.repetition_penalty != 1).any()):
-            z = torch.where(seen, torch.where(z > 0, z / rep, z * rep), z)
-        if bool((prm.presence_penalty != 0).any()):
-            z = z - prm.presence_penalty[:, None] * seen.to(torch.float32)
-        if bool((prm.frequency_penalty != 0).any()):
-            z = z - prm.frequency_penalty[:, None] * counts.to(torch.float32)
-    temp = prm.temperature
-    if bool(((temp != 1) & (temp != 0)).any()):
-        z = z / torch.where(temp > 0, temp, 1.0)[:, None]
+    counts = prm.token_counts
+    if counts is None:
+        return z
+    rep, pres, freq = prm.repetition_penalty, prm.presence_penalty, prm.frequency_penalty
+    rep_on, pres_on, freq_on = _any(rep != 1), _any(pres != 0), _any(freq != 0)
+    if not (rep_on or pres_on or freq_on):
+        return z
+    r, c = nonzero_positions(counts)
+    z = z.clone() if z.data_ptr() == logits.data_ptr() else z
+    x = z[r, c]
+    cnt = counts[r, c].to(torch.float32)
+    seen = cnt > 0
+    # the kernel's fp32 operations, in its order (tokens with a zero count are unchanged by all of them)
+    if rep_on:
+        rr = _sub(rep, r)
+        x = torch.where(seen, torch.where(x > 0, x / rr, x * rr), x)
+    if pres_on:
+        x = x - _sub(pres, r) * seen.to(torch.float32)
+    if freq_on:
+        x = x - _sub(freq, r) * cnt
+    z[r, c] = x
     return z
 
 
-def _cut_from_candidates(
-    vals: torch.Tensor, cprobs: torch.Tensor, s_ref: torch.Tensor, k: torch.Tensor, p: torch.Tensor, tts: bool,
-    k_only: bool,
+# --------------------------------------------------------------------------- the kept set
+
+
+@dataclass
+class _Kept:
+    """The kept set of some rows as a descending prefix of candidates: ``tok`` / ``z`` (temperature-scaled
+    values) ``[R, K]``, ``keep`` ``[R, K]`` (True on a prefix of each row), ``w = exp(z - m)``, ``m`` ``[R]``."""
+
+    rows: torch.Tensor | None  # batch rows (None: all)
+    tok: torch.Tensor
+    z: torch.Tensor
+    keep: torch.Tensor
+    w: torch.Tensor
+    m: torch.Tensor
+    prefix: bool = True  # False: ``keep`` is any subset (every token a candidate, in index order)
+
+
+def _cut(
+    z: torch.Tensor, w: torch.Tensor, norm: tuple[torch.Tensor, Param] | None, k: Param, p: Param,
+    k_on: bool | torch.Tensor, p_on: bool | torch.Tensor, min_p: Param, tts: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Given each row's K highest values ``vals`` (descending) and their softmax probabilities ``cprobs``,
-    return (keep mask [R, K], resolved flag [R]).
+    """Keep mask ``[R, K]`` of descending candidates ``z`` and the value ``[R, 1]`` that decides the cut.
 
-    Token value v is kept iff ``#(z > v) < k`` and ``mass(z > v) / s_ref < p`` (``<=`` for TTS). The cut is
-    the smallest candidate value kept; a row is resolved when some candidate is not kept (so the cut lies
-    inside the candidates). ``k_only`` ignores top-p (used to find the top-k cut first).
+    Top-k keeps ``z >= z[k-1]`` (every token tying the k-th). Top-p keeps a token iff the mass strictly above
+    its tie group is ``< p * s_ref`` (``<=`` for TTS): the raw test ``excl_j < p * s_ref`` holds on a prefix,
+    and its last value, extended to its whole tie group, is the cut. ``s_ref`` is the row mass (``norm``:
+    ``(mass, s_ref)`` of the full-row distribution) or, in Hugging Face order with top-k, the mass of the
+    top-k set (``w = exp(z - max)``), where the top-k cut alone decides (the top-p cut lies inside it).
+
+    The candidates are an exact prefix of the row above some value ``t``; the result is exact iff the
+    deciding value is ``> t`` (every token above it is a candidate, its tie group included).
     """
-    R, K = vals.shape
-    pos = torch.arange(K, device=vals.device).expand(R, K)
-    new_group = torch.ones_like(vals, dtype=torch.bool)
-    new_group[:, 1:] = vals[:, 1:] != vals[:, :-1]
-    start = torch.where(new_group, pos, 0).cummax(dim=1).values  # index where each value's tie group starts
-    keep = start < k[:, None]
-    if not k_only:
-        probs = cprobs / s_ref[:, None]
-        cum = torch.cumsum(probs, dim=1)
-        excl = torch.zeros_like(cum)
-        excl[:, 1:] = cum[:, :-1]
-        excl = excl.gather(1, start)  # mass strictly above the value (whole tie group shares it)
-        keep_p = excl <= p[:, None] if tts else excl < p[:, None]
-        keep &= keep_p | (p[:, None] >= 1.0)
-    return keep, keep.sum(dim=1) < K  # keep is a prefix (monotone)
+    R, K = z.shape
+    ninf = float("-inf")
+    kth = None
+    if _any(k_on):
+        if isinstance(k, torch.Tensor):
+            on = k_on & (k <= K)
+            kth = torch.where(_col(on), z.gather(1, (torch.where(on, k, 1) - 1)[:, None]), ninf)
+        elif k <= K:
+            kth = z[:, k - 1:k]
+    keep = None if kth is None else z >= kth
+    decide = kth
+    if _any(p_on):
+        both = k_on & p_on
+        s_k = None
+        if not tts and _any(both):
+            s_k = (w * keep).sum(dim=1, keepdim=True)  # top-k set mass (exact when the k-th value decides)
+        if s_k is None:
+            mass, s_ref = norm
+        elif norm is None:
+            mass, s_ref = w, s_k
+        else:
+            mass = torch.where(_col(both), w, norm[0])
+            s_ref = torch.where(_col(both), s_k, norm[1])
+        excl = torch.cumsum(mass, dim=1) - mass  # mass strictly above each candidate
+        lim = _col(p) if isinstance(s_ref, float) and s_ref == 1.0 else _col(p) * s_ref
+        raw = excl <= lim if tts else excl < lim
+        c_p = z.gather(1, raw.sum(dim=1, keepdim=True) - 1)  # >= 1: the max passes (p > 0)
+        if isinstance(p_on, torch.Tensor):
+            c_p = torch.where(_col(p_on), c_p, ninf)
+        keep_p = z >= c_p
+        keep = keep_p if keep is None else keep & keep_p
+        if decide is None:
+            decide = c_p
+        elif s_k is None:
+            decide = torch.maximum(decide, c_p)
+        elif isinstance(both, torch.Tensor):
+            decide = torch.where(_col(both), decide, torch.maximum(decide, c_p))
+    if keep is None:  # only top-k rows with k beyond the candidates
+        keep = torch.ones_like(z, dtype=torch.bool)
+        decide = torch.full((R, 1), ninf, device=z.device)
+    keep = keep & (z > ninf)
+    if not tts and _any(min_p > 0):
+        keep = keep & (w >= _col(min_p))
+    return keep, decide
 
 
-def _kept_candidates(
-    z: torch.Tensor, probs: torch.Tensor, s_ref: torch.Tensor, k: torch.Tensor, p: torch.Tensor, tts: bool,
-    k_only: bool, k_start: int,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Grow top-K candidate sets until every row's cut lies inside its candidates.
-
-    Returns groups ``(rows [R], token ids [R, K], keep [R, K], cut [R])``. A resolved row has a candidate that
-    is not kept, and keep status is shared by a whole tie group, so every token at or above the cut is a
-    candidate: the kept set is exactly ``token ids[keep]``.
-    """
+def _filtered(
+    z: torch.Tensor, rows: torch.Tensor | None, bm: torch.Tensor | None, prm: RowParams,
+) -> list[_Kept]:
+    """Kept sets of rows with a top-k / top-p filter (``rows`` of ``z``; ``bm``: block maxima of ``z``)."""
     B, V = z.shape
-    groups = []
-    rows = torch.arange(B, device=z.device)
-    K = min(V, max(k_start, 1))
-    while rows.numel():
-        sub_z = z if rows.numel() == B else z[rows]
-        sub_p = probs if rows.numel() == B else probs[rows]
-        vals, idx = torch.topk(sub_z, K, dim=1, sorted=True)
-        keep, done = _cut_from_candidates(vals, sub_p.gather(1, idx), s_ref[rows], k[rows], p[rows], tts, k_only)
-        if K >= V:
-            done = torch.ones_like(done)
-        keep &= vals > float("-inf")
-        cut = vals.gather(1, (keep.sum(dim=1) - 1).clamp(min=0)[:, None]).squeeze(1)
-        groups.append((rows[done], idx[done], keep[done], cut[done]))
-        rows = rows[~done]
-        K = min(V, K * 4)
-    return groups
+    zr = z if rows is None else z[rows]
+    temp = _sub(prm.temperature, rows)
+    k, p, min_p = _sub(prm.top_k, rows), _sub(prm.top_p, rows), _sub(prm.min_p, rows)
+    k_on = (k > 0) & (k < V)
+    p_on = (p > 0) & (p < 1)
+    scaled = isinstance(temp, torch.Tensor) or temp != 1.0
+    # the row normalizer, only where top-p is not preceded by a renormalizing top-k
+    need_norm = _any(p_on if prm.tts else p_on & _not(k_on))
+    probs_full = None
+    # blocks to start from: k + 1 for top-k rows (>= k + 1 exact candidates), more for top-p alone
+    k_max = int(torch.where(k_on, k, 0).max()) if isinstance(k, torch.Tensor) else (k if k_on else 0)
+    nb = V // _BLOCK
+    kb = min(nb, max(_KB_MIN, k_max + 1) if _all(k_on) else max(_KB_TOPP, k_max + 1))
+    out: list[_Kept] = []
+    sub = None  # indices into the group's rows still unresolved (None: all)
+    while True:
+        full = bm is None or kb * _BLOCK * 2 >= V
+        rsub = rows if sub is None else (sub if rows is None else rows[sub])
+        t_s = _sub(temp, sub)
+        if full:  # rank the whole row
+            vals, tok = torch.topk(zr if sub is None else zr[sub], V, dim=1)
+        else:
+            bv, bi = torch.topk(bm if rsub is None else bm[rsub], kb, dim=1, sorted=False)
+            thr = bv.amin(dim=1, keepdim=True)  # every token above thr is in a picked block
+            cols = ((bi * _BLOCK)[:, :, None] + torch.arange(_BLOCK, device=z.device)).flatten(1)
+            if nb * _BLOCK < V:
+                tail = torch.arange(nb * _BLOCK, V, device=z.device)
+                cols = torch.cat([cols, tail.expand(cols.shape[0], -1)], dim=1)
+            cand = zr.gather(1, cols) if sub is None else zr[sub[:, None], cols]
+            vals, o = torch.topk(cand, int((cand >= thr).sum(dim=1).max()), dim=1)
+            tok = cols.gather(1, o)
+        zc = vals / _col(t_s) if scaled else vals
+        m = zc[:, 0]
+        w = torch.exp(zc - m[:, None])
+        norm = None
+        if need_norm:  # the full-row softmax in index order, as the eager reference rounds it
+            if probs_full is None:
+                probs_full = torch.softmax(zr / _col(temp) if scaled else zr, dim=1)
+            norm = ((probs_full if sub is None else probs_full[sub]).gather(1, tok), 1.0)
+        keep, decide = _cut(zc, w, norm, _sub(k, sub), _sub(p, sub), _sub(k_on, sub), _sub(p_on, sub),
+                            _sub(min_p, sub), prm.tts)
+        if full:
+            out.append(_Kept(rsub, tok, zc, keep, w, m))
+            return out
+        done = (decide > (thr / _col(t_s) if scaled else thr)).squeeze(1)
+        if bool(done.all()):
+            out.append(_Kept(rsub, tok, zc, keep, w, m))
+            return out
+        d = done.nonzero().squeeze(1)
+        if d.numel():
+            out.append(_Kept(d if rsub is None else rsub[d], tok[d], zc[d], keep[d], w[d], m[d]))
+        nd = (~done).nonzero().squeeze(1)
+        sub = nd if sub is None else sub[nd]
+        kb = min(nb, kb * 2)
 
 
-def filter_rows(logits: torch.Tensor, prm: RowParams) -> dict:
-    """The kept set of every row as (row, token) pairs, plus z, probs = softmax(z) and the bad/greedy flags.
+def _all_tokens(z: torch.Tensor, rows: torch.Tensor | None, prm: RowParams) -> _Kept:
+    """Kept set of rows without top-k / top-p: every finite token (minus min-p)."""
+    B, V = z.shape
+    zr = z if rows is None else z[rows]
+    temp, min_p = _sub(prm.temperature, rows), _sub(prm.min_p, rows)
+    zc = zr / _col(temp) if isinstance(temp, torch.Tensor) or temp != 1.0 else zr
+    m = zc.amax(dim=1)
+    w = torch.exp(zc - m[:, None])
+    keep = zc > float("-inf")
+    if not prm.tts and _any(min_p > 0):
+        keep = keep & (w >= _col(min_p))
+    tok = torch.arange(V, device=z.device).expand(zr.shape[0], V)
+    return _Kept(rows, tok, zc, keep, w, m, prefix=False)
 
-    Full-row passes: the fp32 conversion / temperature, max, softmax and topk; the rest runs on candidates.
-    ``torch.softmax`` gives the normalized masses (it is vectorized; ``torch.exp`` is slow on some CPU builds).
-    """
+
+@dataclass
+class _Plan:
+    z: torch.Tensor  # fp32 [B, V] penalized logits (bad rows zeroed)
+    bad: torch.Tensor | None  # [B] bool (None: no bad row)
+    greedy: torch.Tensor | None  # batch rows that are greedy (all rows: arange)
+    kept: list[_Kept]
+
+
+def _plan(logits: torch.Tensor, prm: RowParams) -> _Plan:
+    """Penalties, bad-row check and the kept set of every non-greedy row."""
     z = penalized_logits(logits, prm)
     B, V = z.shape
-    m = z.max(dim=1).values  # NaN propagates: one pass finds the bad rows
-    bad = torch.isnan(m) | torch.isinf(m)
-    if bool(bad.any()):
-        z = torch.where(bad[:, None], 0.0, z)  # bad rows: compute on zeros, report token -1 at the end
-    probs = torch.softmax(z, dim=1)
-    greedy = prm.temperature == 0
+    bm = None
+    if V > _SORT_V:
+        bm = _blocks(z).amax(dim=2)  # [B, V // 64] block maxima (NaN propagates)
+        rmax = bm.amax(dim=1)
+        if V % _BLOCK:
+            rmax = torch.maximum(rmax, z[:, V // _BLOCK * _BLOCK:].amax(dim=1))  # the tail (< 64 tokens)
+    else:
+        rmax = z.amax(dim=1)
+    bad = None
+    if not math.isfinite(float(rmax.sum())):  # some row max is NaN, +inf or -inf (or the sum overflowed)
+        bad = ~torch.isfinite(rmax)
+        if bool(bad.any()):
+            z = torch.where(bad[:, None], 0.0, z)  # compute on zeros, report token -1 at the end
+        else:
+            bad = None
+    temp, k, p = prm.temperature, prm.top_k, prm.top_p
+    greedy = temp == 0
     if prm.greedy_top1:
-        greedy = greedy | (prm.top_k == 1)
-    k_on = (prm.top_k > 0) & (prm.top_k < V)
-    p_on = (prm.top_p > 0) & (prm.top_p < 1)
-    filt = (k_on | p_on) & ~greedy
-    pair_rows, pair_toks = [], []
-    if bool(filt.any()):
-        k = torch.where(k_on, prm.top_k, V + 1)
-        p = torch.where(p_on, prm.top_p, 2.0)  # >= 1: no top-p
-        # one more than the largest k: a row whose cut is its top-k cut resolves in the first round
-        k_start = max(64, int(torch.where(k_on & filt, prm.top_k, 0).max()) + 1)
-        s_ref = torch.ones_like(m)
-        if not prm.tts and bool((k_on & p_on & filt).any()):
-            # HF order: top-p acts on the distribution renormalized over the top-k set
-            for rows, idx, keep, _ in _kept_candidates(z, probs, s_ref, k, p, True, True, k_start):
-                s_ref[rows] = torch.where(keep, probs[rows].gather(1, idx), 0.0).sum(dim=1)
-        for rows, idx, keep, _ in _kept_candidates(z, probs, s_ref, k, p, prm.tts, False, k_start):
-            sel = filt[rows]
-            rows, idx, keep = rows[sel], idx[sel], keep[sel]
-            r2 = rows[:, None].expand_as(idx)
-            pair_rows.append(r2[keep])
-            pair_toks.append(idx[keep])
-    rest = ~filt & ~greedy
-    if bool(rest.any()):  # no top-k/top-p: every finite token
-        r, t = (z[rest] > float("-inf")).nonzero(as_tuple=True)
-        pair_rows.append(rest.nonzero().squeeze(1)[r])
-        pair_toks.append(t)
-    if bool(greedy.any()):
-        g = greedy.nonzero().squeeze(1)
-        pair_rows.append(g)
-        pair_toks.append(z[g].argmax(dim=1))
-    rows = torch.cat(pair_rows) if pair_rows else torch.zeros(0, dtype=torch.int64, device=z.device)
-    toks = torch.cat(pair_toks) if pair_toks else torch.zeros(0, dtype=torch.int64, device=z.device)
-    if bool((prm.min_p > 0).any()):
-        pmax = probs.max(dim=1).values
-        ok = (probs[rows, toks] >= prm.min_p[rows] * pmax[rows]) | greedy[rows]
-        rows, toks = rows[ok], toks[ok]
-    return {"z": z, "rows": rows, "toks": toks, "probs": probs, "bad": bad, "greedy": greedy}
+        greedy = greedy | (k == 1)
+    if bad is not None:
+        greedy = greedy | bad  # their token is -1 anyway: no search
+    filt = (((k > 0) & (k < V)) | ((p > 0) & (p < 1))) & _not(greedy)
+    rest = _not(filt) & _not(greedy)
+    kept: list[_Kept] = []
+    if _any(filt):
+        kept += _filtered(z, _rows_of(filt), bm, prm)
+    if _any(rest):
+        kept.append(_all_tokens(z, _rows_of(rest), prm))
+    g = None
+    if _any(greedy):
+        g = _rows_of(greedy)
+        g = torch.arange(B, device=z.device) if g is None else g
+    return _Plan(z, bad, g, kept)
 
 
-def sample_torch(
-    logits: torch.Tensor, prm: RowParams, seeds: torch.Tensor, row_keys: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+# --------------------------------------------------------------------------- entry points
+
+
+def sample_torch(logits: torch.Tensor, prm: RowParams, seed: Seed) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] (int64; -1 for bad rows) and their log-probabilities [B] under the kept, renormalized set."""
-    f = filter_rows(logits, prm)
-    z, rows, toks, probs, bad, greedy = f["z"], f["rows"], f["toks"], f["probs"], f["bad"], f["greedy"]
+    plan = _plan(logits, prm)
+    z = plan.z
     B, V = z.shape
-    u = philox_uniform(seeds[rows], row_keys[rows], toks)
-    zk = z[rows, toks]
-    key = torch.where(greedy[rows], zk, gumbel_keys(zk, u))
-    best = torch.full((B,), float("-inf"), device=z.device).scatter_reduce(0, rows, key, "amax")
-    is_best = key == best[rows]
-    token = torch.full((B,), V, dtype=torch.int64, device=z.device)
-    token = token.scatter_reduce(0, rows[is_best], toks[is_best], "amin")  # lowest index on ties
-    s_kept = torch.zeros(B, device=z.device).index_add_(0, rows, probs[rows, toks])
-    token = torch.where(bad | (token >= V), -1, token)
-    tok_safe = token.clamp(min=0)
-    logprob = torch.log(probs.gather(1, tok_safe[:, None]).squeeze(1)) - torch.log(s_kept)
-    logprob = torch.where(greedy, 0.0, logprob)
-    logprob = torch.where(token < 0, float("nan"), logprob)
+    dev = z.device
+    parts = []
+    for kp in plan.kept:
+        n = int(kp.keep.sum(dim=1).max()) if kp.prefix else kp.tok.shape[1]  # race on the kept prefixes only
+        tok, zk, keep, w = kp.tok[:, :n], kp.z[:, :n], kp.keep[:, :n], kp.w[:, :n]
+        key = gumbel_keys(zk, _uniforms(seed, kp.rows, tok))
+        if not (kp.prefix and tok.shape[0] == 1):  # (one row's prefix of n is all kept)
+            key = key.masked_fill(~keep, float("-inf"))
+            w = w * keep
+        best = key.amax(dim=1, keepdim=True)
+        pos = torch.where(key == best, tok, V).argmin(dim=1, keepdim=True)  # lowest token index on ties
+        lp = zk.gather(1, pos).squeeze(1) - kp.m - torch.log(w.sum(dim=1))
+        parts.append((kp.rows, tok.gather(1, pos).squeeze(1), lp))
+    if plan.greedy is not None:
+        g = plan.greedy
+        parts.append((g if g.numel() != B else None, z[g].argmax(dim=1) if g.numel() != B else z.argmax(dim=1),
+                      torch.zeros(g.numel(), device=dev)))
+    if len(parts) == 1 and parts[0][0] is None:
+        token, logprob = parts[0][1], parts[0][2]
+    else:
+        token = torch.empty(B, dtype=torch.int64, device=dev)
+        logprob = torch.empty(B, dtype=torch.float32, device=dev)
+        for rows, t, lp in parts:
+            token[rows if rows is not None else slice(None)] = t
+            logprob[rows if rows is not None else slice(None)] = lp
+    if plan.bad is not None:
+        token = torch.where(plan.bad, -1, token)
+        logprob = torch.where(plan.bad, float("nan"), logprob)
     return token, logprob
 
 
 def sampling_probs_torch(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
     """Filtered, renormalized probabilities [B, V] fp32 (zeros outside the kept set; bad rows all zero)."""
-    f = filter_rows(logits, prm)
-    rows, toks, probs = f["rows"], f["toks"], f["probs"]
-    w = torch.zeros_like(probs)
-    w[rows, toks] = torch.where(f["greedy"][rows], 1.0, probs[rows, toks])
-    out = w / w.sum(dim=1, keepdim=True)
-    return torch.where(f["bad"][:, None], 0.0, out)
+    plan = _plan(logits, prm)
+    z = plan.z
+    B, V = z.shape
+    out = torch.zeros(B, V, dtype=torch.float32, device=z.device)
+    for kp in plan.kept:
+        w = torch.where(kp.keep, kp.w, 0.0)
+        pr = w / w.sum(dim=1, keepdim=True)
+        if kp.rows is None:
+            out.scatter_(1, kp.tok, pr)
+        else:
+            out[kp.rows[:, None], kp.tok] = pr
+    if plan.greedy is not None:
+        g = plan.greedy
+        out[g, z[g].argmax(dim=1)] = 1.0
+    if plan.bad is not None:
+        out = torch.where(plan.bad[:, None], 0.0, out)
+    return out
 
 
-def simple_batch_torch(
-    logits: torch.Tensor, noise: torch.Tensor, temp: torch.Tensor, seeds: torch.Tensor, row_keys: torch.Tensor
-) -> torch.Tensor:
+def simple_batch_torch(logits: torch.Tensor, noise: Param, temp: Param, seed: Seed) -> torch.Tensor:
     """argmax of ``logits / temp + noise * u`` with Philox uniforms, evaluated on the only tokens that can win
     (``z > max(z) - noise``); ``temp == 0`` rows are plain argmax. Returns int64 [B] (-1 for NaN rows)."""
     z = logits.float()
     B, V = z.shape
+    dev = z.device
     bad = torch.isnan(z).any(dim=1) | torch.isneginf(z).all(dim=1)
-    z = torch.where(temp[:, None] > 0, z / torch.where(temp > 0, temp, 1.0)[:, None], z)
-    nz = torch.where(temp > 0, noise, 0.0)
-    m = z.max(dim=1).values
+    if isinstance(temp, torch.Tensor):
+        z = torch.where(temp[:, None] > 0, z / torch.where(temp > 0, temp, 1.0)[:, None], z)
+        nz = torch.where(temp > 0, noise, 0.0).expand(B)
+    else:
+        z = z / temp if temp > 0 else z
+        nz = (noise.expand(B) if isinstance(noise, torch.Tensor) else torch.full((B,), float(noise), device=dev))
+        nz = nz if temp > 0 else torch.zeros_like(nz)
+    m = z.amax(dim=1)
     cand = z >= (m - nz)[:, None]  # u < 1: a token below max - noise can never beat the max
     rows, toks = cand.nonzero(as_tuple=True)
-    u = philox_uniform(seeds[rows], row_keys[rows], toks)
+    u = _uniforms(seed, rows, toks[:, None]).squeeze(1)
     key = z[rows, toks] + nz[rows] * u
-    best = torch.full((B,), float("-inf"), device=z.device).scatter_reduce(0, rows, key, "amax")
+    best = torch.full((B,), float("-inf"), device=dev).scatter_reduce(0, rows, key, "amax")
     is_best = key == best[rows]
-    token = torch.full((B,), V, dtype=torch.int64, device=z.device)
+    token = torch.full((B,), V, dtype=torch.int64, device=dev)
     token = token.scatter_reduce(0, rows[is_best], toks[is_best], "amin")
     return torch.where(bad | (token >= V), -1, token)
