@@ -1,0 +1,131 @@
+"""The PyTorch sampler path's own machinery: its Philox implementations, the block-wise nonzero search and the
+two-level (block max) candidate selection, including the rounds that grow the candidate set, checked against the
+plain references (and, for the block path's draw, against the Triton kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decodekit._dispatch import count_launches
+from decodekit.kernels.sampling import sample, sample_logits, sample_logits_probs, sampling_probs
+from decodekit.kernels.sampling_torch import (
+    _BIGINT_LANES,
+    Seed,
+    _uniforms,
+    nonzero_positions,
+    philox_uniform,
+)
+from decodekit.reference.sampling import sample_logits_ref, sampling_probs_ref
+
+
+def _logits(B: int, V: int, scale: float = 4.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, V, generator=g) * scale
+
+
+def _assert_same_kept(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.equal(got > 0, ref > 0), f"kept sets differ in {int(((got > 0) != (ref > 0)).sum())} places"
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("R,K", [(1, 1), (1, 37), (3, 80), (4, 300), (16, 100)])
+@pytest.mark.parametrize("mult", [0, 1])
+def test_uniforms_equal_philox_uniform(R, K, mult):
+    """Both CPU Philox paths (big-integer lanes below _BIGINT_LANES counters, NumPy above) are bit-exact."""
+    g = torch.Generator().manual_seed(R * K + mult)
+    tok = torch.randint(0, 2**18, (R, K), generator=g)
+    rows = torch.arange(R) * 5 + 2  # batch rows of the R rows drawn
+    seeds = torch.randint(-(2**63), 2**63 - 1, (5 * R + 2,), generator=g)  # negative int64 seeds too
+    for seed in (Seed(seeds, mult), Seed(2**62 + 12345, mult)):
+        got = _uniforms(seed, rows, tok)
+        s = seeds[rows][:, None].expand(R, K) if isinstance(seed.seed, torch.Tensor) else torch.full((R, K), seed.seed)
+        ref = philox_uniform(s, (rows * mult)[:, None].expand(R, K), tok)
+        assert torch.equal(got, ref)
+    assert (R * K <= _BIGINT_LANES) == (R * K in (1, 37, 240))  # both paths are covered
+
+
+@pytest.mark.parametrize("V", [63, 64, 1000, 70001])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int16, torch.uint8])
+def test_nonzero_positions_match_nonzero(V, dtype):
+    g = torch.Generator().manual_seed(V)
+    vals = torch.randint(0 if dtype == torch.uint8 else -3, 4, (3, V), generator=g)
+    counts = (vals * (torch.rand(3, V, generator=g) < 0.03)).to(dtype)
+    wide = torch.zeros(3, V + 70, dtype=dtype)  # row stride not a multiple of the block
+    wide[:, :V] = counts
+    for c in (counts, wide[:, :V]):
+        r, k = nonzero_positions(c)
+        ref_r, ref_k = c.nonzero(as_tuple=True)
+        assert torch.equal(torch.sort(r * V + k).values, ref_r * V + ref_k)
+
+
+BLOCK_CASES = [  # kwargs; the first-round candidates suffice, or need one or more growth rounds
+    dict(top_k=30, top_p=0.8, temperature=0.8),
+    dict(top_k=20),
+    dict(top_p=0.85),
+    dict(top_p=0.99, temperature=1.3),  # thousands of tokens: rounds up to all blocks
+    dict(top_k=3000, min_p=0.001),  # more blocks than the row has: ranked whole
+]
+
+
+@pytest.mark.parametrize("kw", BLOCK_CASES)
+@pytest.mark.parametrize("V,stride", [(128256, 128256), (50021, 50050)])
+def test_block_candidates_match_reference(kw, V, stride):
+    x = _logits(2, stride, seed=V)[:, :V]  # (50021, 50050): tail tokens and a row stride that is no block multiple
+    _assert_same_kept(sampling_probs(x, backend="torch", **kw), sampling_probs_ref(x, **kw))
+
+
+def test_block_candidates_per_row_parameters_and_penalties():
+    B, V = 5, 70001
+    x = _logits(B, V, seed=3)
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(0, 3, (B, V), generator=g) * (torch.rand(B, V, generator=g) < 0.01)
+    kw = dict(
+        temperature=torch.tensor([0.7, 1.0, 0.0, 1.5, 0.9]),
+        top_k=torch.tensor([10, 0, 5, 100, 0]),
+        top_p=torch.tensor([1.0, 0.9, 0.9, 0.7, 1.0]),
+        min_p=torch.tensor([0.0, 0.0, 0.1, 0.02, 0.05]),
+        repetition_penalty=torch.tensor([1.3, 10.0, 1.0, 0.8, 2.0]),
+        presence_penalty=0.5,
+    )
+    got = sampling_probs(x, token_counts=counts.to(torch.int32), backend="torch", **kw)
+    _assert_same_kept(got, sampling_probs_ref(x, token_counts=counts, **kw))
+    for r in range(B):  # each row as if alone, with scalar parameters
+        rk = {k: (v[r].item() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        rk["top_k"] = int(rk["top_k"])
+        alone = sampling_probs(x[r:r + 1], token_counts=counts[r:r + 1], backend="torch", **rk)
+        _assert_same_kept(alone, got[r:r + 1])
+
+
+@pytest.mark.parametrize("T,p,k", [(1.0, 0.85, 0), (1.0, 0.95, 20), (0.7, 0.99, 0), (1.2, 0.5, 3000)])
+def test_block_candidates_match_tts_reference(T, p, k):
+    x = _logits(2, 128256, seed=11)
+    got = sample_logits_probs(x, T, p, k, backend="torch")
+    _assert_same_kept(got, sample_logits_ref(x, T, p, k, return_probs=True))
+    tok = sample_logits(x, T, p, k, seed=3, backend="torch")
+    assert bool((got.gather(1, tok) > 0).all())
+
+
+def test_block_path_draws_the_kernel_tokens(device):
+    """V = 5000 with top-k: the torch path picks candidates block-wise (78 blocks); its draw must stay the
+    kernel's draw, penalties and per-row seeds included."""
+    B, V = 4, 5000
+    x = _logits(B, V, scale=3.0, seed=5)
+    counts = torch.randint(0, 3, (B, V), generator=torch.Generator().manual_seed(2)).to(torch.int32)
+    kw = dict(top_k=20, top_p=0.9, temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.1)
+    seeds = torch.arange(B, dtype=torch.int64) * 101 + 7
+    with count_launches() as launches:
+        tk, lk = sample(x.to(device), token_counts=counts.to(device), seed=seeds.to(device), return_logprobs=True,
+                        backend="triton", **kw)
+    assert launches["sampling_race"] == 1
+    tt, lt = sample(x, token_counts=counts, seed=seeds, return_logprobs=True, backend="torch", **kw)
+    assert torch.equal(tk.cpu(), tt)
+    torch.testing.assert_close(lk.cpu(), lt, atol=1e-5, rtol=1e-5)
+
+
+def test_caller_logits_are_not_modified():
+    x = _logits(3, 4000, seed=9)
+    before = x.clone()
+    counts = torch.ones(3, 4000, dtype=torch.int32)
+    sample(x, token_counts=counts, repetition_penalty=5.0, presence_penalty=1.0, top_k=50, seed=0, backend="torch")
+    assert torch.equal(x, before)
