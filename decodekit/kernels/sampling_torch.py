@@ -8,8 +8,10 @@ ever sorting the vocabulary, and with as few full-row passes as the filters allo
   the block maxima picks the ``Kb`` best blocks, and only their tokens are gathered and ranked. Every token
   above the ``Kb``-th block max ``t`` is in a picked block, so the ranked candidates ``>= t`` are an exact
   prefix of the row's descending order (at least ``Kb`` of them). ``torch.topk`` over the whole row costs
-  ~15x more on CPU: it copies and partially sorts all V values. ``Kb`` grows x4 only for rows whose cut is not
-  inside their prefix yet. Small rows (V <= 2048) are simply sorted.
+  ~15x more on CPU: it copies and partially sorts all V values. Blocks are copied as 64-value rows
+  (``index_select``), and values below ``t`` are set to ``-inf`` before ranking (``topk`` is ~2x faster then).
+  ``Kb`` (k + 1 for top-k rows, 512 for top-p alone) doubles only for the rows whose cut is not inside their
+  prefix yet. Small rows (V <= 2048) are simply ranked whole.
 * **Temperature only on candidates.** T > 0 is monotone, so the order of ``logits / T`` is the order of the
   logits; the division (the same fp32 ``x / T`` as the kernel) runs on the candidates.
 * **No full softmax unless the semantics need one.** Top-k cuts, top-p after top-k (Hugging Face order:
@@ -22,8 +24,8 @@ ever sorting the vocabulary, and with as few full-row passes as the filters allo
 * **The draw** is the exponential race (Gumbel-max) ``argmax z_i - log(-log u_i)`` over the kept tokens only,
   with ``u_i`` the uniforms of Triton's ``tl.rand(seed, (row_key << 32) | token)`` (Philox-4x32, 10 rounds, the
   same uint32 -> float conversion): :func:`philox_uniform` in torch, and on CPU the same counters in NumPy
-  ``uint64`` arithmetic, whose per-call overhead is a fraction of torch's (the draw runs on a few hundred
-  values, where per-op overhead is everything). Hence the same seed gives the same token on CPU and on GPU (up
+  ``uint64`` arithmetic, or for up to 256 counters as 64-bit lanes of Python big integers (a round is then a
+  dozen integer operations): the draw runs on a few hundred values, where per-op overhead is everything. Hence the same seed gives the same token on CPU and on GPU (up
   to float rounding of ``log`` in a near-tie of two race keys, an event of probability ~1e-7 per draw).
 
 Python scalars stay Python numbers all the way (no ``[B]`` tensors, no per-parameter reductions), so a call at
