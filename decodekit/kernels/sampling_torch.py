@@ -433,13 +433,18 @@ def _filtered(
     k_max = int(torch.where(k_on, k, 0).max()) if isinstance(k, torch.Tensor) else (k if k_on else 0)
     nb = V // _BLOCK
     kb = min(nb, max(_KB_MIN, k_max + 1) if _all(k_on) else max(_KB_TOPP, k_max + 1))
+    kt = min(V, max(_KB_MIN, k_max + 1))  # small rows: the top kt tokens first (cheaper than ranking all)
     out: list[_Kept] = []
     sub = None  # indices into the group's rows still unresolved (None: all)
     while True:
-        full = bm is None or kb >= nb
+        full = kt >= V if bm is None else kb >= nb
         rsub = rows if sub is None else (sub if rows is None else rows[sub])
         t_s = _sub(temp, sub)
-        if full:  # rank the whole row
+        if bm is None:  # small rows: the top kt tokens are an exact prefix down to the kt-th value
+            vals, tok = torch.topk(zr if sub is None else zr[sub], kt, dim=1)
+            thr = vals[:, -1:]  # zr is scaled here
+            kt = min(V, kt * 4)
+        elif full:  # rank the whole row
             vals, tok = torch.topk(zr if sub is None else zr[sub], V, dim=1)
         else:
             bv, bi = torch.topk(bm if rsub is None else bm[rsub], kb, dim=1, sorted=False)
@@ -453,7 +458,7 @@ def _filtered(
             tok = bi.gather(1, torch.div(o, _BLOCK, rounding_mode="floor").clamp(max=kb - 1)) * _BLOCK + o % _BLOCK
             if nb * _BLOCK < V:  # positions past the blocks are the tail tokens
                 tok = torch.where(o >= kb * _BLOCK, o + (nb - kb) * _BLOCK, tok)
-        if scaled:
+        if scaled:  # (never for small rows: they were scaled whole)
             zc = vals / _col(t_s)
             thr = None if full else thr / _col(t_s)
         else:
