@@ -10,8 +10,9 @@ ever sorting the vocabulary, and with as few full-row passes as the filters allo
   prefix of the row's descending order (at least ``Kb`` of them). ``torch.topk`` over the whole row costs
   ~15x more on CPU: it copies and partially sorts all V values. Blocks are copied as 64-value rows
   (``index_select``), and values below ``t`` are set to ``-inf`` before ranking (``topk`` is ~2x faster then).
-  ``Kb`` (k + 1 for top-k rows, 512 for top-p alone) doubles only for the rows whose cut is not inside their
-  prefix yet. Small rows (V <= 2048) are simply ranked whole.
+  ``Kb`` (k + 1 for top-k rows, min(512, blocks / 4) for top-p alone) doubles only for the rows whose cut is
+  not inside their prefix yet, up to every block; only then is a row ranked whole. Small rows (V <= 2048)
+  start from their top max(64, k + 1) tokens instead.
 * **Temperature only on candidates.** T > 0 is monotone, so the order of ``logits / T`` is the order of the
   logits; the division (the same fp32 ``x / T`` as the kernel) runs on the candidates.
 * **No full softmax unless the semantics need one.** Top-k cuts, top-p after top-k (Hugging Face order:
@@ -361,6 +362,8 @@ def _cut(
             kth = torch.where(_col(on), z.gather(1, (torch.where(on, k, 1) - 1)[:, None]), ninf)
         elif k <= K:
             kth = z[:, k - 1:k]
+        else:  # the k-th value is past the candidates: nothing is decided (-inf never exceeds the prefix bound)
+            kth = torch.full((R, 1), ninf, device=z.device)
     cut = decide = kth  # [R, 1]: the lowest kept value
     if _any(p_on):
         both = k_on & p_on
@@ -432,12 +435,12 @@ def _filtered(
     # blocks to start from: k + 1 for top-k rows (>= k + 1 exact candidates), more for top-p alone
     k_max = int(torch.where(k_on, k, 0).max()) if isinstance(k, torch.Tensor) else (k if k_on else 0)
     nb = V // _BLOCK
-    kb = min(nb, max(_KB_MIN, k_max + 1) if _all(k_on) else max(_KB_TOPP, k_max + 1))
+    kb = min(nb, max(_KB_MIN, k_max + 1) if _all(k_on) else max(min(_KB_TOPP, nb // 4), _KB_MIN, k_max + 1))
     kt = min(V, max(_KB_MIN, k_max + 1))  # small rows: the top kt tokens first (cheaper than ranking all)
     out: list[_Kept] = []
     sub = None  # indices into the group's rows still unresolved (None: all)
     while True:
-        full = kt >= V if bm is None else kb >= nb
+        full = kt >= V if bm is None else kb > nb  # (after a round with every block)
         rsub = rows if sub is None else (sub if rows is None else rows[sub])
         t_s = _sub(temp, sub)
         if bm is None:  # small rows: the top kt tokens are an exact prefix down to the kt-th value
@@ -480,7 +483,7 @@ def _filtered(
             out.append(_Kept(d if rsub is None else rsub[d], tok[d], zc[d], keep[d], w[d], m[d]))
         nd = (~done).nonzero().squeeze(1)
         sub = nd if sub is None else sub[nd]
-        kb = min(nb, kb * 2)
+        kb = nb + 1 if kb >= nb else min(nb, kb * 2)
 
 
 def _all_tokens(z: torch.Tensor, rows: torch.Tensor | None, prm: RowParams) -> _Kept:
