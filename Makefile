@@ -46,10 +46,12 @@ demo: setup
 	$(PY) -m decodekit demo --model $(MODEL)
 
 bench: setup
+	@mkdir -p bench/results
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/.last.json $(BENCH_ARGS)
 	$(PY) -m bench.report bench/results/.last.json
 
 gpu-check:
+	@mkdir -p bench/results
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH TRITON_INTERPRET=0 DECODEKIT_DEVICE=cuda $(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests $(BENCH_ARGS)
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-json=bench/results/.last.json
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PYTHON) -m bench.report bench/results/.last.json
