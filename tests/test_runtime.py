@@ -226,6 +226,21 @@ def test_export_dir_with_mismatched_metadata(export_dir, tmp_path):
         OnnxDecoder(_broken_copy(export_dir, tmp_path, edit))
 
 
+def test_export_without_tokenizer_generates_from_token_ids(export_dir, tmp_path):
+    def edit(d: Path) -> None:
+        meta = json.loads((d / "decodekit.json").read_text())
+        meta["tokenizer"] = None
+        (d / "decodekit.json").write_text(json.dumps(meta))
+        (d / "tok512.bin").unlink()
+
+    dec = OnnxDecoder(_broken_copy(export_dir, tmp_path, edit), max_batch=1)
+    ref = OnnxDecoder(export_dir, max_batch=1).generate([[1]], max_new_tokens=8, temperature=0.0)
+    res = dec.generate([[1]], max_new_tokens=8, temperature=0.0)
+    assert res.tokens == ref.tokens and res.text is None
+    with pytest.raises(UsageError, match="token ids"):
+        dec.generate("Once upon a time", max_new_tokens=4)
+
+
 def test_export_dir_with_garbage_metadata(export_dir, tmp_path):
     bad = _broken_copy(export_dir, tmp_path, lambda d: (d / "decodekit.json").write_text("{not json"))
     with pytest.raises(UsageError, match="JSON"):

@@ -142,7 +142,7 @@ def _encode_prompts(model: StepModel, prompts: Any) -> list[list[int]] | torch.T
     if isinstance(prompts, Sequence) and prompts and all(isinstance(p, str) for p in prompts):
         tok = getattr(model, "tokenizer", None)
         if tok is None:
-            raise UsageError("text prompts need a tokenizer; this model has none (pass token ids)")
+            raise UsageError("text prompts need a tokenizer and this model has none: pass token ids instead of text")
         # an empty prompt is BOS alone, as llama2.c's run.c starts without a prompt
         return [tok.encode(p, bos=True) for p in prompts]
     return prompts

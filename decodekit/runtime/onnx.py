@@ -250,15 +250,15 @@ class OnnxDecoder(GenerateMixin):
             )
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - a decodekit tokenizer
-        """The tokenizer copied into the export directory (loaded on first use)."""
+    def tokenizer(self):  # noqa: ANN201 - a decodekit tokenizer, or None
+        """The tokenizer copied into the export directory (loaded on first use); None when the export has none."""
         if self._tokenizer is None:
             from decodekit.models import load_tokenizer
 
             entry = self.metadata.get("tokenizer")
             name = entry.get("file") if isinstance(entry, dict) else entry
             if not name:
-                raise UsageError(f"{self.model_dir} has no tokenizer: pass token ids instead of text")
+                return None
             self._tokenizer = load_tokenizer(self.model_dir / name)
         return self._tokenizer
 
