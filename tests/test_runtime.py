@@ -323,3 +323,19 @@ def test_generate_function_exports_a_checkpoint_on_the_fly(ckpt, tmp_path, monke
     cached = list((tmp_path / "cache" / "exports").iterdir())
     assert len(cached) == 1 and (cached[0] / "decodekit.json").is_file()
     assert np.isfinite(res.time_to_first_token_s)
+
+
+def test_cli_demo_on_a_folder_without_a_checkpoint_exit_2(tmp_path):
+    out = _cli("demo", "--model", str(tmp_path))
+    assert out.returncode == 2 and "0 llama2.c checkpoints" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_demo_tells_a_story_and_prints_the_table(stories_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DECODEKIT_CACHE", str(tmp_path / "cache"))  # _cli passes os.environ on
+    out = _cli("demo", "--model", str(stories_dir), "--max-new-tokens", "16", "--repeats", "1", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Once upon a time" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if "tokens/s" not in line and line.endswith("x")]
+    assert len(rows) == 3 and rows[0].split()[-1] == "1.00x", out.stdout
+    assert (tmp_path / "cache" / "exports").is_dir()

@@ -124,12 +124,20 @@ def _decode_speed(model, n_tokens: int, repeats: int) -> float:  # noqa: ANN001 
     return statistics.median(speeds[1:])
 
 
+def _checkpoint_in(path: Path) -> Path:
+    """A folder holding one llama2.c checkpoint (beside its ``tok*.bin``) stands for that checkpoint."""
+    if path.is_dir() and not (path / "config.json").is_file():
+        ckpts = sorted(p for p in path.glob("*.bin") if not p.name.startswith("tok"))
+        if len(ckpts) != 1:
+            raise UsageError(f"{path} holds {len(ckpts)} llama2.c checkpoints (*.bin); name the file")
+        return ckpts[0]
+    return path
+
+
 def run_demo(args: DemoArgs) -> int:
     from decodekit.runtime import OnnxDecoder, _encode_prompts, _generate_on, load_backend, resolve_export_dir
 
-    src = Path(args.model)
-    if src.is_dir() and (src / "stories260K.bin").is_file():
-        src = src / "stories260K.bin"  # the shared model folder: its checkpoint file
+    src = _checkpoint_in(Path(args.model))
     t0 = time.perf_counter()
     export_dir = resolve_export_dir(src, progress=_progress)
     _progress(f"export ready in {export_dir} ({time.perf_counter() - t0:.1f} s)")
