@@ -112,3 +112,19 @@ def test_ort_greedy_story(session, stories_export_dir):
         tokens.append(int(outs[0].argmax()))
         past = [(torch.from_numpy(outs[1 + 2 * i]), torch.from_numpy(outs[2 + 2 * i])) for i in range(L)]
     assert tok.decode(tokens).startswith("Once upon a time, there was a little girl named Lily.")
+
+
+def test_norms_fuse_in_onnx_runtime(stories_export_dir, tmp_path, meta):
+    """The RMSNorm is exported as x / sqrt(mean(x^2) + eps) * w, the pattern ONNX Runtime fuses into one
+    SimplifiedLayerNormalization node (an rsqrt form stays seven nodes per norm: a quarter of the step's nodes)."""
+    import onnx
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(stories_export_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    n_norms = 2 * meta["config"]["n_layers"] + 1  # attention and FFN norm per layer, the final norm
+    assert ops.count("SimplifiedLayerNormalization") == n_norms
+    assert "Reciprocal" not in ops and "ReduceMean" not in ops

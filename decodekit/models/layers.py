@@ -34,7 +34,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = cast(x, torch.float32)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # a division by sqrt, not a product with rsqrt: ONNX Runtime fuses exactly this pattern of the export into
+        # one SimplifiedLayerNormalization node (the rsqrt form stays seven nodes per norm)
+        y = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return cast(y * cast(self.weight, torch.float32), x.dtype)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,8 @@ How a step works (``io_binding=True``, the default):
 * ``logits`` is bound to a preallocated torch tensor ``[max_batch, V]``; :meth:`OnnxDecoder.step` returns a
   ``[B, V]`` view of it, which :func:`decodekit.sample` reads in place (on CUDA the logits never leave
   the device; on CPU there is no numpy conversion anywhere on the hot path).
-* ``input_ids``, ``position_ids`` and ``attention_mask`` are written into small preallocated int64 buffers.
+* ``input_ids``, ``position_ids`` and ``attention_mask`` are bound where they are when ORT can read them in
+  place (contiguous, the graph's dtype and device), else copied into small preallocated buffers.
 
 The torch tensors whose memory is bound are attributes of the decoder, so they stay alive as long as the
 binding can use them.
@@ -85,6 +86,7 @@ class _Binder:
     def __init__(self, session: Any, device: torch.device) -> None:
         self._public = session.io_binding()
         self._session = session
+        self._last: dict[str, tuple] = {}  # name -> (dtype, shape, address) of its current binding
         dev_type, dev_id = ("cuda" if device.type == "cuda" else "cpu"), (device.index or 0)
         self._dev = (dev_type, dev_id)
         try:
@@ -97,6 +99,10 @@ class _Binder:
             self._c = None
 
     def raw(self, name: str, np_type: type, shape: tuple[int, ...], ptr: int, output: bool) -> None:
+        key = (np_type, shape, ptr)
+        if self._last.get(name) == key:  # ORT keeps a binding until it is replaced: nothing to redo
+            return
+        self._last[name] = key
         if self._c is not None:
             (self._c.bind_output if output else self._c.bind_input)(name, self._c_device, np_type, shape, ptr)
         elif output:  # pragma: no cover
@@ -318,16 +324,10 @@ class OnnxDecoder(GenerateMixin):
         if not self.io_binding_enabled:
             return self._step_numpy(input_ids, position_ids, attention_mask)
 
-        ids = self._ids[: b * s].view(b, s)
-        pos = self._pos[: b * s].view(b, s)
-        mask = self._mask[: b * (p + s)].view(b, p + s)
-        ids.copy_(input_ids)
-        pos.copy_(position_ids)
-        mask.copy_(attention_mask)
         bind = self._binder
-        bind.input("input_ids", ids)
-        bind.input("position_ids", pos)
-        bind.input("attention_mask", mask)
+        bind.input("input_ids", self._staged(input_ids, self._ids, "input_ids"))
+        bind.input("position_ids", self._staged(position_ids, self._pos, "position_ids"))
+        bind.input("attention_mask", self._staged(attention_mask, self._mask, "attention_mask"))
         cfg = self.config
         past_shape = (b, cfg.n_kv_heads, p, cfg.head_dim)
         present_shape = (b, cfg.n_kv_heads, p + s, cfg.head_dim)
@@ -343,6 +343,15 @@ class OnnxDecoder(GenerateMixin):
         bind.run()
         self._cur, self._len = 1 - self._cur, p + s
         return logits
+
+    def _staged(self, t: torch.Tensor, buf: torch.Tensor, name: str) -> torch.Tensor:
+        """``t`` itself when ORT can read it in place (contiguous, the graph's dtype, on the session's device: it
+        outlives the run, which is synchronous), else a copy in the preallocated ``buf``."""
+        if t.device == self.device and t.dtype == self._int_dtypes[name] and t.is_contiguous():
+            return t
+        staged = buf[: t.numel()].view(t.shape)
+        staged.copy_(t)
+        return staged
 
     def _step_numpy(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor):
         """The plain ``session.run`` path: numpy in, numpy out, the cache round-trips through numpy."""
