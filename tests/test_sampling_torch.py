@@ -129,3 +129,73 @@ def test_caller_logits_are_not_modified():
     counts = torch.ones(3, 4000, dtype=torch.int32)
     sample(x, token_counts=counts, repetition_penalty=5.0, presence_penalty=1.0, top_k=50, seed=0, backend="torch")
     assert torch.equal(x, before)
+
+
+def _counting_window(monkeypatch) -> list[int]:
+    """Wrap _topp_window to record how often it resolved a row (so a test knows the window path ran)."""
+    from decodekit.kernels import sampling_torch
+
+    calls: list[int] = []
+    real = sampling_torch._topp_window
+
+    def spy(*args):
+        kp = real(*args)
+        calls.append(kp is not None)
+        return kp
+
+    monkeypatch.setattr(sampling_torch, "_topp_window", spy)
+    return calls
+
+
+WIDE_CASES = [  # (kwargs, quantized): flat rows, top-p keeps most of the vocabulary, the window decides the cut
+    (dict(temperature=0.8, top_p=0.95), False),
+    (dict(top_p=0.5, min_p=0.9), False),
+    (dict(top_p=0.99, temperature=1.3), False),
+    # rounded rows are tested at T = 1 only: x / T in fp32 (the kernel's semantics) merges values that the fp64
+    # reference keeps apart, so at other temperatures the two would disagree on what is a tie
+    (dict(top_p=0.95), True),
+    (dict(top_p=0.5, min_p=0.9), True),
+]
+
+
+@pytest.mark.parametrize("kw,quantized", WIDE_CASES)
+@pytest.mark.parametrize("V,stride", [(50257, 50257), (50021, 50050), (128256, 128256)])
+def test_wide_top_p_window_matches_reference(monkeypatch, kw, quantized, V, stride):
+    """Rows as flat as a random model's (scale 0.05), and the same rows rounded to 1e-3 (~100 tokens per tie
+    group, groups on histogram bin edges): kept sets exactly the reference's, with the window path taken."""
+    calls = _counting_window(monkeypatch)
+    x = _logits(3, stride, scale=0.05, seed=V)[:, :V]
+    if quantized:
+        x = torch.round(x * 1000) / 1000
+    _assert_same_kept(sampling_probs(x, backend="torch", **kw), sampling_probs_ref(x, **kw))
+    assert sum(calls) == 3, "every row must be resolved by the histogram window"
+
+
+def test_wide_top_p_window_tts_rule(monkeypatch):
+    """sample_logits (top-p with "<=", no top-k) through the window agrees with the TTS reference."""
+    calls = _counting_window(monkeypatch)
+    x = _logits(2, 50257, scale=0.05, seed=4)
+    got = sample_logits_probs(x, 1.0, 0.95, 0, backend="torch")
+    _assert_same_kept(got, sample_logits_ref(x, 1.0, 0.95, 0, return_probs=True))
+    assert sum(calls) == 2
+
+
+def test_wide_top_p_window_draw_is_the_race_over_the_kept_set(monkeypatch):
+    """The draw after the window: argmax over the reference kept set of z - log(-log u), u = tl.rand's Philox
+    stream (philox_uniform), lowest index on ties: the exact token the kernel's race gives."""
+    calls = _counting_window(monkeypatch)
+    B, V = 3, 50257
+    x = _logits(B, V, scale=0.05, seed=8)
+    seeds = torch.tensor([3, 2**40 + 5, 77], dtype=torch.int64)
+    kw = dict(temperature=0.8, top_p=0.95)
+    got, lp = sample(x, seed=seeds, return_logprobs=True, backend="torch", **kw)
+    assert sum(calls) == B
+    ref_p = sampling_probs_ref(x, **kw)
+    tok = torch.arange(V)
+    for r in range(B):
+        u = philox_uniform(torch.full((V,), int(seeds[r])), torch.zeros(V, dtype=torch.int64), tok)
+        z = x[r] / 0.8
+        key = torch.where(ref_p[r] > 0, z - torch.log(-torch.log(u)), float("-inf"))
+        want = int(torch.nonzero(key == key.max())[0])
+        assert int(got[r]) == want
+        torch.testing.assert_close(lp[r], torch.log(ref_p[r, want]).float(), atol=1e-4, rtol=1e-4)

@@ -415,6 +415,52 @@ def _gather_blocks(z: torch.Tensor, rows: torch.Tensor | None, bi: torch.Tensor,
     return cand
 
 
+_HIST_BINS = 1024  # value bins of the top-p window search
+
+
+def _topp_window(zr: torch.Tensor, probs: torch.Tensor, p: float, min_p: float, tts: bool) -> _Kept | None:
+    """Kept set of one row whose cut is set by top-p alone, found from a value histogram instead of a sort.
+
+    Top-p keeps token ``j`` iff ``F(z_j) < p`` (``<=`` for TTS), ``F(t)`` being the mass of the tokens above
+    ``t``. One weighted ``histogram`` pass gives the mass per value bin; the cut lies in the lowest bin whose mass
+    above is below ``p``. Only the tokens of that bin and its two neighbours are ranked, their offset ``F(U)``
+    (the mass above the window) is one masked sum, and :func:`_cut` finishes exactly as it does on a prefix.
+    For wide top-p (most of a flat row kept) this replaces a full ``topk`` of V values (~4 ms at V = 50257
+    on this CPU) by a few row passes. Returns None when the window does not bracket the cut (a float-rounding
+    corner): the caller ranks the row whole then.
+
+    ``zr``: ``[V]`` temperature-scaled fp32 values; ``probs``: ``[V]`` their softmax (index order).
+    """
+    finite = zr > float("-inf")
+    lo, hi = float(zr.where(finite, float("inf")).min()), float(zr.max())
+    if not lo < hi:
+        return None
+    mass, edges = torch.histogram(zr, bins=_HIST_BINS, range=(lo, hi), weight=probs)
+    above = mass.flip(0).cumsum(0).flip(0) - mass  # [bins] mass in the bins above each bin
+    b = int((above < p).to(torch.int8).argmax())  # lowest bin with less than p above it (above is non-increasing)
+    lower, upper = float(edges[max(b - 1, 0)]), float(edges[min(b + 2, _HIST_BINS)])
+    inside = (zr >= lower) & (zr <= upper)
+    idx = inside.nonzero().squeeze(1)
+    f_u = float((probs * (zr > upper)).sum())  # mass strictly above the window
+    if not (f_u <= p if tts else f_u < p) or idx.numel() == 0:
+        return None
+    vals, order = torch.topk(zr[idx], idx.numel())
+    tok = idx[order]
+    pw = probs[tok]
+    keep, _ = _cut(vals[None], torch.exp(vals - hi)[None], (pw[None], 1.0), 0, p - f_u, False, True, 0.0, tts)
+    n_keep = int(keep.sum())
+    below = f_u + float(pw.sum())  # F of the first token under the window
+    if n_keep == 0 or (n_keep == idx.numel() and lower > lo and (below <= p if tts else below < p)):
+        return None  # the cut is not inside the window
+    kept = zr >= vals[n_keep - 1]
+    if not tts and min_p > 0:
+        kept &= torch.exp(zr - hi) >= min_p
+    tok = kept.nonzero().transpose(0, 1)  # [1, n] the kept tokens in index order: the race runs on them only
+    z = zr[tok]
+    return _Kept(None, tok, z, torch.ones_like(tok, dtype=torch.bool), torch.exp(z - hi), torch.tensor([[hi]]),
+                 prefix=False)
+
+
 def _filtered(
     z: torch.Tensor, rows: torch.Tensor | None, bm: torch.Tensor | None, prm: RowParams,
 ) -> list[_Kept]:
@@ -439,6 +485,9 @@ def _filtered(
     kt = min(V, max(_KB_MIN, k_max + 1))  # small rows: the top kt tokens first (cheaper than ranking all)
     out: list[_Kept] = []
     sub = None  # indices into the group's rows still unresolved (None: all)
+    # top-p alone with scalar parameters on CPU: unresolved rows go to _topp_window (needs the scaled rows)
+    window = (probs_full is not None and bm is not None and zr.device.type == "cpu" and not _any(k_on)
+              and all(not isinstance(v, torch.Tensor) for v in (temp, p, min_p)))
     while True:
         full = kt >= V if bm is None else kb > nb  # (after a round with every block)
         rsub = rows if sub is None else (sub if rows is None else rows[sub])
@@ -482,7 +531,20 @@ def _filtered(
         if d.numel():
             out.append(_Kept(d if rsub is None else rsub[d], tok[d], zc[d], keep[d], w[d], m[d]))
         nd = (~done).nonzero().squeeze(1)
+        cover = (norm[0] * (zc >= thr)).sum(dim=1)[nd].tolist() if window else []  # mass of the exact prefix
         sub = nd if sub is None else sub[nd]
+        if window:  # wide top-p rows (the prefix holds < 80 % of p): a value-histogram window, not more rounds
+            left = []
+            for i, c in zip(sub.tolist(), cover):
+                kp = _topp_window(zr[i], probs_full[i], p, min_p, prm.tts) if c < 0.8 * p else None  # zr: scaled
+                if kp is None:
+                    left.append(i)
+                else:
+                    kp.rows = torch.tensor([i]) if rows is None else rows[i:i + 1]
+                    out.append(kp)
+            if not left:
+                return out
+            sub = torch.tensor(left)
         kb = nb + 1 if kb >= nb else min(nb, kb * 2)
 
 

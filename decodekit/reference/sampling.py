@@ -104,8 +104,9 @@ def sampling_probs_ref(
     """Final filtered, renormalized distribution ``[B, V]`` (fp32) in Hugging Face ``generate`` order.
 
     Row by row, with a full sort: top-k keeps every token whose value ties the k-th largest; top-p keeps a
-    token iff the renormalized mass of the tokens sorted strictly before it (exclusive cumulative sum in
-    descending order) is below ``top_p``; min-p drops tokens with ``p < min_p * p_max``. Greedy rows
+    token iff the renormalized mass of the tokens with a strictly higher value (exclusive cumulative sum in
+    descending order, taken at the start of the token's tie group) is below ``top_p``, so a tie group at the
+    boundary is kept or dropped whole; min-p drops tokens with ``p < min_p * p_max``. Greedy rows
     (``temperature == 0`` or ``top_k == 1``) give a one-hot at the argmax (lowest index on ties).
     """
     z = apply_penalties_ref(logits.float(), token_counts, repetition_penalty, presence_penalty, frequency_penalty)
@@ -128,9 +129,13 @@ def sampling_probs_ref(
             keep &= row >= kth
         if float(ps[b]) < 1.0:
             probs = torch.where(keep, torch.softmax(torch.where(keep, row, float("-inf")), dim=-1), 0.0)
-            sorted_p, order = torch.sort(probs, descending=True)
+            # rank by value (probs tie exactly where values do); a token's "mass before it" is the mass of the
+            # tokens with a strictly higher value: a tie group is kept or dropped whole
+            sorted_v, order = torch.sort(torch.where(keep, row, float("-inf")), descending=True)
+            sorted_p = probs[order]
             exclusive = torch.cumsum(sorted_p, dim=-1) - sorted_p
-            keep_sorted = exclusive < ps[b]
+            first_of_group = torch.searchsorted(-sorted_v, -sorted_v, side="left")
+            keep_sorted = exclusive[first_of_group] < ps[b]
             keep_sorted[0] = True
             keep &= torch.zeros_like(keep).scatter(0, order, keep_sorted)
         if float(mps[b]) > 0.0:
