@@ -846,7 +846,7 @@ def sample(
                                        npass=npass, mode="sample")
     else:
         tokens, logprobs = _st.sample_torch(logits, _row_params(prm, counts, tts=False, greedy_top1=True),
-                                            _torch_seed(seed, B, dev))
+                                            _torch_seed(seed, B, dev), logprobs=return_logprobs)
     if check:
         bad = (tokens < 0).nonzero().flatten().tolist()
         if bad:
@@ -915,7 +915,7 @@ def _sample_logits_impl(
     rp = _row_params(prm, None, tts=True, greedy_top1=False)
     if probs:
         return _st.sampling_probs_torch(logits, rp)
-    return _st.sample_torch(logits, rp, _torch_seed(seed, B, dev))[0][:, None]
+    return _st.sample_torch(logits, rp, _torch_seed(seed, B, dev), logprobs=False)[0][:, None]
 
 
 def sample_logits(

@@ -584,7 +584,7 @@ def _plan(logits: torch.Tensor, prm: RowParams) -> _Plan:
     else:
         rmax = z.amax(dim=1)
     bad = None
-    if not math.isfinite(float(rmax.sum())):  # some row max is NaN, +inf or -inf (or the sum overflowed)
+    if not math.isfinite(float(rmax[0] if B == 1 else rmax.sum())):  # a row max is NaN/+-inf (or the sum overflowed)
         bad = ~torch.isfinite(rmax)
         if bool(bad.any()):
             z = torch.where(bad[:, None], 0.0, z)  # compute on zeros, report token -1 at the end
@@ -613,39 +613,48 @@ def _plan(logits: torch.Tensor, prm: RowParams) -> _Plan:
 # --------------------------------------------------------------------------- entry points
 
 
-def sample_torch(logits: torch.Tensor, prm: RowParams, seed: Seed) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [B] (int64; -1 for bad rows) and their log-probabilities [B] under the kept, renormalized set."""
+def sample_torch(
+    logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens [B] (int64; -1 for bad rows) and, with ``logprobs``, their log-probabilities [B] under the kept,
+    renormalized set (else None: at small V the log-probabilities are a sixth of the call's tensor ops)."""
     plan = _plan(logits, prm)
     z = plan.z
     B, V = z.shape
     dev = z.device
     parts = []
     for kp in plan.kept:
-        n = int(kp.keep.sum(dim=1).max()) if kp.prefix else kp.tok.shape[1]  # race on the kept prefixes only
+        R = kp.tok.shape[0]
+        if not kp.prefix:
+            n = kp.tok.shape[1]
+        else:  # race on the kept prefixes only
+            n = int(kp.keep.sum()) if R == 1 else int(kp.keep.sum(dim=1).max())
         tok, zk, keep, w = kp.tok[:, :n], kp.z[:, :n], kp.keep[:, :n], kp.w[:, :n]
         key = gumbel_keys(zk, _uniforms(seed, kp.rows, tok))
-        if not (kp.prefix and tok.shape[0] == 1):  # (one row's prefix of n is all kept)
+        if not (kp.prefix and R == 1):  # (one row's prefix of n is all kept)
             key = key.masked_fill(~keep, float("-inf"))
             w = w * keep
         best = key.amax(dim=1, keepdim=True)
         pos = torch.where(key == best, tok, V).argmin(dim=1, keepdim=True)  # lowest token index on ties
-        lp = (zk.gather(1, pos) - kp.m).squeeze(1) - torch.log(w.sum(dim=1))
+        lp = (zk.gather(1, pos) - kp.m).squeeze(1) - torch.log(w.sum(dim=1)) if logprobs else None
         parts.append((kp.rows, tok.gather(1, pos).squeeze(1), lp))
     if plan.greedy is not None:
         g = plan.greedy
         parts.append((g if g.numel() != B else None, z[g].argmax(dim=1) if g.numel() != B else z.argmax(dim=1),
-                      torch.zeros(g.numel(), device=dev)))
+                      torch.zeros(g.numel(), device=dev) if logprobs else None))
     if len(parts) == 1 and parts[0][0] is None:
         token, logprob = parts[0][1], parts[0][2]
     else:
         token = torch.empty(B, dtype=torch.int64, device=dev)
-        logprob = torch.empty(B, dtype=torch.float32, device=dev)
+        logprob = torch.empty(B, dtype=torch.float32, device=dev) if logprobs else None
         for rows, t, lp in parts:
             token[rows if rows is not None else slice(None)] = t
-            logprob[rows if rows is not None else slice(None)] = lp
+            if logprobs:
+                logprob[rows if rows is not None else slice(None)] = lp
     if plan.bad is not None:
         token = torch.where(plan.bad, -1, token)
-        logprob = torch.where(plan.bad, float("nan"), logprob)
+        if logprobs:
+            logprob = torch.where(plan.bad, float("nan"), logprob)
     return token, logprob
 
 
