@@ -98,3 +98,29 @@ def test_use_kernels_goes_through_the_hook(monkeypatch):
     got, _ = model(ids, pos, mask)
     assert calls == [((2, 6, 5, 4), (2, 3, 5, 4), (2, 5), 0.5)] * 2
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["adjacent", "halves"])
+@pytest.mark.parametrize("d", [2, 8, 14, 128])
+def test_rotary_export_form_is_bit_identical(monkeypatch, layout, d):
+    """Under ONNX export apply_rotary swaps pairs with a MatMul by swap_matrix (one graph node instead of three);
+    on finite inputs the result must be bit-identical to the eager flip. A non-finite element spreads to its whole
+    head vector in the MatMul form (0 * inf = NaN); the next q.k product spreads it there in both forms anyway."""
+    from decodekit.models.layers import apply_rotary, rotary_cos_sin, rotary_inv_freq
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 3, 5, d, generator=g) * 100
+    pos = torch.randint(0, 4096, (2, 5), generator=g)
+    cos, sin = rotary_cos_sin(pos, rotary_inv_freq(d, 10000.0), layout)
+    eager = apply_rotary(x, cos, sin, layout)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    bad[1, 2, 4, d - 1] = float("nan")
+    eager_bad = apply_rotary(bad, cos, sin, layout)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert torch.equal(apply_rotary(x, cos, sin, layout), eager)
+    exported_bad = apply_rotary(bad, cos, sin, layout)
+    assert not torch.isfinite(eager_bad).all()
+    hit = ~torch.isfinite(eager_bad).all(dim=-1)  # head vectors holding a non-finite value
+    assert torch.isfinite(exported_bad[~hit]).all() and not torch.isfinite(exported_bad[hit]).any()
+    assert torch.equal(exported_bad[~hit], eager_bad[~hit])

@@ -83,13 +83,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, l
     """
     xf = cast(x, torch.float32)
     d = xf.shape[-1]
-    if layout == "adjacent":
-        swapped = xf.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)  # (b, a) for each pair (a, b)
-    elif layout == "halves":
-        swapped = xf.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)  # second half first
-    else:
+    if layout not in ("adjacent", "halves"):
         raise ValueError(f"layout must be 'adjacent' or 'halves', got {layout!r}")
+    if torch.onnx.is_in_onnx_export():
+        # one MatMul by a 0/1 permutation (exact on finite values: one input times 1 plus zeros) instead of the
+        # reshape-flip-reshape below, which the exporter writes as three nodes per call: 20 fewer nodes in a
+        # stories260K step, where ONNX Runtime's cost is per node
+        swapped = xf @ swap_matrix(d, layout, xf.device)
+    elif layout == "adjacent":
+        swapped = xf.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)  # (b, a) for each pair (a, b)
+    else:
+        swapped = xf.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)  # second half first
     return cast(xf * cos + swapped * signed_sin, x.dtype)
+
+
+def swap_matrix(d: int, layout: str, device: torch.device | None = None) -> torch.Tensor:
+    """fp32 ``[d, d]`` 0/1 matrix ``M`` with ``x @ M`` the pair swap of :func:`apply_rotary`."""
+    j = torch.arange(d, device=device)
+    src = j ^ 1 if layout == "adjacent" else (j + d // 2) % d  # output j reads input src[j]
+    m = torch.zeros(d, d, device=device)
+    m[src, j] = 1.0
+    return m
 
 
 class SwiGLU(nn.Module):
