@@ -205,7 +205,7 @@ def _uniforms(seed: Seed, rows: torch.Tensor | None, tok: torch.Tensor) -> torch
 
 def gumbel_keys(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Race keys ``z - log(-log u)`` (argmax = a draw from softmax(z)); never below ``_NEG_BIG``."""
-    return torch.clamp(z - torch.log(-torch.log(u)), min=_NEG_BIG)
+    return torch.sub(z, torch.log(u).neg_().log_()).clamp_(min=_NEG_BIG)  # in place: the same fp32 operations
 
 
 # --------------------------------------------------------------------------- parameters
@@ -380,7 +380,11 @@ def _cut(
         excl = torch.cumsum(mass, dim=1) - mass  # mass strictly above each candidate
         lim = _col(p) if isinstance(s_ref, float) and s_ref == 1.0 else _col(p) * s_ref
         raw = excl <= lim if tts else excl < lim
-        c_p = z.gather(1, raw.sum(dim=1, keepdim=True) - 1)  # >= 1: the max passes (p > 0)
+        if R == 1 and z.device.type == "cpu":  # one CPU row: index on the host (two tensor ops fewer)
+            n_raw = int(raw.sum())
+            c_p = z[:, n_raw - 1:n_raw]
+        else:
+            c_p = z.gather(1, raw.sum(dim=1, keepdim=True) - 1)  # >= 1: the max passes (p > 0)
         if isinstance(p_on, torch.Tensor):
             c_p = torch.where(_col(p_on), c_p, ninf)
         cut = c_p if cut is None else torch.maximum(cut, c_p)
@@ -523,10 +527,11 @@ def _filtered(
         if full:
             out.append(_Kept(rsub, tok, zc, keep, w, m))
             return out
-        done = (decide > thr).squeeze(1)
-        if bool(done.all()):
+        gt = decide > thr
+        if bool(gt.all()):
             out.append(_Kept(rsub, tok, zc, keep, w, m))
             return out
+        done = gt.squeeze(1)
         d = done.nonzero().squeeze(1)
         if d.numel():
             out.append(_Kept(d if rsub is None else rsub[d], tok[d], zc[d], keep[d], w[d], m[d]))
