@@ -199,3 +199,117 @@ def test_wide_top_p_window_draw_is_the_race_over_the_kept_set(monkeypatch):
         want = int(torch.nonzero(key == key.max())[0])
         assert int(got[r]) == want
         torch.testing.assert_close(lp[r], torch.log(ref_p[r, want]).float(), atol=1e-4, rtol=1e-4)
+
+
+SMALL_CASES = [  # (kind, kwargs): the NumPy small-row path against the general torch path
+    ("hf", dict(top_p=0.9, temperature=0.8)),
+    ("hf", dict(top_k=20)),
+    ("hf", dict(top_k=40, top_p=0.8, min_p=0.02, temperature=0.7)),
+    ("hf", dict(top_k=70, top_p=0.5)),  # k + 1 > 64: the first candidates are k + 1
+    ("hf", dict(top_p=0.999)),  # flat enough that the cut is below the first 64: the whole row is ranked
+    ("hf", dict(top_k=5, repetition_penalty=1.5, presence_penalty=0.3)),
+    ("tts", dict(temperature=1.0, top_p=0.95, top_k=20)),
+    ("tts", dict(temperature=0.7, top_p=0.6, top_k=0)),
+    ("tts", dict(temperature=1.2, top_p=1.0, top_k=3)),
+]
+
+
+def _draw_torch(kind, x, kw, seeds, counts=None):
+    if kind == "tts":
+        t, p, k = kw["temperature"], kw["top_p"], kw["top_k"]
+        return sample_logits(x, t, p, k, seed=seeds, backend="torch").squeeze(1), None
+    extra = dict(token_counts=counts) if "repetition_penalty" in kw else {}
+    return sample(x, seed=seeds, return_logprobs=True, backend="torch", **kw, **extra)
+
+
+@pytest.mark.parametrize("kind,kw", SMALL_CASES)
+@pytest.mark.parametrize("B,V", [(1, 1), (1, 2), (3, 64), (7, 65), (1, 512), (12, 1500), (2, 2048)])
+def test_small_rows_numpy_path_draws_the_general_paths_tokens(monkeypatch, kind, kw, B, V):
+    """Up to 2048 tokens with scalar parameters the CPU path runs in NumPy; its tokens and log-probabilities must
+    be those of the general torch path (forced by declaring no row eligible), -inf tokens and ties included."""
+    from decodekit.kernels import sampling_torch
+
+    calls: list[bool] = []
+    real = sampling_torch._sample_small
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(sampling_torch, "_sample_small", spy)
+    scale = 0.01 if kw.get("top_p") == 0.999 else 3.0
+    x = _logits(B, V, scale=scale, seed=B * V)
+    if V > 4:
+        x[:, ::5] = float("-inf")  # masked tokens
+        x[:, 1] = x[:, 2]  # a tie
+    counts = torch.randint(0, 3, (B, V), generator=torch.Generator().manual_seed(V)).to(torch.int32)
+    seeds = torch.arange(B, dtype=torch.int64) * 7919 + 3
+    for shared in (False, True):
+        sd = 99 if shared else seeds
+        got, got_lp = _draw_torch(kind, x, kw, sd, counts)
+        k, p = kw.get("top_k", 0), kw.get("top_p", 1.0)
+        assert calls[-1] == (0 < k < V or 0 < p < 1), "the NumPy path draws exactly the rows with a filter"
+        monkeypatch.setattr(sampling_torch, "_small_eligible", lambda *a: False)
+        want, want_lp = _draw_torch(kind, x, kw, sd, counts)
+        monkeypatch.undo()
+        monkeypatch.setattr(sampling_torch, "_sample_small", spy)
+        assert torch.equal(got, want)
+        assert bool((x.gather(1, got.view(B, 1)) > float("-inf")).all())
+        if got_lp is not None:
+            torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=1e-5)
+
+
+def test_small_rows_fall_back_for_bad_rows_and_greedy():
+    x = _logits(3, 300)
+    x[1, 7] = float("nan")
+    x[2] = float("-inf")
+    tok = sample(x, top_p=0.9, seed=1, backend="torch")
+    assert tok[1] == -1 and tok[2] == -1 and tok[0] >= 0
+    assert torch.equal(sample(x[:1], temperature=0.0, backend="torch"), x[:1].argmax(dim=1))
+
+
+SMALL_KEPT_HF = [  # temperature, top_k, top_p, min_p
+    (0.7, 0, 0.9, 0.0),
+    (1.3, 50, 0.8, 0.0),
+    (1.0, 20, 1.0, 0.0),
+    (0.8, 30, 0.95, 0.02),
+    (1.0, 0, 0.9, 0.2),  # min-p binding inside the top-p set
+    (0.5, 1500, 0.5, 0.0),
+    (1.0, 0, 0.999, 0.0),  # the cut below the first 64 candidates: whole rows ranked
+]
+
+
+def _spy_small_kept(monkeypatch) -> list[bool]:
+    from decodekit.kernels import sampling_torch
+
+    calls: list[bool] = []
+    real = sampling_torch._small_kept
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append(res is not None)
+        return res
+
+    monkeypatch.setattr(sampling_torch, "_small_kept", spy)
+    return calls
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SMALL_KEPT_HF)
+@pytest.mark.parametrize("V", [300, 1999])
+def test_small_rows_kept_sets_match_reference(monkeypatch, temperature, top_k, top_p, min_p, V):
+    calls = _spy_small_kept(monkeypatch)
+    x = _logits(4, V, scale=0.05 if top_p == 0.999 else 3.0, seed=V + top_k)
+    x[:, 3] = x[:, 4]  # a tie
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    _assert_same_kept(sampling_probs(x, backend="torch", **kw), sampling_probs_ref(x, **kw))
+    assert calls and calls[0], "the NumPy path must have chosen these kept sets"
+
+
+@pytest.mark.parametrize("T,p,k", [(1.0, 0.95, 20), (1.0, 0.85, 0), (0.7, 0.5, 10), (1.2, 0.0, 30), (1.0, 0.99, 0)])
+def test_small_rows_kept_sets_match_tts_reference(monkeypatch, T, p, k):
+    calls = _spy_small_kept(monkeypatch)
+    x = _logits(3, 1024, seed=12)
+    got = sample_logits_probs(x, T, p, k, backend="torch")
+    _assert_same_kept(got, sample_logits_ref(x, T, p, k, return_probs=True))
+    assert calls and calls[0]
