@@ -313,3 +313,27 @@ def test_small_rows_kept_sets_match_tts_reference(monkeypatch, T, p, k):
     got = sample_logits_probs(x, T, p, k, backend="torch")
     _assert_same_kept(got, sample_logits_ref(x, T, p, k, return_probs=True))
     assert calls and calls[0]
+
+
+def test_uniforms_split_over_threads_are_bit_exact(monkeypatch):
+    """Many counters (a flat row's race) are split over threads; every chunk must equal the single-pass result."""
+    from decodekit.kernels import sampling_torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = torch.Generator().manual_seed(5)
+    tok = torch.randint(0, 2**17, (2, 20011), generator=g)
+    seeds = torch.tensor([7, 2**62 + 9])
+    submitted = []
+    real_pool = sampling_torch.ThreadPoolExecutor
+
+    class CountingPool(real_pool):
+        def submit(self, *args, **kwargs):
+            submitted.append(args[-1].shape)
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(sampling_torch, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(sampling_torch, "_pool", None)
+    got = _uniforms(Seed(seeds, 0), None, tok)
+    assert len(submitted) == 3  # the parallel path ran, in three column chunks
+    ref = philox_uniform(seeds[:, None].expand(2, 20011), torch.zeros(2, 20011, dtype=torch.int64), tok)
+    assert torch.equal(got, ref)
