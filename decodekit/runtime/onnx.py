@@ -110,6 +110,22 @@ class _Binder:
         else:  # pragma: no cover
             self._public.bind_input(name, *self._dev, np_type, shape, ptr)
 
+    def kv(self, binds: tuple, past_shape: tuple[int, ...], present_shape: tuple[int, ...]) -> None:
+        """Bind every layer's past (input) and present (output) cache at once. Their addresses alternate and their
+        shapes grow every step, so there is nothing to memoize: the loop calls the C binding directly."""
+        past, present, np_type = binds
+        if self._c is None:  # pragma: no cover
+            for name, ptr in past:
+                self.raw(name, np_type, past_shape, ptr, output=False)
+            for name, ptr in present:
+                self.raw(name, np_type, present_shape, ptr, output=True)
+            return
+        bind_in, bind_out, dev = self._c.bind_input, self._c.bind_output, self._c_device
+        for name, ptr in past:
+            bind_in(name, dev, np_type, past_shape, ptr)
+        for name, ptr in present:
+            bind_out(name, dev, np_type, present_shape, ptr)
+
     def input(self, name: str, t: torch.Tensor) -> None:
         self.raw(name, _NP_DTYPES[t.dtype], tuple(t.shape), t.data_ptr(), output=False)
 
@@ -255,6 +271,15 @@ class OnnxDecoder(GenerateMixin):
             [[base[st] + ((layer * 2 + w) * region) * el for w in (0, 1)] for layer in range(n)] for st in (0, 1)
         ]
         self._kv_np = _NP_DTYPES[self.kv_dtype]
+        # per storage holding the past: [(past name, its address), ...], [(present name, address in the other), ...]
+        self._kv_binds = [
+            (
+                [(self.past_names[i][w], self._kv_ptr[st][i][w]) for i in range(n) for w in (0, 1)],
+                [(self.present_names[i][w], self._kv_ptr[1 - st][i][w]) for i in range(n) for w in (0, 1)],
+                self._kv_np,
+            )
+            for st in (0, 1)
+        ]
         self._cur = 0  # which storage holds the current cache
         self._len = 0  # P: tokens in the cache
         self._batch = 0
@@ -331,11 +356,7 @@ class OnnxDecoder(GenerateMixin):
         cfg = self.config
         past_shape = (b, cfg.n_kv_heads, p, cfg.head_dim)
         present_shape = (b, cfg.n_kv_heads, p + s, cfg.head_dim)
-        cur, nxt = self._kv_ptr[self._cur], self._kv_ptr[1 - self._cur]
-        for layer, (names_past, names_present) in enumerate(zip(self.past_names, self.present_names)):
-            for w in (0, 1):
-                bind.raw(names_past[w], self._kv_np, past_shape, cur[layer][w], output=False)
-                bind.raw(names_present[w], self._kv_np, present_shape, nxt[layer][w], output=True)
+        bind.kv(self._kv_binds[self._cur], past_shape, present_shape)
         logits = self._logits[:b]
         bind.output("logits", logits)
         if self.device.type == "cuda":
