@@ -339,3 +339,23 @@ def test_cli_demo_tells_a_story_and_prints_the_table(stories_dir, tmp_path, monk
     rows = [line for line in out.stdout.splitlines() if "tokens/s" not in line and line.endswith("x")]
     assert len(rows) == 3 and rows[0].split()[-1] == "1.00x", out.stdout
     assert (tmp_path / "cache" / "exports").is_dir()
+
+
+def test_export_cache_key_follows_checkpoint_dtype_and_graph_revision(ckpt, tmp_path, monkeypatch):
+    """A cached export is reused only for the same checkpoint file state, dtype and exporter graph revision."""
+    import os
+
+    import decodekit.export
+    from decodekit.runtime import _cache_key
+
+    src = tmp_path / "model.bin"
+    src.write_bytes(ckpt.read_bytes())
+    base = _cache_key(src, "fp32")
+    assert _cache_key(src, "fp32") == base
+    assert _cache_key(src, "fp16") != base
+    monkeypatch.setattr(decodekit.export, "GRAPH_REVISION", decodekit.export.GRAPH_REVISION + 1)
+    assert _cache_key(src, "fp32") != base
+    monkeypatch.undo()
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # "edited"
+    assert _cache_key(src, "fp32") != base

@@ -27,6 +27,7 @@ never needs a 4-D mask.
 
     {
       "format_version": 1,                      # bumped on any incompatible change
+      "graph_revision": 2,                      # GRAPH_REVISION: same interface, a different (newer) graph
       "producer": "decodekit 0.1.0",
       "model_file": "model.onnx",               # relative to OUT_DIR
       "external_data": null | "model.onnx.data",  # weights file beside model.onnx (large models)
@@ -90,9 +91,13 @@ from decodekit.export._progress import Progress
 from decodekit.models import Decoder, find_tokenizer_file, load_model, model_format
 from decodekit.models.tokenizer import HFTokenizer, Llama2cTokenizer
 
-__all__ = ["FORMAT_VERSION", "ExportResult", "export_decoder", "io_names"]
+__all__ = ["FORMAT_VERSION", "GRAPH_REVISION", "ExportResult", "export_decoder", "io_names"]
 
 FORMAT_VERSION = 1
+#: Revision of the graph the exporter writes for a given checkpoint. Bumped when the graph changes with the same
+#: interface (2: RMSNorm as ``x / sqrt(.)`` and the rotary swap as one MatMul, fewer nodes per step), so that the
+#: runtime's export cache does not keep serving graphs an older decodekit wrote.
+GRAPH_REVISION = 2
 METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -293,6 +298,7 @@ def _metadata(model: Decoder, *, dtype: torch.dtype, opset: int, all_logits: boo
         io[name] = {"dtype": kv, "shape": ["batch", cfg.n_kv_heads, "total_seq", cfg.head_dim]}
     return {
         "format_version": FORMAT_VERSION,
+        "graph_revision": GRAPH_REVISION,
         "producer": f"decodekit {__version__}",
         "model_file": MODEL_FILE,
         "external_data": MODEL_FILE + ".data" if external else None,

@@ -54,6 +54,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DECODEKIT_CACHE") or Path.home() / ".cache" / "decodekit") / "exports"
 
 
+def _cache_key(src: Path, dtype: str) -> str:
+    """16 hex digits naming the cached export of ``src`` (see :func:`resolve_export_dir`)."""
+    import hashlib
+
+    from decodekit.export import GRAPH_REVISION
+
+    key = hashlib.sha256()
+    key.update(str(src.resolve()).encode())
+    key.update(f"{dtype}:graph-revision-{GRAPH_REVISION}".encode())
+    for p in [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file()):
+        st = p.stat()
+        key.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return key.hexdigest()[:16]
+
+
 def resolve_export_dir(
     source: str | os.PathLike,
     *,
@@ -63,12 +78,11 @@ def resolve_export_dir(
 ) -> Path:
     """Return an export directory for ``source``, exporting a checkpoint into the cache when needed.
 
-    The cache key covers the source's absolute path, size and modification time and the dtype, so an
-    edited checkpoint is exported again. A cached export that is incomplete is never used: the export
-    writes a temporary directory and renames it into place.
+    The cache key covers the source's absolute path, size and modification time, the dtype and the
+    exporter's graph revision, so an edited checkpoint, or a decodekit that writes a different graph, is
+    exported again. A cached export that is incomplete is never used: the export writes a temporary
+    directory and renames it into place.
     """
-    import hashlib
-
     src = Path(source)
     if _is_export_dir(src):
         return src
@@ -77,15 +91,8 @@ def resolve_export_dir(
     from decodekit.models import model_format
 
     model_format(src)  # UsageError for a directory that is neither an export nor an HF model
-    stat_of = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
-    key = hashlib.sha256()
-    key.update(str(src.resolve()).encode())
-    key.update(dtype.encode())
-    for p in stat_of:
-        st = p.stat()
-        key.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = out / f"{src.stem}-{key.hexdigest()[:16]}"
+    out = out / f"{src.stem}-{_cache_key(src, dtype)}"
     if _is_export_dir(out):
         return out
     from decodekit.export import export_decoder
