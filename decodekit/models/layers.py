@@ -99,11 +99,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, l
 
 def swap_matrix(d: int, layout: str, device: torch.device | None = None) -> torch.Tensor:
     """fp32 ``[d, d]`` 0/1 matrix ``M`` with ``x @ M`` the pair swap of :func:`apply_rotary`."""
-    j = torch.arange(d, device=device)
-    src = j ^ 1 if layout == "adjacent" else (j + d // 2) % d  # output j reads input src[j]
-    m = torch.zeros(d, d, device=device)
-    m[src, j] = 1.0
-    return m
+    # built from Python lists: under export it is one constant, not a subgraph of arange / index_put
+    src = [j ^ 1 if layout == "adjacent" else (j + d // 2) % d for j in range(d)]  # output j reads input src[j]
+    return torch.tensor([[1.0 if src[j] == i else 0.0 for j in range(d)] for i in range(d)], device=device)
 
 
 class SwiGLU(nn.Module):
