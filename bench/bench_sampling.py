@@ -5,6 +5,7 @@ the Triton kernel, FlashInfer's ``top_k_top_p_sampling_from_logits`` when it imp
 the logits (the bandwidth yardstick: one read + one write). ``bytes_moved`` = the logits (+ the token counts).
 
 The logits are ``randn * 4`` (a peaked, LM-like distribution: top-p 0.85 keeps a few hundred of 128k tokens).
+V = 1024 stands for a TTS codebook: a call costs tens of microseconds there, so per-call overhead is the metric.
 The eager baseline at B=256 x V=128256 takes seconds on the CPU, so rounds are few there (pedantic mode).
 """
 
@@ -20,7 +21,7 @@ from decodekit.reference.sampling import sample_logits_ref, sampling_probs_ref
 DEVICE = bench_device()
 CUDA = DEVICE.type == "cuda"
 BATCHES = [1, 8, 64, 256]
-VOCABS = [32000, 128256]
+VOCABS = [1024, 32000, 128256]  # 1024: a TTS codebook (on CPU the NumPy small-row path)
 HISTORY = 256
 
 # name -> (op, kwargs)

@@ -42,6 +42,7 @@ Python scalars stay Python numbers all the way (no ``[B]`` tensors, no per-param
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,12 @@ _MASK = np.uint64(_M32)
 _BIGINT_LANES = 256  # below this many counters, Python big integers beat NumPy's per-call overhead
 
 
+@functools.lru_cache(maxsize=64)
+def _lane_ones(n: int) -> int:
+    """The integer with a 1 in each of its ``n`` 64-bit lanes."""
+    return int.from_bytes((b"\x01" + b"\x00" * 7) * n, "little")
+
+
 def _philox_bigint(seeds: list[int], row_keys: list[int], token: np.ndarray) -> np.ndarray:
     """:func:`philox_uniform` for a few counters, each a 64-bit lane of one Python integer.
 
@@ -118,21 +125,29 @@ def _philox_bigint(seeds: list[int], row_keys: list[int], token: np.ndarray) -> 
     """
     R, K = token.shape
     n = R * K
-
-    def per_row(vals: list[int]) -> int:  # one value per row -> the lanes of its K counters
-        return int.from_bytes(b"".join((v & _M32).to_bytes(8, "little") * K for v in vals), "little")
-
-    rep = int.from_bytes((b"\x01" + b"\x00" * 7) * n, "little")  # 1 in every lane
+    rep = _lane_ones(n)
     mlo = rep * _M32
     c0 = int.from_bytes(token.astype("<u8").tobytes(), "little")
-    c1, c2, c3 = per_row(row_keys), 0, 0
-    key0, key1 = per_row(seeds), per_row([s >> 32 for s in seeds])
-    step0, step1 = rep * _PHILOX_KEY_A, rep * _PHILOX_KEY_B
-    for r in range(10):
+    if R == 1:  # every lane shares the row's words: a broadcast is one product with `rep`
+        (seed,), (row_key,) = seeds, row_keys
+        c1 = rep * (row_key & _M32)
+        k0, k1 = seed & _M32, (seed >> 32) & _M32
+        round_keys = [(rep * ((k0 + r * _PHILOX_KEY_A) & _M32), rep * ((k1 + r * _PHILOX_KEY_B) & _M32))
+                      for r in range(10)]
+    else:
+        def per_row(vals: list[int]) -> int:  # one value per row -> the lanes of its K counters
+            return int.from_bytes(b"".join((v & _M32).to_bytes(8, "little") * K for v in vals), "little")
+
+        c1 = per_row(row_keys)
+        key0, key1 = per_row(seeds), per_row([s >> 32 for s in seeds])
+        step0, step1 = rep * _PHILOX_KEY_A, rep * _PHILOX_KEY_B
+        round_keys = [((key0 + r * step0) & mlo, (key1 + r * step1) & mlo) for r in range(10)]
+    c2 = c3 = 0
+    for rk0, rk1 in round_keys:
         prod_b = c2 * _PHILOX_ROUND_B
         prod_a = c0 * _PHILOX_ROUND_A
-        c0 = ((prod_b >> 32) & mlo) ^ c1 ^ ((key0 + r * step0) & mlo)
-        c2 = ((prod_a >> 32) & mlo) ^ c3 ^ ((key1 + r * step1) & mlo)
+        c0 = ((prod_b >> 32) & mlo) ^ c1 ^ rk0
+        c2 = ((prod_a >> 32) & mlo) ^ c3 ^ rk1
         c1 = prod_b & mlo
         c3 = prod_a & mlo
     x = np.frombuffer(c0.to_bytes(8 * n, "little"), dtype="<u8").astype(np.uint32).view(np.int32)
