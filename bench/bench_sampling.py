@@ -6,7 +6,7 @@ the logits (the bandwidth yardstick: one read + one write). ``bytes_moved`` = th
 
 The logits are ``randn * 4`` (a peaked, LM-like distribution: top-p 0.85 keeps a few hundred of 128k tokens).
 V = 1024 stands for a TTS codebook: a call costs tens of microseconds there, so per-call overhead is the metric.
-The eager baseline at B=256 x V=128256 takes seconds on the CPU, so rounds are few there (pedantic mode).
+The eager baseline at B=256 x V=128256 takes seconds on the CPU, so rounds are few there (pedantic mode, 5).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _hf_eager(logits: torch.Tensor, counts: torch.Tensor, kw: dict) -> torch.Ten
 def _rounds(B: int, V: int) -> int | None:
     if CUDA:
         return None
-    return 3 if B * V >= 64 * 128256 else (8 if B * V >= 8 * 128256 else None)
+    return 5 if B * V >= 64 * 128256 else (8 if B * V >= 8 * 128256 else None)  # medians of 5: a noisy shared host
 
 
 @pytest.mark.parametrize("V", VOCABS)
