@@ -208,6 +208,7 @@ SMALL_CASES = [  # (kind, kwargs): the NumPy small-row path against the general 
     ("hf", dict(top_k=70, top_p=0.5)),  # k + 1 > 64: the first candidates are k + 1
     ("hf", dict(top_p=0.999)),  # flat enough that the cut is below the first 64: the whole row is ranked
     ("hf", dict(top_k=5, repetition_penalty=1.5, presence_penalty=0.3)),
+    ("hf", dict(top_p=0.9, repetition_penalty=0.7, frequency_penalty=0.2)),  # negative counts too (below)
     ("tts", dict(temperature=1.0, top_p=0.95, top_k=20)),
     ("tts", dict(temperature=0.7, top_p=0.6, top_k=0)),
     ("tts", dict(temperature=1.2, top_p=1.0, top_k=3)),
@@ -243,7 +244,8 @@ def test_small_rows_numpy_path_draws_the_general_paths_tokens(monkeypatch, kind,
     if V > 4:
         x[:, ::5] = float("-inf")  # masked tokens
         x[:, 1] = x[:, 2]  # a tie
-    counts = torch.randint(0, 3, (B, V), generator=torch.Generator().manual_seed(V)).to(torch.int32)
+    counts = torch.randint(-1 if "frequency_penalty" in kw else 0, 3, (B, V),
+                           generator=torch.Generator().manual_seed(V)).to(torch.int32)
     seeds = torch.arange(B, dtype=torch.int64) * 7919 + 3
     for shared in (False, True):
         sd = 99 if shared else seeds

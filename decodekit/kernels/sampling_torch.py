@@ -663,6 +663,29 @@ def _small_eligible(logits: torch.Tensor, prm: RowParams) -> bool:
             and not any(isinstance(v, torch.Tensor) for v in (prm.temperature, prm.top_k, prm.top_p, prm.min_p)))
 
 
+def _penalized_small(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
+    """:func:`penalized_logits` for small CPU rows with scalar penalties: the same fp32 operations on the whole row in
+    NumPy (a token with a zero count is left exactly as it is: ``x - p * 0`` is ``x``), where the block-wise search
+    for the seen tokens would be a dozen torch ops on a row of a thousand values."""
+    counts = prm.token_counts
+    rep, pres, freq = prm.repetition_penalty, prm.presence_penalty, prm.frequency_penalty
+    if counts is None or any(isinstance(v, torch.Tensor) for v in (rep, pres, freq)):
+        return penalized_logits(logits, prm)
+    if rep == 1 and pres == 0 and freq == 0:
+        return logits.float()
+    z = logits.float().numpy()
+    cnt = counts.numpy()
+    seen = cnt > 0
+    if rep != 1:
+        rr = np.float32(rep)
+        z = np.where(seen, np.where(z > 0, z / rr, z * rr), z)
+    if pres != 0:
+        z = z - np.float32(pres) * seen.astype(np.float32)
+    if freq != 0:
+        z = z - np.float32(freq) * cnt.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+
+
 @dataclass
 class _SmallKept:
     """Kept sets of :func:`_small_kept` (NumPy, ``[B, n]``, each row's kept tokens a prefix of its candidates)."""
@@ -760,7 +783,7 @@ def sample_torch(
     """Tokens [B] (int64; -1 for bad rows) and, with ``logprobs``, their log-probabilities [B] under the kept,
     renormalized set (else None: at small V the log-probabilities are a sixth of the call's tensor ops)."""
     if _small_eligible(logits, prm):
-        res = _sample_small(penalized_logits(logits, prm), prm, seed, logprobs)
+        res = _sample_small(_penalized_small(logits, prm), prm, seed, logprobs)
         if res is not None:
             return res
     plan = _plan(logits, prm)
@@ -806,7 +829,7 @@ def sample_torch(
 def sampling_probs_torch(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
     """Filtered, renormalized probabilities [B, V] fp32 (zeros outside the kept set; bad rows all zero)."""
     if _small_eligible(logits, prm):
-        kp = _small_kept(penalized_logits(logits, prm), prm)
+        kp = _small_kept(_penalized_small(logits, prm), prm)
         if kp is not None:
             w = np.where(kp.keep, kp.w, np.float32(0))
             out = np.zeros(logits.shape, dtype=np.float32)
