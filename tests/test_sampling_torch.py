@@ -131,19 +131,20 @@ def test_caller_logits_are_not_modified():
     assert torch.equal(x, before)
 
 
-def _counting_window(monkeypatch) -> list[int]:
-    """Wrap _topp_window to record how often it resolved a row (so a test knows the window path ran)."""
+def _spy(monkeypatch, name: str) -> list[bool]:
+    """Wrap ``sampling_torch.<name>`` to record, per call, whether it returned a result (not None), so that a test
+    knows which path ran."""
     from decodekit.kernels import sampling_torch
 
-    calls: list[int] = []
-    real = sampling_torch._topp_window
+    calls: list[bool] = []
+    real = getattr(sampling_torch, name)
 
-    def spy(*args):
-        kp = real(*args)
-        calls.append(kp is not None)
-        return kp
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append(res is not None)
+        return res
 
-    monkeypatch.setattr(sampling_torch, "_topp_window", spy)
+    monkeypatch.setattr(sampling_torch, name, spy)
     return calls
 
 
@@ -163,7 +164,7 @@ WIDE_CASES = [  # (kwargs, quantized): flat rows, top-p keeps most of the vocabu
 def test_wide_top_p_window_matches_reference(monkeypatch, kw, quantized, V, stride):
     """Rows as flat as a random model's (scale 0.05), and the same rows rounded to 1e-3 (~100 tokens per tie
     group, groups on histogram bin edges): kept sets exactly the reference's, with the window path taken."""
-    calls = _counting_window(monkeypatch)
+    calls = _spy(monkeypatch, "_topp_window")
     x = _logits(3, stride, scale=0.05, seed=V)[:, :V]
     if quantized:
         x = torch.round(x * 1000) / 1000
@@ -173,7 +174,7 @@ def test_wide_top_p_window_matches_reference(monkeypatch, kw, quantized, V, stri
 
 def test_wide_top_p_window_tts_rule(monkeypatch):
     """sample_logits (top-p with "<=", no top-k) through the window agrees with the TTS reference."""
-    calls = _counting_window(monkeypatch)
+    calls = _spy(monkeypatch, "_topp_window")
     x = _logits(2, 50257, scale=0.05, seed=4)
     got = sample_logits_probs(x, 1.0, 0.95, 0, backend="torch")
     _assert_same_kept(got, sample_logits_ref(x, 1.0, 0.95, 0, return_probs=True))
@@ -183,7 +184,7 @@ def test_wide_top_p_window_tts_rule(monkeypatch):
 def test_wide_top_p_window_draw_is_the_race_over_the_kept_set(monkeypatch):
     """The draw after the window: argmax over the reference kept set of z - log(-log u), u = tl.rand's Philox
     stream (philox_uniform), lowest index on ties: the exact token the kernel's race gives."""
-    calls = _counting_window(monkeypatch)
+    calls = _spy(monkeypatch, "_topp_window")
     B, V = 3, 50257
     x = _logits(B, V, scale=0.05, seed=8)
     seeds = torch.tensor([3, 2**40 + 5, 77], dtype=torch.int64)
@@ -230,15 +231,6 @@ def test_small_rows_numpy_path_draws_the_general_paths_tokens(monkeypatch, kind,
     be those of the general torch path (forced by declaring no row eligible), -inf tokens and ties included."""
     from decodekit.kernels import sampling_torch
 
-    calls: list[bool] = []
-    real = sampling_torch._sample_small
-
-    def spy(*args, **kwargs):
-        res = real(*args, **kwargs)
-        calls.append(res is not None)
-        return res
-
-    monkeypatch.setattr(sampling_torch, "_sample_small", spy)
     scale = 0.01 if kw.get("top_p") == 0.999 else 3.0
     x = _logits(B, V, scale=scale, seed=B * V)
     if V > 4:
@@ -249,13 +241,13 @@ def test_small_rows_numpy_path_draws_the_general_paths_tokens(monkeypatch, kind,
     seeds = torch.arange(B, dtype=torch.int64) * 7919 + 3
     for shared in (False, True):
         sd = 99 if shared else seeds
+        calls = _spy(monkeypatch, "_sample_small")
         got, got_lp = _draw_torch(kind, x, kw, sd, counts)
         k, p = kw.get("top_k", 0), kw.get("top_p", 1.0)
-        assert calls[-1] == (0 < k < V or 0 < p < 1), "the NumPy path draws exactly the rows with a filter"
+        assert calls == [0 < k < V or 0 < p < 1], "the NumPy path draws exactly the rows with a filter"
         monkeypatch.setattr(sampling_torch, "_small_eligible", lambda *a: False)
         want, want_lp = _draw_torch(kind, x, kw, sd, counts)
         monkeypatch.undo()
-        monkeypatch.setattr(sampling_torch, "_sample_small", spy)
         assert torch.equal(got, want)
         assert bool((x.gather(1, got.view(B, 1)) > float("-inf")).all())
         if got_lp is not None:
@@ -282,25 +274,10 @@ SMALL_KEPT_HF = [  # temperature, top_k, top_p, min_p
 ]
 
 
-def _spy_small_kept(monkeypatch) -> list[bool]:
-    from decodekit.kernels import sampling_torch
-
-    calls: list[bool] = []
-    real = sampling_torch._small_kept
-
-    def spy(*args, **kwargs):
-        res = real(*args, **kwargs)
-        calls.append(res is not None)
-        return res
-
-    monkeypatch.setattr(sampling_torch, "_small_kept", spy)
-    return calls
-
-
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", SMALL_KEPT_HF)
 @pytest.mark.parametrize("V", [300, 1999])
 def test_small_rows_kept_sets_match_reference(monkeypatch, temperature, top_k, top_p, min_p, V):
-    calls = _spy_small_kept(monkeypatch)
+    calls = _spy(monkeypatch, "_small_kept")
     x = _logits(4, V, scale=0.05 if top_p == 0.999 else 3.0, seed=V + top_k)
     x[:, 3] = x[:, 4]  # a tie
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -310,7 +287,7 @@ def test_small_rows_kept_sets_match_reference(monkeypatch, temperature, top_k, t
 
 @pytest.mark.parametrize("T,p,k", [(1.0, 0.95, 20), (1.0, 0.85, 0), (0.7, 0.5, 10), (1.2, 0.0, 30), (1.0, 0.99, 0)])
 def test_small_rows_kept_sets_match_tts_reference(monkeypatch, T, p, k):
-    calls = _spy_small_kept(monkeypatch)
+    calls = _spy(monkeypatch, "_small_kept")
     x = _logits(3, 1024, seed=12)
     got = sample_logits_probs(x, T, p, k, backend="torch")
     _assert_same_kept(got, sample_logits_ref(x, T, p, k, return_probs=True))
