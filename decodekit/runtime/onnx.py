@@ -15,8 +15,9 @@ How a step works (``io_binding=True``, the default):
 * ``input_ids``, ``position_ids`` and ``attention_mask`` are bound where they are when ORT can read them in
   place (contiguous, the graph's dtype and device), else copied into small preallocated buffers.
 
-The torch tensors whose memory is bound are attributes of the decoder, so they stay alive as long as the
-binding can use them.
+The tensors ORT writes (the KV storages, the logits) are attributes of the decoder, so they stay alive as long as
+the binding can use them; an input bound in place belongs to the caller, who holds it through the (synchronous)
+run, and every step binds its own inputs again before running (or finds the binding already at their address).
 
 ``io_binding=False`` runs the same graph with plain ``session.run`` and numpy arrays (what most ORT decoders
 do: the cache goes through numpy each step); it exists so benchmarks and the demo can show the difference.
