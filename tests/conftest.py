@@ -76,3 +76,28 @@ def stories_export_dir(stories_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stories_export") / "stories260K"
     export_decoder(stories_dir / "stories260K.bin", out, progress=False)
     return out
+
+
+@pytest.fixture
+def compile_offline(tmp_path, device):
+    """``run(script, timeout)``: run a script that compiles kernels ahead of time for sm_90 (interpreter off, a fresh
+    Triton cache) and prints "compiled"; returns its stdout. Skipped where the case cannot run: on a GPU run
+    (``make gpu-check`` runs the kernels compiled for real) and where triton has no NVIDIA backend."""
+    import subprocess
+    import sys
+
+    if device.type == "cuda":
+        pytest.skip("make gpu-check compiles and runs every kernel on the GPU")
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend in this installation")
+
+    def run(script: str, timeout: int = 300) -> str:
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+        return proc.stdout
+
+    return run

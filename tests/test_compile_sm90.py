@@ -11,12 +11,6 @@ interpreter off. Under ``make gpu-check`` the kernels compile for real in the ot
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pytest
-
 # Shared by both scripts: record the launcher's kernel calls, specialize them like the JIT, compile them.
 _PRELUDE = r"""
 import time
@@ -182,27 +176,14 @@ compile_all(expected)
 )
 
 
-def _compile_in_subprocess(script: str, tmp_path, device) -> str:
-    if device.type == "cuda":
-        pytest.skip("make gpu-check compiles and runs every kernel on the GPU")
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend in this installation")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
-    return proc.stdout
-
-
-def test_norm_linear_kernels_compile_for_sm90(tmp_path, device):
+def test_norm_linear_kernels_compile_for_sm90(compile_offline):
     """The fused norm + linear kernel in bf16/fp16/fp32: each decode and prefill tile config of ``block_configs``
     once, every norm mode, prologue/epilogue activation and optional input/output, as ``norm_linear_fwd`` launches
     it (M = 1 and a unit weight stride become constants there, as on CUDA)."""
-    _compile_in_subprocess(_NORM_LINEAR_SCRIPT, tmp_path, device)
+    compile_offline(_NORM_LINEAR_SCRIPT)
 
 
-def test_sampling_kernels_compile_for_sm90(tmp_path, device):
+def test_sampling_kernels_compile_for_sm90(compile_offline):
     """Every sampler kernel for fp32/fp16/bf16 logits, with and without token counts, in each launcher mode
     (sample, probs, simple, TTS order) and grid regime (one row split over 64 programs; one program per row)."""
-    _compile_in_subprocess(_SAMPLING_SCRIPT, tmp_path, device)
+    compile_offline(_SAMPLING_SCRIPT)
