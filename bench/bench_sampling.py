@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from bench.conftest import bench_device, run_bench
-from decodekit.kernels.sampling import sample, sample_logits
-from decodekit.reference.sampling import sample_logits_ref, sampling_probs_ref
+from decodekit.ops.sampling import sample, sample_logits
+from decodekit.ops.sampling.reference import sample_logits_ref, sampling_probs_ref
 
 DEVICE = bench_device()
 CUDA = DEVICE.type == "cuda"

@@ -21,18 +21,18 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    # sampling (kernels/sampling.py)
-    "sample": "decodekit.kernels.sampling",
-    "sampling_probs": "decodekit.kernels.sampling",
-    "sample_logits": "decodekit.kernels.sampling",
-    "sampler_simple_batch": "decodekit.kernels.sampling",
-    # fused norm + linear (kernels/norm_linear.py)
-    "layer_norm_linear": "decodekit.kernels.norm_linear",
-    "rms_norm_linear": "decodekit.kernels.norm_linear",
-    "gelu_linear": "decodekit.kernels.norm_linear",
-    # attention (kernels/attention.py)
-    "attention": "decodekit.kernels.attention",
-    "decode_attention": "decodekit.kernels.attention",
+    # sampling (ops/sampling/)
+    "sample": "decodekit.ops.sampling",
+    "sampling_probs": "decodekit.ops.sampling",
+    "sample_logits": "decodekit.ops.sampling",
+    "sampler_simple_batch": "decodekit.ops.sampling",
+    # fused norm + linear (ops/norm_linear/)
+    "layer_norm_linear": "decodekit.ops.norm_linear",
+    "rms_norm_linear": "decodekit.ops.norm_linear",
+    "gelu_linear": "decodekit.ops.norm_linear",
+    # attention (ops/attention/)
+    "attention": "decodekit.ops.attention",
+    "decode_attention": "decodekit.ops.attention",
     # drop-in replacement (nn/patch.py)
     "patch": "decodekit.nn.patch",
     "unpatch": "decodekit.nn.patch",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import decodekit
-from decodekit import _dispatch
+from decodekit.ops import _dispatch
 
 
 def test_interpreter_is_on_under_pytest(device):
@@ -33,7 +33,7 @@ def test_unknown_attribute_raises():
 def test_import_does_not_pull_triton_or_kernels():
     code = (
         "import sys, decodekit, decodekit.export, decodekit.runtime; "
-        "bad = [m for m in ('triton', 'decodekit.kernels.sampling') if m in sys.modules]; "
+        "bad = [m for m in ('triton', 'decodekit.ops.sampling.triton') if m in sys.modules]; "
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -65,7 +65,8 @@ def test_kernels_are_interpreted_functions(device):
     import triton.runtime.interpreter as interp
     from triton.runtime.jit import KernelInterface
 
-    for modname in ("decodekit.kernels.sampling", "decodekit.kernels.norm_linear", "decodekit.kernels.attention"):
+    for family in ("sampling", "norm_linear", "attention"):
+        modname = f"decodekit.ops.{family}.triton"
         mod = importlib.import_module(modname)
         kernels = [v for k, v in vars(mod).items() if k.endswith("_kernel") and isinstance(v, KernelInterface)]
         assert kernels, f"{modname} defines no _*_kernel"

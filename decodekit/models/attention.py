@@ -70,10 +70,10 @@ def kernel_attend(
 ) -> torch.Tensor:
     """Hook for the fused attention kernels (same contract as :func:`attend_reference`, left padding only).
 
-    Runs :func:`decodekit.nn.attention.decoder_attention`: ``decodekit.attention`` (prefill) and
+    Runs :func:`decodekit.ops.attention.decoder_attention`: ``decodekit.attention`` (prefill) and
     ``decodekit.decode_attention`` (steps of a few tokens), with left padding as a per-row key start.
     """
-    from decodekit.nn.attention import decoder_attention
+    from decodekit.ops.attention import decoder_attention
 
     return decoder_attention(q, k, v, attention_mask, scale)
 

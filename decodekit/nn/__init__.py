@@ -7,7 +7,8 @@
 """
 
 from decodekit.nn.modules import GeluLinear, LayerNormLinear, RMSNormLinear
-from decodekit.nn.patch import is_patched, patch, register_attention_patcher, unpatch
+from decodekit.nn.patch import is_patched, patch, unpatch
+from decodekit.nn.swap import register_attention_patcher
 
 __all__ = [
     "GeluLinear",

@@ -4,7 +4,7 @@ Hugging Face (transformers >= 4.48, tested with 5.x). Importing this module regi
 functions in ``transformers``' ``AttentionInterface`` (and the matching SDPA-style mask builder in
 ``AttentionMaskInterface``) under three names:
 
-* ``"decodekit"``: the dispatch rule of :mod:`decodekit._dispatch` (CUDA tensors -> Triton kernel, CPU
+* ``"decodekit"``: the dispatch rule of :mod:`decodekit.ops._dispatch` (CUDA tensors -> Triton kernel, CPU
   tensors -> PyTorch), except that with ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (in
   Triton's interpreter, which is how the test suite exercises it);
 * ``"decodekit_triton"`` and ``"decodekit_torch"``: that backend always.
@@ -20,9 +20,8 @@ call that carries a mask (padded batches, chunked prefill against a cache), atte
 training, soft-capping, sliding windows, attention sinks or ``output_attentions`` falls back to
 transformers' own SDPA function, so the result stays correct; :data:`FALLBACK_CALLS` counts those fallbacks.
 
-decodekit's own :class:`~decodekit.models.Decoder` calls :func:`decoder_attention` when ``use_kernels``
-is set: prefill through :func:`decodekit.attention` with ``q_offset = P`` and one-to-few-token steps
-through :func:`decodekit.decode_attention`; left padding becomes the kernels' per-row ``kv_start``.
+decodekit's own :class:`~decodekit.models.Decoder` calls :func:`decodekit.ops.attention.decoder_attention`
+when ``use_kernels`` is set (``patch_attention`` sets it).
 """
 
 from __future__ import annotations
@@ -33,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from decodekit._dispatch import interpreter_enabled
-from decodekit.kernels.attention import MAX_DECODE_QUERIES, attention, decode_attention
-from decodekit.nn.patch import register_attention_patcher
+from decodekit.nn.swap import register_attention_patcher, swap
+from decodekit.ops._dispatch import interpreter_enabled
+from decodekit.ops.attention import attention, decode_attention
 
 #: attn_implementation name -> decodekit backend
 IMPLEMENTATIONS: dict[str, str] = {"decodekit": "auto", "decodekit_triton": "triton", "decodekit_torch": "torch"}
@@ -98,7 +97,7 @@ def hf_attention_forward(
     b, s_q, s_k = query.shape[0], query.shape[2], key.shape[2]
     if s_q == 1 and s_k > 1:  # a decode step: split-K over the (dense) cache, all heads of a group together
         seqlens = torch.full((b,), s_k, dtype=torch.int32, device=query.device)
-        out = decode_attention(query, key, value, seqlens, scaling, check=False, backend=backend)
+        out = decode_attention(query, key, value, seqlens, scaling, validate_lengths=False, backend=backend)
     else:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         out = attention(query, key, value, causal=bool(causal) and s_q > 1, scale=scaling, backend=backend)
@@ -142,8 +141,6 @@ def _attention_swaps(model: nn.Module, backend: str = "auto") -> list:
     Hugging Face models: every distinct config in the model gets ``_attn_implementation`` set to the
     decodekit name for ``backend``. decodekit ``Decoder``: ``use_kernels`` is set. Other models: nothing.
     """
-    from decodekit.nn.patch import swap
-
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"patch_attention: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if type(model).__name__ == "Decoder" and hasattr(model, "use_kernels"):
@@ -208,43 +205,3 @@ def unpatch_attention(model: nn.Module) -> nn.Module:
         setattr(s.parent, s.name, s.original)
     object.__delattr__(model, PATCH_ATTR)
     return model
-
-
-# --------------------------------------------------------------------------- decodekit Decoder hook
-
-
-def left_padding_starts(attention_mask: torch.Tensor) -> torch.Tensor:
-    """int32 ``[B]``: the number of leading zeros of each row of a ``[B, T]`` 0/1 mask (no host sync)."""
-    return (attention_mask.cumsum(dim=-1) == 0).sum(dim=-1).to(torch.int32)
-
-
-def decoder_attention(
-    q: torch.Tensor,  # [B, H, S, D] rotated queries: the last S of the T key positions
-    k: torch.Tensor,  # [B, H_kv, T, D] cache + new keys
-    v: torch.Tensor,  # [B, H_kv, T, D]
-    attention_mask: torch.Tensor,  # [B, T] 1 = real token, 0 = left padding
-    scale: float,
-) -> torch.Tensor:  # [B, H, S, D]
-    """Causal, left-padding-masked attention for ``decodekit.models.Decoder(use_kernels=True)``.
-
-    Left padding becomes the kernels' per-row ``kv_start`` (the count of leading zeros). Only left
-    padding is supported: a mask with zeros after the first one is rejected with ``ValueError`` when it
-    lives on the CPU; on CUDA it is not inspected (that would sync) and such zeros are ignored. Query rows
-    at padding positions see no key and come out as zeros (the reference path gives them a uniform
-    average instead; neither reaches a real token). Steps of at most 16 new tokens after a non-empty
-    cache use the split-K decode kernel; longer chunks use the prefill kernel with ``q_offset = T - S``.
-    Backend: Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, the PyTorch path otherwise.
-    """
-    s, t = q.shape[2], k.shape[2]
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (q.shape[0], t):
-        raise ValueError(f"attention_mask must have shape [{q.shape[0]}, {t}], got {tuple(attention_mask.shape)}")
-    kv_start = left_padding_starts(attention_mask)
-    if attention_mask.device.type == "cpu":
-        left_padded = torch.arange(t)[None, :] >= kv_start[:, None]
-        if not torch.equal(attention_mask.bool(), left_padded):
-            raise ValueError("attention_mask: use_kernels=True supports left padding only (zeros before the tokens)")
-    backend = "triton" if q.device.type == "cuda" or interpreter_enabled() else "torch"
-    if s < t and s <= MAX_DECODE_QUERIES:
-        seqlens = torch.full((q.shape[0],), t, dtype=torch.int32, device=q.device)
-        return decode_attention(q, k, v, seqlens, scale, kv_start=kv_start, backend=backend)
-    return attention(q, k, v, causal=True, scale=scale, q_offset=t - s, kv_start=kv_start, backend=backend)

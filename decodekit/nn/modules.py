@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from decodekit.kernels.norm_linear import ACTIVATIONS, gelu_linear, layer_norm_linear, rms_norm_linear
+from decodekit.ops.norm_linear import ACTIVATIONS, gelu_linear, layer_norm_linear, rms_norm_linear
 
 #: class names of RMSNorm modules whose semantics are ``x * rsqrt(mean(x^2) + eps) * weight``
 #: (nn.RMSNorm and decodekit's RMSNorm are both called "RMSNorm"; Gemma's ``(1 + weight)`` variant is not listed)
@@ -112,7 +112,7 @@ class LayerNormLinear(_FusedLinearBase):
     activation : None, "gelu", "gelu_tanh" or "silu"
         Applied to the output in the kernel's epilogue.
     backend : "auto", "triton" or "torch"
-        Dispatch rule of :mod:`decodekit._dispatch`.
+        Dispatch rule of :mod:`decodekit.ops._dispatch`.
 
     Input ``[..., K]``, output ``[..., N]``; fp32/fp16/bf16. See :func:`decodekit.layer_norm_linear` for the
     saved-tensor memory of training, determinism and CUDA-graph notes.

@@ -18,29 +18,19 @@ families), recognised by block class and attribute names; blocks or norms of any
 Extending: a patcher is ``fn(model, backend) -> list[Swap]`` that performs its swaps with :func:`swap` and
 returns them. ``NORM_LINEAR_PATCHERS`` run for ``norm_linear=True`` and ``ATTENTION_PATCHERS`` for
 ``attention=True``; the attention kernels' module registers its patcher with
-:func:`register_attention_patcher`.
+:func:`register_attention_patcher` (both live in :mod:`decodekit.nn.swap`, which imports nothing of decodekit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from decodekit.nn.modules import RMS_NORM_CLASSES, GeluLinear, LayerNormLinear, RMSNormLinear, _linear_layout
+from decodekit.nn.swap import ATTENTION_PATCHERS, Patcher, Swap, swap
 
 PATCH_ATTR = "_decodekit_patch"
-
-
-@dataclass
-class Swap:
-    """One replaced submodule: ``parent.<name>`` was ``original`` and is now ``replacement``."""
-
-    parent: nn.Module
-    name: str
-    original: nn.Module
-    replacement: nn.Module
 
 
 @dataclass
@@ -52,26 +42,8 @@ class PatchRecord:
     attention: bool = False
 
 
-Patcher = Callable[[nn.Module, str], list[Swap]]
-
 #: patchers run by ``patch(norm_linear=True)``
 NORM_LINEAR_PATCHERS: list[Patcher] = []
-#: patchers run by ``patch(attention=True)``; empty until the attention module registers one
-ATTENTION_PATCHERS: list[Patcher] = []
-
-
-def register_attention_patcher(fn: Patcher) -> Patcher:
-    """Add ``fn`` to the patchers that ``patch(model, attention=True)`` runs (usable as a decorator)."""
-    if fn not in ATTENTION_PATCHERS:
-        ATTENTION_PATCHERS.append(fn)
-    return fn
-
-
-def swap(parent: nn.Module, name: str, replacement: nn.Module) -> Swap:
-    """Replace ``parent.<name>`` by ``replacement`` and return the record."""
-    record = Swap(parent, name, getattr(parent, name), replacement)
-    setattr(parent, name, replacement)
-    return record
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:

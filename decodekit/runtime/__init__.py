@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from decodekit.errors import UsageError
-from decodekit.runtime.generate import GenerationConfig, GenerationResult, StepModel, run_generation
+from decodekit.runtime.loop import GenerationConfig, GenerationResult, StepModel, run_generation
 from decodekit.runtime.onnx import METADATA_FILE, OnnxDecoder, read_metadata
 
 __all__ = [

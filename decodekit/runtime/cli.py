@@ -14,7 +14,7 @@ from decodekit.errors import UsageError
 
 @dataclass
 class GenerateArgs:
-    """The typed arguments of ``decodekit generate`` (mirrors :func:`decodekit.runtime.generate`)."""
+    """The typed arguments of ``decodekit generate`` (mirrors :func:`decodekit.runtime.loop`)."""
 
     model: str
     prompt: str = ""

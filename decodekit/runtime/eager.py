@@ -1,4 +1,4 @@
-"""Eager PyTorch backend for :func:`decodekit.runtime.generate.run_generation`.
+"""Eager PyTorch backend for :func:`decodekit.runtime.loop.run_generation`.
 
 It runs decodekit's own :class:`~decodekit.models.Decoder` with its explicit KV cache (the ``presents`` of
 one step are the ``past_key_values`` of the next), so it computes exactly what the exported ONNX graph
@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from decodekit.models import Decoder
-from decodekit.runtime.generate import GenerateMixin
+from decodekit.runtime.loop import GenerateMixin
 
 
 class EagerDecoder(GenerateMixin):
-    """A :class:`~decodekit.runtime.generate.StepModel` over an eager :class:`Decoder`.
+    """A :class:`~decodekit.runtime.loop.StepModel` over an eager :class:`Decoder`.
 
     Parameters
     ----------

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from decodekit.errors import UsageError
-from decodekit.runtime.generate import GenerateMixin
+from decodekit.runtime.loop import GenerateMixin
 
 METADATA_FILE = "decodekit.json"
 FORMAT_VERSION = 1

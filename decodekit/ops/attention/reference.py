@@ -3,7 +3,7 @@
 Tests and benchmarks compare the Triton kernels against these functions. They materialize the full
 ``[S_q, S_k]`` score matrix, so they are only meant for small shapes.
 
-Conventions shared with :mod:`decodekit.kernels.attention`:
+Conventions shared with :mod:`decodekit.ops.attention`:
 
 * layouts are those of ``torch.nn.functional.scaled_dot_product_attention``: ``q [B, H, S_q, D]``,
   ``k``/``v`` ``[B, H_kv, S_k, D]``; grouped-query attention maps query head ``h`` to key/value head

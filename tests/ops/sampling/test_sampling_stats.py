@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from decodekit._dispatch import count_launches
-from decodekit.kernels.sampling import sample, sample_logits
+from decodekit.ops._dispatch import count_launches
+from decodekit.ops.sampling import sample, sample_logits
 
 PROBS = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.06, 0.04])
 # HF top_p=0.7: exclusive masses 0, .30, .55, .75 -> keeps 3 tokens. TTS top_p=0.6 (<= on exclusive mass,

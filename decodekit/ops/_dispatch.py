@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib.util
 import os
 from collections.abc import Iterable, Iterator
 
@@ -36,11 +37,10 @@ def interpreter_enabled() -> bool:
 @functools.cache
 def triton_available() -> bool:
     """True when ``triton`` imports (it is a dependency on Linux only)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
+    try:  # find_spec, not import: Triton is imported only by the ops/<family>/triton.py modules, on first launch
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # pragma: no cover - depends on the platform
         return False
-    return True
 
 
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:

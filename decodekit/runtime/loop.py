@@ -124,7 +124,7 @@ class GenerateMixin:
         stop_ids: Sequence[int] | None = None,
         stream: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
-        """Generate from text prompts or token ids; parameters as in :func:`decodekit.runtime.generate`."""
+        """Generate from text prompts or token ids; parameters as in :func:`decodekit.runtime.loop`."""
         from decodekit.runtime import _generate_on
 
         return _generate_on(
@@ -194,7 +194,7 @@ def run_generation(
 
     ``stream(row, token_id)`` is called for every generated token of every still-running row, in order.
     """
-    from decodekit.kernels.sampling import sample  # lazy: keeps `import decodekit.runtime` light
+    from decodekit.ops.sampling import sample  # lazy: keeps `import decodekit.runtime` light
 
     config.validate()
     rows = _normalize_prompts(input_ids, model.vocab_size)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decodekit._dispatch import count_launches
-from decodekit.kernels.attention import attention, attention_config, decode_attention
-from decodekit.reference.attention import attention_ref, decode_attention_ref
+from decodekit.ops._dispatch import count_launches
+from decodekit.ops.attention import attention, decode_attention
+from decodekit.ops.attention.reference import attention_ref, decode_attention_ref
+from decodekit.ops.attention.triton import attention_config
 
 # (dtype, atol): atol is the slack added to 2x PyTorch's own low-precision error
 DTYPES = [
@@ -328,10 +329,10 @@ def test_decode_bad_input():
 
 
 def test_decode_unchecked_lengths_are_clamped(device):
-    """check=False skips the host check; an out-of-range length is clamped in the kernel, never read past S_max."""
+    """validate_lengths=False skips the host check; an out-of-range length is clamped in the kernel."""
     q, kc = torch.randn(1, 2, 1, 32, device=device), torch.randn(1, 2, 16, 32, device=device)
     bad = torch.tensor([1000], dtype=torch.int32, device=device)
-    out = decode_attention(q, kc, kc, bad, check=False, backend="triton")
+    out = decode_attention(q, kc, kc, bad, validate_lengths=False, backend="triton")
     torch.testing.assert_close(out, decode_attention_ref(q, kc, kc, torch.tensor([16], device=device)))
 
 
@@ -342,7 +343,7 @@ import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import decodekit.kernels.attention as A
+import decodekit.ops.attention.triton as A
 
 def build(kern, types, consts, warps, stages):
     names = list(inspect.signature(kern.fn).parameters)

@@ -95,7 +95,7 @@ _NORM_LINEAR_SCRIPT = (
     "import sys\n"
     + _PRELUDE
     + r"""
-import decodekit.kernels.norm_linear as NL
+import decodekit.ops.norm_linear.triton as NL
 
 expected = record(NL)
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -140,7 +140,7 @@ _SAMPLING_SCRIPT = (
     "import sys\n"
     + _PRELUDE
     + r"""
-import decodekit.kernels.sampling as S
+import decodekit.ops.sampling.triton as S
 
 expected = record(S)
 
@@ -160,7 +160,7 @@ def launch(dt, B, V, counts, mode, *, tts=False, npass=16, mult=1):
     params = torch.zeros(B, 8)
     seeds = torch.zeros(B, dtype=torch.int64)
     cnt = torch.zeros(B, V, dtype=counts) if counts is not None else None
-    S._run_triton(logits, params, seeds, mult, cnt, tts=tts, greedy_top1=not tts, npass=npass, mode=mode)
+    S.run(logits, params, seeds, mult, cnt, tts=tts, greedy_top1=not tts, npass=npass, mode=mode)
 
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import decodekit
-from decodekit._dispatch import count_launches
 from decodekit.models.config import DecoderConfig
 from decodekit.models.decoder import Decoder
 from decodekit.nn import attention as nn_attention
-from decodekit.nn.attention import decoder_attention, left_padding_starts, patch_attention, unpatch_attention
+from decodekit.nn.attention import patch_attention, unpatch_attention
+from decodekit.ops._dispatch import count_launches
+from decodekit.ops.attention import decoder_attention, left_padding_starts
 
 transformers = pytest.importorskip("transformers")
 

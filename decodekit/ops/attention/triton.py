@@ -28,21 +28,15 @@ call can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from decodekit._dispatch import FLOAT_DTYPES, check_tensor, interpreter_enabled, record_launch, resolve_backend
-
-__all__ = ["attention", "decode_attention", "AttentionConfig", "attention_config"]
+from decodekit.ops._dispatch import interpreter_enabled, record_launch
 
 _LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
-MAX_DECODE_QUERIES = 16
 
 
 # --------------------------------------------------------------------------- block-size heuristics
@@ -599,154 +593,20 @@ class _FlashAttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-# --------------------------------------------------------------------------- validation + torch path
-
-
-def _check_scale(scale: float | None, head_dim: int, op: str) -> float:
-    if scale is None:
-        return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
-        raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
-    return float(scale)
-
-
-def _check_qkv(q: object, k: object, v: object, op: str, k_name: str, v_name: str) -> None:
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, op=op)
-    check_tensor(k_name, k, ndim=4, dtypes=(q.dtype,), device=q.device, op=op)
-    check_tensor(v_name, v, ndim=4, dtypes=(q.dtype,), device=q.device, op=op)
-    if k.shape != v.shape:
-        raise ValueError(f"{op}: {v_name} shape {tuple(v.shape)} must equal {k_name} shape {tuple(k.shape)}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"{op}: {k_name} batch {k.shape[0]} must equal q batch {q.shape[0]}")
-    H, H_kv = q.shape[1], k.shape[1]
-    if H_kv == 0 or H % H_kv != 0:
-        raise ValueError(f"{op}: q heads ({H}) must be a multiple of {k_name} heads ({H_kv}) (grouped-query attention)")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"{op}: head dim of {k_name} ({k.shape[3]}) must equal head dim of q ({q.shape[3]})")
-    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
-        raise ValueError(f"{op}: head dim of q must be in [1, {MAX_HEAD_DIM}], got {q.shape[3]}")
-
-
-def _check_kv_start(kv_start: object, batch: int, device: torch.device, op: str) -> torch.Tensor | None:
-    if kv_start is None:
-        return None
-    check_tensor("kv_start", kv_start, ndim=1, dtypes=(torch.int32, torch.int64), device=device, op=op)
-    if kv_start.shape[0] != batch:
-        raise ValueError(f"{op}: kv_start must have shape [{batch}] (one start per batch row), got {tuple(kv_start.shape)}")
-    return kv_start.contiguous()
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float):
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        try:
-            return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
-            )
-        except TypeError:  # torch < 2.5: no enable_gqa
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-
-
-def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
-    """SDPA under a boolean mask ``[B|1, 1, S_q, S_k]``; rows with no visible key become exact zeros."""
-    out = _sdpa(q, k, v, visible, False, scale)
-    return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-def _attention_torch(q, k, v, causal, scale, q_offset, kv_start, return_lse):
-    if return_lse:
-        from decodekit.reference.attention import attention_ref
-
-        out, lse = attention_ref(q, k, v, causal, scale, q_offset, kv_start=kv_start, return_lse=True)
-        return out.to(q.dtype), lse.float()
-    if kv_start is None and (not causal or q_offset == 0):
-        return _sdpa(q, k, v, None, causal, scale)  # SDPA's causal mask is aligned top-left: q_offset == 0
-    s_q, s_k = q.shape[2], k.shape[2]
-    j = torch.arange(s_k, device=q.device)
-    visible = torch.ones(1, 1, s_q, s_k, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = (j[None, :] <= torch.arange(s_q, device=q.device)[:, None] + q_offset)[None, None]
-    if kv_start is not None:
-        visible = visible & (j.view(1, 1, 1, -1) >= kv_start.view(-1, 1, 1, 1))
-    return _masked_sdpa(q, k, v, visible, scale)
-
-
-# --------------------------------------------------------------------------- public prefill op
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    causal: bool = False,
-    scale: float | None = None,
-    q_offset: int = 0,
-    *,
-    kv_start: torch.Tensor | None = None,
-    return_lse: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention, FlashAttention-2 style (the layout of ``scaled_dot_product_attention``).
-
-    Parameters
-    ----------
-    q : torch.Tensor
-        ``[B, H, S_q, D]`` queries; fp16, bf16 or fp32; any strides.
-    k, v : torch.Tensor
-        ``[B, H_kv, S_k, D]`` keys and values, same dtype and device as ``q``; ``H`` must be a multiple of
-        ``H_kv`` (grouped-query / multi-query attention: query head ``h`` uses key/value head
-        ``h // (H // H_kv)``, without copying k/v). ``1 <= D <= 256`` (padded in registers to a power of 2).
-    causal : bool
-        Query ``i`` only sees keys ``j <= i + q_offset``.
-    scale : float, optional
-        Score scale; default ``D ** -0.5``.
-    q_offset : int
-        Key position of the first query (causal only). ``S_k - S_q`` places the queries at the end of the
-        keys (chunked prefill against a cache); 0 (the default) matches SDPA's top-left ``is_causal``.
-    kv_start : torch.Tensor, optional
-        int32/int64 ``[B]``: keys ``j < kv_start[b]`` are hidden from every query of row ``b`` (left padding).
-    return_lse : bool
-        Also return the natural-log log-sum-exp of the scaled scores, fp32 ``[B, H, S_q]`` (not differentiable).
-    backend : {"auto", "triton", "torch"}
-        See :mod:`decodekit._dispatch`. The torch path uses ``scaled_dot_product_attention`` (with a
-        boolean mask when ``q_offset``/``kv_start`` need one) and the fp32 reference for ``return_lse``.
-
-    Returns
-    -------
-    out : ``[B, H, S_q, D]`` in ``q``'s dtype (contiguous); plus ``lse`` when ``return_lse``. A query that sees
-    no key (possible with ``q_offset < 0`` or ``kv_start``) gets zeros and ``lse = -inf``, never NaN.
-
-    Notes
-    -----
-    Gradients flow to q, k and v (FlashAttention-2 recompute backward; the GQA sum over the query heads of
-    a group happens inside one program, no atomics). Forward and backward are deterministic (fixed
-    reduction order). No host synchronization: safe to capture in a CUDA graph for fixed shapes.
-
-    Examples
-    --------
-    >>> q = torch.randn(1, 8, 17, 64); k = v = torch.randn(1, 2, 40, 64)
-    >>> attention(q, k, v, causal=True, q_offset=40 - 17).shape
-    torch.Size([1, 8, 17, 64])
-    """
-    op = "attention"
-    _check_qkv(q, k, v, op, "k", "v")
-    scale = _check_scale(scale, q.shape[3], op)
-    if isinstance(q_offset, bool) or not isinstance(q_offset, numbers.Integral):
-        raise TypeError(f"{op}: q_offset must be an int, got {type(q_offset).__name__}")
-    q_offset = int(q_offset)
-    if abs(q_offset) >= 2**30:
-        raise ValueError(f"{op}: q_offset must be in (-2**30, 2**30), got {q_offset}")
-    kv_start = _check_kv_start(kv_start, q.shape[0], q.device, op)
-    causal = bool(causal)
-    if resolve_backend(backend, q.device, op) == "torch":
-        return _attention_torch(q, k, v, causal, scale, q_offset, kv_start, return_lse)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad:
-        out, lse = _FlashAttentionFn.apply(q, k, v, causal, scale, q_offset, kv_start)
-    else:
-        out, lse = _attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=return_lse)
-    return (out, lse) if return_lse else out
+    causal: bool,
+    scale: float,
+    q_offset: int,
+    kv_start: torch.Tensor | None,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prefill on validated inputs: the autograd Function when a gradient is needed, else the forward alone."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttentionFn.apply(q, k, v, causal, scale, q_offset, kv_start)
+    return _attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=return_lse)
 
 
 # --------------------------------------------------------------------------- decode kernels
@@ -860,97 +720,21 @@ def _decode_merge_kernel(
     tl.store(O + row * D + offs_d, out.to(O.dtype.element_ty), mask=d_valid)
 
 
-# --------------------------------------------------------------------------- decode launcher + public op
+# --------------------------------------------------------------------------- decode launcher
 
 
-def _decode_torch(q, k_cache, v_cache, cache_seqlens, scale, kv_start):
-    s_q, s_max = q.shape[2], k_cache.shape[2]
-    lens = cache_seqlens.to(torch.long).clamp(0, s_max).view(-1, 1, 1, 1)
-    i = torch.arange(s_q, device=q.device).view(1, 1, -1, 1)
-    j = torch.arange(s_max, device=q.device).view(1, 1, 1, -1)
-    visible = j < lens - s_q + 1 + i  # [B, 1, S_q, S_max]
-    if kv_start is not None:
-        visible = visible & (j >= kv_start.view(-1, 1, 1, 1))
-    return _masked_sdpa(q, k_cache, v_cache, visible, scale)
-
-
-def decode_attention(
+def decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
-    scale: float | None = None,
-    *,
-    kv_start: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    check: bool | None = None,
-    backend: str = "auto",
+    scale: float,
+    kv_start: torch.Tensor | None,
+    num_splits: int | None,
 ) -> torch.Tensor:
-    """Attention of a few new queries over a KV cache with a valid length per row (split-K flash-decoding).
-
-    Parameters
-    ----------
-    q : torch.Tensor
-        ``[B, H, S_q, D]`` with ``1 <= S_q <= 16`` (one token, or a few for speculative decoding); fp16,
-        bf16 or fp32; any strides. The queries are the LAST ``S_q`` positions of each row, already written
-        into the cache: query ``i`` sees the keys ``j < cache_seqlens[b] - S_q + 1 + i`` (causal among
-        the new tokens).
-    k_cache, v_cache : torch.Tensor
-        ``[B, H_kv, S_max, D]``, same dtype/device as ``q``; ``H`` a multiple of ``H_kv``; any strides.
-    cache_seqlens : torch.Tensor
-        int32 (or int64) ``[B]``: valid length of each row, ``0 <= L <= S_max``. A row whose queries see
-        no key (``L == 0``) gets zeros, never NaN.
-    scale : float, optional
-        Score scale; default ``D ** -0.5``.
-    kv_start : torch.Tensor, optional
-        int ``[B]``: keys before it are hidden (left-padded rows).
-    num_splits : int, optional
-        Cache chunks per (row, kv head); default from :func:`attention_config` (multiprocessor count,
-        batch, kv heads and ``S_max``; never the per-row lengths, so no host sync).
-    check : bool, optional
-        Verify ``0 <= cache_seqlens <= S_max`` on the host. ``None`` (default) checks only CPU tensors,
-        because on CUDA the check is a device-to-host sync; pass ``True`` to force it. Unchecked values
-        are clamped to ``[0, S_max]`` inside the kernel, so they can never read out of bounds.
-    backend : {"auto", "triton", "torch"}
-        The torch path is ``scaled_dot_product_attention`` under a boolean length mask.
-
-    Returns
-    -------
-    ``[B, H, S_q, D]`` in ``q``'s dtype, contiguous.
-
-    Notes
-    -----
-    Deterministic (fixed split plan and merge order). No host sync unless ``check=True``; the launch plan
-    depends only on shapes, so the call can be captured in a CUDA graph and replayed as lengths grow.
-
-    Examples
-    --------
-    >>> q = torch.randn(2, 8, 1, 64); kc = vc = torch.randn(2, 2, 128, 64)
-    >>> decode_attention(q, kc, vc, torch.tensor([5, 128], dtype=torch.int32)).shape
-    torch.Size([2, 8, 1, 64])
-    """
-    op = "decode_attention"
-    _check_qkv(q, k_cache, v_cache, op, "k_cache", "v_cache")
+    """Launch split + merge on validated inputs -> ``[B, H, S_q, D]``."""
     B, H, S_q, D = q.shape
     H_kv, S_max = k_cache.shape[1], k_cache.shape[2]
-    if not 1 <= S_q <= MAX_DECODE_QUERIES:
-        raise ValueError(f"{op}: q must hold 1..{MAX_DECODE_QUERIES} new queries per row (dim 2), got {S_q}")
-    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device, op=op)
-    if cache_seqlens.shape[0] != B:
-        raise ValueError(f"{op}: cache_seqlens must have shape [{B}] (one length per row), got {tuple(cache_seqlens.shape)}")
-    if check is None:
-        check = cache_seqlens.device.type == "cpu"
-    if check and B > 0:
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < 0 or hi > S_max:
-            raise ValueError(f"{op}: cache_seqlens must lie in [0, S_max={S_max}], got values in [{lo}, {hi}]")
-    scale = _check_scale(scale, D, op)
-    kv_start = _check_kv_start(kv_start, B, q.device, op)
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
-    if resolve_backend(backend, q.device, op) == "torch":
-        return _decode_torch(q, k_cache, v_cache, cache_seqlens, scale, kv_start)
-
     out = torch.empty((B, H, S_q, D), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
         return out

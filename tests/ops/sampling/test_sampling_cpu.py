@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decodekit._dispatch import count_launches
-from decodekit.kernels.sampling import sample, sample_logits, sample_logits_probs, sampling_probs
-from decodekit.kernels.sampling_torch import (
+from decodekit.ops._dispatch import count_launches
+from decodekit.ops.sampling import sample, sample_logits, sample_logits_probs, sampling_probs
+from decodekit.ops.sampling.cpu import (
     _BIGINT_LANES,
     Seed,
     _uniforms,
     nonzero_positions,
     philox_uniform,
 )
-from decodekit.reference.sampling import sample_logits_ref, sampling_probs_ref
+from decodekit.ops.sampling.reference import sample_logits_ref, sampling_probs_ref
 
 
 def _logits(B: int, V: int, scale: float = 4.0, seed: int = 0) -> torch.Tensor:
@@ -134,7 +134,7 @@ def test_caller_logits_are_not_modified():
 def _spy(monkeypatch, name: str) -> list[bool]:
     """Wrap ``sampling_torch.<name>`` to record, per call, whether it returned a result (not None), so that a test
     knows which path ran."""
-    from decodekit.kernels import sampling_torch
+    from decodekit.ops.sampling import cpu as sampling_torch
 
     calls: list[bool] = []
     real = getattr(sampling_torch, name)
@@ -229,7 +229,7 @@ def _draw_torch(kind, x, kw, seeds, counts=None):
 def test_small_rows_numpy_path_draws_the_general_paths_tokens(monkeypatch, kind, kw, B, V):
     """Up to 2048 tokens with scalar parameters the CPU path runs in NumPy; its tokens and log-probabilities must
     be those of the general torch path (forced by declaring no row eligible), -inf tokens and ties included."""
-    from decodekit.kernels import sampling_torch
+    from decodekit.ops.sampling import cpu as sampling_torch
 
     scale = 0.01 if kw.get("top_p") == 0.999 else 3.0
     x = _logits(B, V, scale=scale, seed=B * V)
@@ -296,7 +296,7 @@ def test_small_rows_kept_sets_match_tts_reference(monkeypatch, T, p, k):
 
 def test_uniforms_split_over_threads_are_bit_exact(monkeypatch):
     """Many counters (a flat row's race) are split over threads; every chunk must equal the single-pass result."""
-    from decodekit.kernels import sampling_torch
+    from decodekit.ops.sampling import cpu as sampling_torch
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     g = torch.Generator().manual_seed(5)

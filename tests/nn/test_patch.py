@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import decodekit
-from decodekit._dispatch import count_launches
 from decodekit.nn import GeluLinear, LayerNormLinear, RMSNormLinear, is_patched, patch, unpatch
+from decodekit.ops._dispatch import count_launches
 
 transformers = pytest.importorskip("transformers")
 

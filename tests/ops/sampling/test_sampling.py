@@ -1,5 +1,5 @@
 """Sampler tests: the Triton kernels (interpreted here, compiled under make gpu-check) and the PyTorch path
-against the plain references in decodekit.reference.sampling."""
+against the plain references in decodekit.ops.sampling.reference."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from decodekit._dispatch import count_launches
-from decodekit.kernels.sampling import sample, sample_logits, sample_logits_probs, sampler_simple_batch, sampling_probs
-from decodekit.kernels.sampling_torch import philox_uniform
-from decodekit.reference.sampling import (
+from decodekit.ops._dispatch import count_launches
+from decodekit.ops.sampling import sample, sample_logits, sample_logits_probs, sampler_simple_batch, sampling_probs
+from decodekit.ops.sampling.cpu import philox_uniform
+from decodekit.ops.sampling.reference import (
     sample_logits_ref,
     sampler_simple_batch_ref,
     sampling_probs_ref,

@@ -17,7 +17,7 @@ import torch
 from decodekit.errors import UsageError
 from decodekit.runtime import EagerDecoder, OnnxDecoder, generate, load_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

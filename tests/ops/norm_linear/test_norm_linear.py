@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import decodekit
-from decodekit._dispatch import count_launches
-from decodekit.kernels import norm_linear as nl
-from decodekit.reference.norm_linear import gelu_linear_ref, layer_norm_linear_ref, rms_norm_linear_ref
+from decodekit.ops import norm_linear as nl
+from decodekit.ops._dispatch import count_launches
+from decodekit.ops.norm_linear import triton as nlk
+from decodekit.ops.norm_linear.reference import gelu_linear_ref, layer_norm_linear_ref, rms_norm_linear_ref
 
 DTYPES = [
     # dtype, atol (added to the 2x rule), rtol (fp32 only)
@@ -120,9 +121,9 @@ def test_activation_and_bias_grid(op, act, bias, norm_bias, dtype, atol, rtol, d
 @pytest.mark.parametrize(
     "config",
     [
-        nl.BlockConfig(16, 32, 32, group_m=2, num_stages=1),  # many row blocks, grouped order, short K steps
-        nl.BlockConfig(16, 32, 128, group_m=1, num_stages=1),  # a decode-family tile
-        nl.BlockConfig(128, 64, 64, group_m=8, num_stages=1),  # a prefill-family tile
+        nlk.BlockConfig(16, 32, 32, group_m=2, num_stages=1),  # many row blocks, grouped order, short K steps
+        nlk.BlockConfig(16, 32, 128, group_m=1, num_stages=1),  # a decode-family tile
+        nlk.BlockConfig(128, 64, 64, group_m=8, num_stages=1),  # a prefill-family tile
     ],
 )
 @pytest.mark.parametrize("op", OPS)
@@ -136,11 +137,11 @@ def test_forced_block_configs(op, config, device):
 
 def test_block_configs_split_decode_and_prefill():
     for m in (1, 8, 64):
-        cands = nl.block_configs(m, 4096, 4096, interpreter=False)
+        cands = nlk.block_configs(m, 4096, 4096, interpreter=False)
         assert all(c.block_m == max(16, 1 << (m - 1).bit_length()) and c.block_n <= 128 for c in cands)
-    prefill = nl.block_configs(2048, 4096, 4096, interpreter=False)
+    prefill = nlk.block_configs(2048, 4096, 4096, interpreter=False)
     assert all(c.block_m >= 64 for c in prefill) and len(prefill) > 1
-    assert len(nl.block_configs(2048, 4096, 4096, interpreter=True)) == 1
+    assert len(nlk.block_configs(2048, 4096, 4096, interpreter=True)) == 1
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
@@ -182,9 +183,9 @@ def test_no_garbage_leaks_from_output_buffers(monkeypatch, device):
     def nan_empty(shape, dtype, dev):
         return torch.full(shape, float("nan"), dtype=dtype, device=dev)
 
-    monkeypatch.setattr(nl, "_empty", nan_empty)
+    monkeypatch.setattr(nlk, "_empty", nan_empty)
     x, nw, nb, w, b = _make("layer_norm", 37, 100, 70, torch.float32, device)
-    y, pre, mean, rstd = nl.norm_linear_fwd(
+    y, pre, mean, rstd = nlk.norm_linear_fwd(
         x, nw, nb, w, b, eps=1e-5, norm=1, epi_act=3, store_preact=True, store_stats=True
     )
     for t in (y, pre, mean, rstd):
@@ -294,7 +295,8 @@ def test_empty_rows(device):
         (dict(backend="cuda"), r"backend must be one of"),
     ],
 )
-def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
+def test_bad_input_raises_naming_the_argument(kwargs, match):
+    """A wrong dtype is a TypeError, any other bad value a ValueError; both name the argument."""
     args = dict(
         x=torch.randn(3, 64),
         norm_weight=torch.randn(64),
@@ -306,7 +308,8 @@ def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
         backend="triton",
     )
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    exc = TypeError if "dtype" in match or match == r"\bx must" else ValueError
+    with pytest.raises(exc, match=match):
         decodekit.layer_norm_linear(**args)
 
 

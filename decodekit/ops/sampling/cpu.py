@@ -1,6 +1,6 @@
 """Fast PyTorch path of the sampler (what CPU tensors get with ``backend="auto"``).
 
-Same semantics and the same random stream as the Triton kernels in :mod:`decodekit.kernels.sampling`, without
+Same semantics and the same random stream as the Triton kernels in :mod:`decodekit.ops.sampling`, without
 ever sorting the vocabulary, and with as few full-row passes as the filters allow:
 
 * **Candidates by a two-level selection.** A row of V tokens is viewed as ``V / 64`` blocks; one ``amax`` pass

@@ -1,0 +1,58 @@
+"""The PyTorch path of the attention family: ``scaled_dot_product_attention`` under the masks decodekit's kernels imply.
+
+SDPA picks PyTorch's best CPU kernel (flash or math) and brings its own autograd; only ``q_offset``, ``kv_start``
+and per-row cache lengths need an explicit boolean mask. Rows that see no key come out as exact zeros, as in the
+kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float):
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        try:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+            )
+        except TypeError:  # torch < 2.5: no enable_gqa
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float):
+    """SDPA under a boolean mask ``[B|1, 1, S_q, S_k]``; rows with no visible key become exact zeros."""
+    out = _sdpa(q, k, v, visible, False, scale)
+    return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def attention(q, k, v, causal, scale, q_offset, kv_start, return_lse):
+    if return_lse:
+        from decodekit.ops.attention.reference import attention_ref
+
+        out, lse = attention_ref(q, k, v, causal, scale, q_offset, kv_start=kv_start, return_lse=True)
+        return out.to(q.dtype), lse.float()
+    if kv_start is None and (not causal or q_offset == 0):
+        return _sdpa(q, k, v, None, causal, scale)  # SDPA's causal mask is aligned top-left: q_offset == 0
+    s_q, s_k = q.shape[2], k.shape[2]
+    j = torch.arange(s_k, device=q.device)
+    visible = torch.ones(1, 1, s_q, s_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = (j[None, :] <= torch.arange(s_q, device=q.device)[:, None] + q_offset)[None, None]
+    if kv_start is not None:
+        visible = visible & (j.view(1, 1, 1, -1) >= kv_start.view(-1, 1, 1, 1))
+    return _masked_sdpa(q, k, v, visible, scale)
+
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start):
+    s_q, s_max = q.shape[2], k_cache.shape[2]
+    lens = cache_seqlens.to(torch.long).clamp(0, s_max).view(-1, 1, 1, 1)
+    i = torch.arange(s_q, device=q.device).view(1, 1, -1, 1)
+    j = torch.arange(s_max, device=q.device).view(1, 1, 1, -1)
+    visible = j < lens - s_q + 1 + i  # [B, 1, S_q, S_max]
+    if kv_start is not None:
+        visible = visible & (j >= kv_start.view(-1, 1, 1, 1))
+    return _masked_sdpa(q, k_cache, v_cache, visible, scale)

@@ -1,0 +1,213 @@
+"""Fused LayerNorm/RMSNorm + Linear and GELU + Linear: the public functions (validation + dispatch).
+
+``layer_norm_linear``, ``rms_norm_linear`` and ``gelu_linear`` validate here, then run the fused Triton kernel
+of :mod:`decodekit.ops.norm_linear.triton` (with its autograd Function) or the unfused PyTorch ops of
+:mod:`decodekit.ops.norm_linear.cpu`. Plain-PyTorch references for the tests live in
+:mod:`decodekit.ops.norm_linear.reference`. Triton is imported on the first kernel launch only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, resolve_backend
+from decodekit.ops.norm_linear import cpu
+
+if TYPE_CHECKING:
+    from decodekit.ops.norm_linear.triton import BlockConfig
+
+__all__ = ["ACTIVATIONS", "layer_norm_linear", "rms_norm_linear", "gelu_linear"]
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu")
+
+
+def _run(*args) -> torch.Tensor:
+    from decodekit.ops.norm_linear import triton as kernels  # Triton on first use
+
+    return kernels.run(*args)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...], op: str) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(_dtype_name(d) for d in allowed)
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {_dtype_name(t.dtype)}")
+
+
+def _check_vector(name: str, t: torch.Tensor | None, size: int, device: torch.device, op: str) -> None:
+    if t is None:
+        return
+    check_tensor(name, t, ndim=1, device=device, op=op)
+    _check_dtype(name, t, FLOAT_DTYPES, op)
+    if t.shape[0] != size:
+        raise ValueError(f"{op}: {name} must have shape ({size},), got {tuple(t.shape)}")
+
+
+def _validate(
+    op: str,
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+) -> tuple[int, int]:
+    """Check every argument loudly; return (N, K)."""
+    check_tensor("x", x, op=op)
+    _check_dtype("x", x, FLOAT_DTYPES, op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape [..., K], got a 0-d tensor")
+    check_tensor("weight", weight, ndim=2, device=x.device, op=op)
+    _check_dtype("weight", weight, (x.dtype,), op)
+    n, k = weight.shape
+    if k == 0:
+        raise ValueError(f"{op}: weight must have K >= 1 input features, got shape {tuple(weight.shape)}")
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x has K={x.shape[-1]} features but weight has shape [N, K]={tuple(weight.shape)}")
+    _check_vector("norm_weight", norm_weight, k, x.device, op)
+    _check_vector("norm_bias", norm_bias, k, x.device, op)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device, op=op)
+        _check_dtype("bias", bias, (x.dtype,), op)
+        if bias.shape[0] != n:
+            raise ValueError(f"{op}: bias must have shape ({n},) to match weight, got {tuple(bias.shape)}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or not math.isfinite(eps):
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return n, k
+
+
+def layer_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    *,
+    backend: str = "auto",
+    config: BlockConfig | None = None,
+) -> torch.Tensor:
+    """``act(layer_norm(x) @ weight.T + bias)`` in one Triton kernel.
+
+    Parameters
+    ----------
+    x : Tensor [..., K]
+        fp32, fp16 or bf16. Any leading shape (M = their product, 1 included); row-strided inputs are read in
+        place (a last dim with stride != 1 is copied first).
+    norm_weight, norm_bias : Tensor [K] or None
+        LayerNorm affine parameters (any float dtype; used in fp32). ``None`` means 1 / 0.
+    weight : Tensor [N, K]
+        Linear weight in ``nn.Linear`` layout, dtype of ``x``; any strides (a transposed view of a ``[K, N]``
+        Conv1D weight works without a copy).
+    bias : Tensor [N] or None
+        Linear bias, dtype of ``x``.
+    eps : float
+        LayerNorm epsilon.
+    activation : None, "gelu", "gelu_tanh" or "silu"
+        Applied after the bias, in fp32, before the single rounding to the output dtype.
+    backend : "auto", "triton" or "torch"
+        "auto": Triton on CUDA, ``F.layer_norm`` + ``F.linear`` on CPU (see :mod:`decodekit.ops._dispatch`).
+    config : BlockConfig, optional
+        Force one block configuration instead of autotuning (testing / tuning).
+
+    Returns
+    -------
+    Tensor [..., N] in ``x.dtype``. Statistics and accumulation are fp32; the normalized tile is rounded to the
+    weight dtype right before the tensor-core dot, which is where an unfused ``LayerNorm`` would round it.
+
+    Notes
+    -----
+    Autograd: gradients for ``x``, ``norm_weight``, ``norm_bias``, ``weight`` and ``bias``. Saved-tensor
+    memory is ``x`` (M*K elements) + 8*M bytes of fp32 statistics (+ M*N for the pre-activation output when
+    ``activation`` is set); unfused LayerNorm + Linear also saves the normalized activations (another M*K
+    elements), which this op recomputes in the backward instead.
+    Determinism: the forward is deterministic (no atomics; fixed reduction order per config). The autotuner
+    benchmarks configs on the first call of each (M bucket, N, K, dtype) key, so run one warm-up call before
+    capturing a CUDA graph; after that the launch is graph-capturable (no host sync, no allocation besides
+    the output).
+
+    Example
+    -------
+    >>> x = torch.randn(2, 5, 64)
+    >>> ln, lin = torch.nn.LayerNorm(64), torch.nn.Linear(64, 32)
+    >>> y = layer_norm_linear(x, ln.weight, ln.bias, lin.weight, lin.bias)
+    >>> torch.allclose(y, lin(ln(x)), atol=1e-5)
+    True
+    """
+    op = "layer_norm_linear"
+    _validate(op, x, norm_weight, norm_bias, weight, bias, eps, activation)
+    if resolve_backend(backend, x.device, op) == "torch":
+        return cpu.layer_norm_linear(x, norm_weight, norm_bias, weight, bias, eps, activation)
+    return _run(x, norm_weight, norm_bias, weight, bias, eps, "layer", None, activation, config)
+
+
+def rms_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    activation: str | None = None,
+    *,
+    backend: str = "auto",
+    config: BlockConfig | None = None,
+) -> torch.Tensor:
+    """``act(rms_norm(x) @ weight.T + bias)`` in one Triton kernel.
+
+    ``rms_norm(x) = x / sqrt(mean(x**2) + eps) * norm_weight`` (LLaMA's RMSNorm). Arguments, dtypes,
+    shapes and notes are as in :func:`layer_norm_linear`; saved-tensor memory is ``x`` + 4*M bytes (fp32
+    ``rstd``) (+ M*N with an activation), versus ``x`` + ``h`` (2*M*K elements) for RMSNorm + Linear.
+
+    Example
+    -------
+    >>> x, g = torch.randn(3, 64), torch.ones(64)
+    >>> w = torch.randn(16, 64)
+    >>> y = rms_norm_linear(x, g, w, activation="silu")
+    >>> y.shape
+    torch.Size([3, 16])
+    """
+    op = "rms_norm_linear"
+    _validate(op, x, norm_weight, None, weight, bias, eps, activation)
+    if resolve_backend(backend, x.device, op) == "torch":
+        return cpu.rms_norm_linear(x, norm_weight, weight, bias, eps, activation)
+    return _run(x, norm_weight, None, weight, bias, eps, "rms", None, activation, config)
+
+
+def gelu_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    approximate: str = "none",
+    *,
+    backend: str = "auto",
+    config: BlockConfig | None = None,
+) -> torch.Tensor:
+    """``gelu(x) @ weight.T + bias`` with the GELU applied to each input tile in the kernel's prologue.
+
+    ``approximate`` is ``"none"`` (exact, erf) or ``"tanh"`` as in ``F.gelu``. Shapes and dtypes as in
+    :func:`layer_norm_linear` (no norm). Saved-tensor memory: ``x`` only, versus ``x`` + ``gelu(x)`` for
+    GELU + Linear; ``gelu(x)`` is recomputed in the backward.
+
+    Example
+    -------
+    >>> x, w = torch.randn(4, 64), torch.randn(8, 64)
+    >>> torch.allclose(gelu_linear(x, w), torch.nn.functional.gelu(x) @ w.T, atol=1e-4)
+    True
+    """
+    op = "gelu_linear"
+    _validate(op, x, None, None, weight, bias, 0.0, None)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
+    if resolve_backend(backend, x.device, op) == "torch":
+        return cpu.gelu_linear(x, weight, bias, approximate)
+    return _run(x, None, None, weight, bias, 0.0, None, "gelu" if approximate == "none" else "gelu_tanh", None, config)
