@@ -11,6 +11,7 @@ Both classes offer the same small interface used by the runtime:
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import re
@@ -70,42 +71,108 @@ class Llama2cTokenizer:
         self._lookup: dict[bytes, int] = {}
         for i, p in enumerate(pieces):
             self._lookup.setdefault(p, i)
+        # mergeable pieces -> (-score, id): the first id of a piece, as the lookup; run.c starts its best score
+        # at -1e10 and compares with >, so a score <= -1e10 (or NaN) never merges
+        self._merges: dict[bytes, tuple[float, int]] = {
+            p: (-scores[i], i) for p, i in self._lookup.items() if scores[i] > -1e10
+        }
         # what each token prints as: raw bytes for <0xNN>, the piece itself otherwise
         self._bytes = [bytes([int(m.group(1), 16)]) if (m := _BYTE_PIECE.match(p)) else p for p in pieces]
+        #: the most bytes of text one token can cover (a merged piece, or 1 for a byte-fallback token)
+        self.max_piece_bytes = max(1, max(len(p) for p in pieces))
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of ``text`` exactly as llama2.c's ``encode(text, bos, eos)``."""
+    def min_tokens(self, text: str, bos: bool = True, eos: bool = False) -> int:
+        """A lower bound on ``len(self.encode(text, bos, eos))`` from the byte length alone (no encoding).
+
+        Every token covers at most :attr:`max_piece_bytes` bytes of the text plus the dummy-prefix space.
+        """
+        n = len(text.encode("utf-8"))
+        return int(bos) + int(eos) + (-(-(n + 1) // self.max_piece_bytes) if n else 0)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``text`` exactly as llama2.c's ``encode(text, bos, eos)``.
+
+        The merge loop is ``O(n log n)``: a heap of candidate pairs (score, then position: the highest score
+        wins, the leftmost pair on ties, as ``run.c``'s scan) over a doubly linked list of symbols; a popped
+        pair whose symbols changed since it was pushed is stale and skipped.
+
+        ``max_tokens``: raise :class:`UsageError` before any work when the byte length alone proves that the
+        encoding is longer (see :meth:`min_tokens`), and after encoding when it is.
+        """
+        if max_tokens is not None:
+            least = self.min_tokens(text, bos, eos)
+            if least > max_tokens:
+                raise UsageError(
+                    f"the prompt ({len(text)} characters) needs at least {least} tokens, more than {max_tokens}"
+                )
         data = text.encode("utf-8")
-        tokens: list[int] = [self.bos_id] if bos else []
+        tokens: list[int] = [self.bos_id] if bos else []  # BOS takes part in the merges, as in run.c
         if data:
             if b" " not in self._lookup:
                 raise UsageError(f"tokenizer {self.path} has no ' ' token for the dummy prefix")
             tokens.append(self._lookup[b" "])
-        i = 0
-        while i < len(data):
+        lookup = self._lookup
+        i, n = 0, len(data)
+        while i < n:
             # one UTF-8 character: a lead byte and at most 3 continuation bytes (run.c's buffer limit)
             j = i + 1
-            while j < len(data) and (data[j] & 0xC0) == 0x80 and j - i < 4:
+            while j < n and (data[j] & 0xC0) == 0x80 and j - i < 4:
                 j += 1
-            char = data[i:j]
-            tid = self._lookup.get(char)
+            tid = lookup.get(data[i:j])
             if tid is not None:
                 tokens.append(tid)
             else:
-                tokens.extend(b + 3 for b in char)  # byte fallback: the 3 special tokens come first
+                tokens.extend(b + 3 for b in data[i:j])  # byte fallback: the 3 special tokens come first
             i = j
-        while True:
-            best_score, best_id, best_idx = -1e10, -1, -1
-            for k in range(len(tokens) - 1):
-                tid = self._lookup.get(self.pieces[tokens[k]] + self.pieces[tokens[k + 1]])
-                if tid is not None and self.scores[tid] > best_score:
-                    best_score, best_id, best_idx = self.scores[tid], tid, k
-            if best_idx == -1:
-                break
-            tokens[best_idx : best_idx + 2] = [best_id]
+        tokens = self._merge(tokens)
         if eos:
             tokens.append(self.eos_id)
+        if max_tokens is not None and len(tokens) > max_tokens:
+            raise UsageError(f"the prompt is {len(tokens)} tokens long, more than {max_tokens}")
         return tokens
+
+    def _merge(self, tokens: list[int]) -> list[int]:
+        """``run.c``'s merge loop (best-scoring adjacent pair first, leftmost on ties) in ``O(n log n)``."""
+        n = len(tokens)
+        if n < 2:
+            return tokens
+        pieces, merges = self.pieces, self._merges
+        nxt = list(range(1, n + 1))  # nxt[n - 1] == n: the end
+        prv = list(range(-1, n - 1))
+        tok = list(tokens)
+        # heap entries (-score, left position, left token, right token); positions keep their order
+        heap = []
+        for k in range(n - 1):
+            m = merges.get(pieces[tok[k]] + pieces[tok[k + 1]])
+            if m is not None:
+                heap.append((m[0], k, tok[k], tok[k + 1]))
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _, k, a, b = pop(heap)
+            r = nxt[k]
+            if tok[k] != a or r >= n or tok[r] != b:
+                continue  # stale: one of the two symbols was merged since this pair was pushed
+            tok[k] = new = merges[pieces[a] + pieces[b]][1]
+            tok[r] = -1
+            rr = nxt[r]
+            nxt[k] = rr
+            if rr < n:
+                prv[rr] = k
+                m = merges.get(pieces[new] + pieces[tok[rr]])
+                if m is not None:
+                    push(heap, (m[0], k, new, tok[rr]))
+            left = prv[k]
+            if left >= 0:
+                m = merges.get(pieces[tok[left]] + pieces[new])
+                if m is not None:
+                    push(heap, (m[0], left, tok[left], new))
+        out = []
+        k = 0
+        while k < n:
+            out.append(tok[k])
+            k = nxt[k]
+        return out
 
     def decode_piece(self, prev_id: int, token_id: int) -> bytes:
         """The bytes ``run.c`` prints for ``token_id`` after ``prev_id`` (leading space dropped after BOS)."""
