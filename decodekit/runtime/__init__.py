@@ -14,14 +14,23 @@ This package never needs a GPU: everything runs on ONNX Runtime's CPU provider a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from decodekit.errors import UsageError
-from decodekit.runtime.loop import GenerationConfig, GenerationResult, StepModel, run_generation
+from decodekit.runtime.config import GenerationConfig, check_bool, check_int, generation_params, resolve_config
+from decodekit.runtime.loop import (
+    MAX_BATCH,
+    GenerationResult,
+    Prompts,
+    StepModel,
+    generate_on,
+    run_generation,
+    split_prompts,
+)
 from decodekit.runtime.onnx import METADATA_FILE, OnnxDecoder, read_metadata
 
 __all__ = [
@@ -31,9 +40,11 @@ __all__ = [
     "OnnxDecoder",
     "StepModel",
     "generate",
+    "generate_on",
     "load_backend",
     "read_metadata",
     "resolve_export_dir",
+    "run_generation",
 ]
 
 
@@ -43,6 +54,13 @@ def __getattr__(name: str) -> Any:
 
         return EagerDecoder
     raise AttributeError(f"module 'decodekit.runtime' has no attribute {name!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _is_export_dir(path: Path) -> bool:
@@ -115,11 +133,18 @@ def load_backend(
     cache_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> StepModel:
-    """Open ``source`` on ``backend`` ("onnx" or "eager") and return a step model with a ``tokenizer``."""
-    if backend not in ("onnx", "eager"):
-        raise UsageError(f"backend must be 'onnx' or 'eager', got {backend!r}")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    """Open ``source`` on ``backend`` ("onnx" or "eager") and return a step model with a ``tokenizer``.
+
+    The arguments are checked before anything is loaded (``TypeError`` / ``UsageError`` naming the argument).
+    """
+    _check_choice("backend", backend, ("onnx", "eager"))
+    _check_choice("device", device, ("cpu", "cuda"))
+    check_int("max_batch", max_batch, lo=1, hi=MAX_BATCH)
+    if max_seq_len is not None:
+        check_int("max_seq_len", max_seq_len, lo=2)
+    check_bool("io_binding", io_binding)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a path, got {type(source).__name__}")
     src = Path(source)
     if backend == "onnx":
         export_dir = resolve_export_dir(src, cache_dir=cache_dir, progress=progress)
@@ -143,53 +168,17 @@ def load_backend(
     return dec
 
 
-def _encode_prompts(model: StepModel, prompts: Any) -> list[list[int]] | torch.Tensor:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, str) for p in prompts):
-        tok = getattr(model, "tokenizer", None)
-        if tok is None:
-            raise UsageError("text prompts need a tokenizer and this model has none: pass token ids instead of text")
-        # an empty prompt is BOS alone, as llama2.c's run.c starts without a prompt
-        return [tok.encode(p, bos=True) for p in prompts]
-    return prompts
-
-
-def _generate_on(
-    model: StepModel,
-    prompts: Any,
-    *,
-    stream: Callable[[int, int], None] | None = None,
-    **params: Any,
-) -> GenerationResult:
-    ids = _encode_prompts(model, prompts)
-    config = GenerationConfig(**params)
-    return run_generation(
-        model,
-        ids,
-        config,
-        default_stop_ids=model.default_stop_ids,
-        tokenizer=getattr(model, "tokenizer", None),
-        stream=stream,
-    )
-
-
+@generation_params
 def generate(
     source: str | os.PathLike | StepModel,
-    prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
+    prompts: Prompts,
+    config: GenerationConfig | None = None,
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stop_ids: Sequence[int] | None = None,
     stream: Callable[[int, int], None] | None = None,
     backend: str = "onnx",
     device: str = "cpu",
     max_seq_len: int | None = None,
+    **params: Any,
 ) -> GenerationResult:
     """Generate text or tokens from a batch of prompts.
 
@@ -198,22 +187,32 @@ def generate(
     source : path-like or step model
         An export directory, a llama2.c checkpoint, a Hugging Face directory, or an already opened
         :class:`OnnxDecoder` / :class:`EagerDecoder`.
-    prompts : str, list of str, list of lists of int, or LongTensor [B, S]
-        Text (needs the model's tokenizer; an empty string is BOS alone) or token ids. Rows of different
-        lengths are left-padded into one batch.
-    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop_ids
-        See :class:`GenerationConfig`; ``temperature=0`` is greedy.
+    prompts : str, list of str, list of token ids, list of token-id lists, or int tensor [B, S]
+        Text (needs the model's tokenizer; an empty string is BOS alone) or token ids, not mixed. Rows of
+        different lengths are left-padded into one batch.
+    config : GenerationConfig, optional
+        Parameters to start from; the keyword arguments below override its fields.
     stream : callable(row, token_id), optional
         Called for each generated token as soon as it is sampled.
     backend : {"onnx", "eager"}
         ONNX Runtime with IO binding, or decodekit's eager PyTorch model. Same sampler, same seeds: the
-        two give the same tokens.
+        two give the same tokens. Ignored when ``source`` is an opened model.
     device : {"cpu", "cuda"}
+    max_seq_len : int, optional
+        Longest prompt + generation (default: the model's).
+    {generation_params}
 
     Returns
     -------
     GenerationResult
         Token ids per row, decoded text, finish reasons, time to first token and decode tokens/s.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a float token id, ``top_p=None``, text mixed with token ids, ...).
+    UsageError
+        A ``ValueError``: a bad value (``top_p=0``, an empty batch, a missing model, ...). Both name the argument.
 
     Examples
     --------
@@ -221,21 +220,11 @@ def generate(
     ...                max_new_tokens=32, temperature=0)  # doctest: +SKIP
     >>> res.text[0]  # doctest: +SKIP
     """
+    config = resolve_config(config, **params)  # bad parameters fail before a model is loaded
     if isinstance(source, (str, os.PathLike)):
-        n_rows = 1 if isinstance(prompts, str) else len(prompts)
-        model = load_backend(source, backend, device=device, max_batch=max(1, n_rows), max_seq_len=max_seq_len)
+        texts, rows = split_prompts(prompts)  # bad prompts too
+        n_rows = len(texts if texts is not None else rows)
+        model = load_backend(source, backend, device=device, max_batch=n_rows, max_seq_len=max_seq_len)
     else:
         model = source
-    return _generate_on(
-        model,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop_ids=stop_ids,
-        stream=stream,
-    )
+    return generate_on(model, prompts, config, stream=stream)

@@ -1,32 +1,77 @@
-"""``decodekit generate`` and ``decodekit demo`` (registered into :mod:`decodekit.cli`)."""
+"""``decodekit generate`` and ``decodekit demo`` (registered into :mod:`decodekit.cli`).
+
+The generation flags of ``decodekit generate`` are not written here: :func:`add_generation_flags` makes one
+``--field-name`` flag per field of :class:`~decodekit.runtime.config.GenerationConfig` (type, default and help
+from the field), and :func:`config_from_namespace` builds the config back from the parsed flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from decodekit.errors import UsageError
+from decodekit.runtime.config import GenerationConfig, field_types
+
+
+def flag_name(field_name: str) -> str:
+    """``top_p`` -> ``--top-p``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
+    """argparse keywords for a field of type ``annotation`` (``X | None`` is ``X`` with ``None`` as default)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            annotation = rest[0]
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (tuple, list) and args and args[0] in (int, float, str) and (origin is list or args[1:] == (...,)):
+        return {"type": args[0], "nargs": "*"}
+    raise TypeError(f"GenerationConfig.{name}: no command-line form for type {annotation!r}")
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`GenerationConfig` field, in declaration order, into its own argument group."""
+    group = parser.add_argument_group("generation parameters (decodekit.runtime.GenerationConfig)")
+    hints = field_types()
+    for f in dataclasses.fields(GenerationConfig):
+        kwargs = _flag_kwargs(f.name, hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if kwargs.get("nargs") == "*":
+            help_text += "; give the flag with no value for an empty list"
+        group.add_argument(
+            flag_name(f.name), dest=f.name, default=f.default, help=f"{help_text} (default: {f.default})", **kwargs
+        )
+
+
+def config_from_namespace(ns: argparse.Namespace) -> GenerationConfig:
+    """The validated :class:`GenerationConfig` of parsed flags (``TypeError`` / ``UsageError`` naming the field)."""
+    return GenerationConfig(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(GenerationConfig)})
 
 
 @dataclass
 class GenerateArgs:
-    """The typed arguments of ``decodekit generate`` (mirrors :func:`decodekit.runtime.loop`)."""
+    """The typed arguments of ``decodekit generate``: what to run where, and one :class:`GenerationConfig`."""
 
     model: str
     prompt: str = ""
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
     backend: str = "onnx"
     device: str = "cpu"
+    config: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 class TextStream:
@@ -53,27 +98,20 @@ def _progress(msg: str) -> None:
 
 
 def run_generate(args: GenerateArgs) -> int:
-    from decodekit.runtime import GenerationConfig, _encode_prompts, _generate_on, load_backend
+    from decodekit.runtime import load_backend
+    from decodekit.runtime.loop import encode_prompts, generate_on
 
-    params = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-    GenerationConfig(**params).validate()  # bad flags fail before anything is loaded or printed
+    if not isinstance(args.config, GenerationConfig):  # it validated itself when built, before anything is loaded
+        raise TypeError(f"config must be a GenerationConfig, got {type(args.config).__name__}")
     t0 = time.perf_counter()
     model = load_backend(args.model, args.backend, device=args.device, max_batch=1, progress=_progress)
     load_s = time.perf_counter() - t0
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
-    prompt_ids = _encode_prompts(model, [args.prompt])[0]
+    prompt_ids = encode_prompts(model, [args.prompt])[0]
     stream = TextStream(tok, prompt_ids)
-    res = _generate_on(model, [prompt_ids], stream=stream, **params)
+    res = generate_on(model, [prompt_ids], args.config, stream=stream)
     sys.stdout.write("\n")
     _progress(
         f"{args.backend} backend on {args.device} (loaded in {load_s:.2f} s): "
@@ -84,21 +122,9 @@ def run_generate(args: GenerateArgs) -> int:
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
-    return run_generate(
-        GenerateArgs(
-            model=ns.model,
-            prompt=ns.prompt,
-            max_new_tokens=ns.max_new_tokens,
-            temperature=ns.temperature,
-            top_k=ns.top_k,
-            top_p=ns.top_p,
-            min_p=ns.min_p,
-            repetition_penalty=ns.repetition_penalty,
-            seed=ns.seed,
-            backend=ns.backend,
-            device=ns.device,
-        )
-    )
+    config = config_from_namespace(ns)
+    return run_generate(GenerateArgs(model=ns.model, prompt=ns.prompt, backend=ns.backend, device=ns.device,
+                                     config=config))
 
 
 @dataclass
@@ -114,12 +140,13 @@ class DemoArgs:
 
 def _decode_speed(model, n_tokens: int, repeats: int) -> float:  # noqa: ANN001 - a StepModel
     """Median decode tokens/s of greedy batch-1 generation of exactly ``n_tokens`` from BOS."""
-    from decodekit.runtime import _generate_on
+    from decodekit.runtime.loop import generate_on
 
     bos = model.config.bos_id
     speeds = []
+    config = GenerationConfig(max_new_tokens=n_tokens, temperature=0.0, stop_ids=())
     for _ in range(repeats + 1):  # the first run warms up
-        res = _generate_on(model, [[bos]], max_new_tokens=n_tokens, temperature=0.0, stop_ids=[])
+        res = generate_on(model, [[bos]], config)
         speeds.append(res.decode_tokens_per_s)
     return statistics.median(speeds[1:])
 
@@ -135,7 +162,8 @@ def _checkpoint_in(path: Path) -> Path:
 
 
 def run_demo(args: DemoArgs) -> int:
-    from decodekit.runtime import OnnxDecoder, _encode_prompts, _generate_on, load_backend, resolve_export_dir
+    from decodekit.runtime import OnnxDecoder, load_backend, resolve_export_dir
+    from decodekit.runtime.loop import encode_prompts, generate_on
 
     src = _checkpoint_in(Path(args.model))
     t0 = time.perf_counter()
@@ -143,11 +171,12 @@ def run_demo(args: DemoArgs) -> int:
     _progress(f"export ready in {export_dir} ({time.perf_counter() - t0:.1f} s)")
 
     fused = OnnxDecoder(export_dir, "cpu", max_batch=1)
-    prompt_ids = _encode_prompts(fused, [args.prompt])[0]
+    prompt_ids = encode_prompts(fused, [args.prompt])[0]
     print("=== a story (ONNX Runtime + IO binding + decodekit.sample, temperature 0.8, top-p 0.95, seed "
           f"{args.seed}) ===")
     stream = TextStream(fused.tokenizer, prompt_ids)
-    _generate_on(fused, [prompt_ids], max_new_tokens=256, temperature=0.8, top_p=0.95, seed=args.seed, stream=stream)
+    story = GenerationConfig(max_new_tokens=256, temperature=0.8, top_p=0.95, seed=args.seed)
+    generate_on(fused, [prompt_ids], story, stream=stream)
     print("\n")
 
     plain = OnnxDecoder(export_dir, "cpu", max_batch=1, io_binding=False)
@@ -180,15 +209,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("model", help="export directory, llama2.c .bin checkpoint, or Hugging Face model directory")
     g.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. BOS alone)")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--backend", choices=("onnx", "eager"), default="onnx")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_generation_flags(g)
     g.set_defaults(func=_cmd_generate)
 
     d = sub.add_parser(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from decodekit.models import Decoder
-from decodekit.runtime.loop import GenerateMixin
+from decodekit.runtime.config import check_int
+from decodekit.runtime.loop import MAX_BATCH, GenerateMixin, check_reset_batch
 
 
 class EagerDecoder(GenerateMixin):
@@ -20,13 +21,26 @@ class EagerDecoder(GenerateMixin):
     ----------
     model : Decoder
         Any decodekit decoder (patched or not); put in eval mode here.
-    max_batch, max_seq_len : int, optional
-        Limits checked by the generation loop (defaults: 64 and the model's ``max_seq_len``).
+    max_batch : int
+        Most rows a generation may have, in ``[1, MAX_BATCH]`` (default 64).
+    max_seq_len : int, optional
+        Longest prompt + generation, at least 2 (default and upper limit: the model's ``max_seq_len``).
+
+    Wrong argument types raise ``TypeError``, bad values ``UsageError`` (a ``ValueError``), naming the argument.
+
+    Threads: one decoder holds one KV cache, so :meth:`generate` takes the decoder's lock; threads sharing a
+    decoder take turns, and each call returns exactly the tokens it would return alone. Calling :meth:`reset` /
+    :meth:`step` directly is not locked: do not mix that with concurrent ``generate`` calls.
     """
 
     def __init__(self, model: Decoder, *, max_batch: int = 64, max_seq_len: int | None = None) -> None:
-        self.model = model.eval()
+        if not isinstance(model, Decoder):
+            raise TypeError(f"model must be a decodekit Decoder, got {type(model).__name__}")
         cfg = model.config
+        max_batch = check_int("max_batch", max_batch, lo=1, hi=MAX_BATCH)
+        if max_seq_len is not None:
+            max_seq_len = check_int("max_seq_len", max_seq_len, lo=2)
+        self.model = model.eval()
         self.config = cfg
         self.vocab_size = cfg.vocab_size
         self.max_batch = max_batch
@@ -34,12 +48,14 @@ class EagerDecoder(GenerateMixin):
         self.device = model.tok_embeddings.weight.device
         self._past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.tokenizer = None  # set by decodekit.runtime.load_backend when the checkpoint has one
+        self._init_generate_lock()
 
     @property
     def default_stop_ids(self) -> list[int]:
         return list(self.config.stop_ids or [self.config.eos_id])
 
     def reset(self, batch_size: int) -> None:
+        check_reset_batch(batch_size, self.max_batch)
         self._past = None
 
     @torch.inference_mode()

@@ -9,28 +9,49 @@ same model and seed produce the same tokens:
   ``position_ids`` counting real tokens only), one prefill step, then one-token decode steps;
 * sampling with :func:`decodekit.sample` straight from the step's logits tensor (for the IO-binding
   backend that tensor is the buffer ONNX Runtime wrote: no copy, no numpy), per-row seeds advanced
-  on the device each step, penalties from an in-place ``token_counts`` tensor;
+  on the device each step; the repetition, presence and frequency penalties read an int32 ``token_counts``
+  ``[B, V]`` tensor (the prompt's tokens, then each sampled token added in place);
 * stopping per row on stop ids or length; streaming callbacks; timings (time to first token, decode
   tokens/s).
+
+:func:`generate_on` (and ``generate`` on the decoders, through :class:`GenerateMixin`) adds prompt encoding,
+:class:`~decodekit.runtime.config.GenerationConfig` building from keyword arguments, and the decoder's lock, so
+that threads sharing one decoder take turns.
 """
 
 from __future__ import annotations
 
-import math
+import numbers
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from decodekit.errors import UsageError
+from decodekit.runtime.config import GenerationConfig, check_int, generation_params, resolve_config
+
+#: The largest ``max_batch`` a decoder accepts (a typo such as ``10**7`` fails with a clear error instead of a
+#: huge allocation; the ONNX decoder also checks its buffers against the memory available).
+MAX_BATCH = 1 << 16
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 # Per-row, per-step seeds: base + row * _ROW_STRIDE + step * _STEP_STRIDE, kept in [0, 2**62) (odd constants,
 # so rows and steps never share a seed within a generation).
 _SEED_MASK = (1 << 62) - 1
 _STEP_STRIDE = 0x2545F4914F6CDD1D & _SEED_MASK
 _ROW_STRIDE = 0x1E3779B97F4A7C15 & _SEED_MASK
+
+
+def check_reset_batch(batch_size: object, max_batch: int) -> int:
+    """``reset``'s argument: an int in ``[1, max_batch]`` (``TypeError`` / ``UsageError`` naming ``batch_size``)."""
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    if batch_size > max_batch:
+        raise UsageError(f"batch_size {batch_size} exceeds max_batch={max_batch}")
+    return batch_size
 
 
 class StepModel(Protocol):
@@ -47,39 +68,9 @@ class StepModel(Protocol):
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run ``input_ids [B, S]`` after the cache; return logits ``[B, V]`` of the last position."""
 
-
-@dataclass
-class GenerationConfig:
-    """Sampling and stopping parameters of :func:`run_generation` (the CLI flags map onto these).
-
-    ``temperature == 0`` is greedy decoding. ``seed=None`` draws one from torch's default generator.
-    ``stop_ids=None`` uses the model's own stop ids (EOS; BOS too for llama2.c checkpoints).
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_ids: Sequence[int] | None = None
-
-    def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise UsageError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not 0 <= self.min_p <= 1:
-            raise UsageError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise UsageError(f"seed must be an int or None, got {self.seed!r}")
+    @property
+    def default_stop_ids(self) -> list[int]:
+        """The stop ids used when the config's ``stop_ids`` is None."""
 
 
 @dataclass
@@ -108,51 +99,171 @@ class GenerationResult:
         return self.decode_tokens / self.decode_time_s if self.decode_time_s > 0 else float("nan")
 
 
-class GenerateMixin:
-    """``generate(prompts, **params)`` for step models (text prompts need ``self.tokenizer``)."""
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
-    def generate(
-        self,
-        prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_ids: Sequence[int] | None = None,
-        stream: Callable[[int, int], None] | None = None,
-    ) -> GenerationResult:
-        """Generate from text prompts or token ids; parameters as in :func:`decodekit.runtime.loop`."""
-        from decodekit.runtime import _generate_on
+_PROMPTS_WANT = "a str, a list of str, a list of token ids, a list of token-id lists or an int tensor [B, S]"
 
-        return _generate_on(
-            self,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop_ids=stop_ids,
+
+def _id_row(name: str, row: object) -> list[int]:
+    """One prompt of token ids (a sequence of ints or a 1-D int tensor) as a list; ``TypeError`` naming the
+    offending element otherwise (a float id is never truncated)."""
+    if isinstance(row, torch.Tensor):
+        if row.dim() != 1 or row.dtype not in _INT_DTYPES:
+            raise TypeError(f"{name} must be a 1-D int tensor, got {tuple(row.shape)} {row.dtype}")
+        return row.tolist()
+    if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+        raise TypeError(f"{name} must be a list of int token ids, got {type(row).__name__} {row!r:.40}")
+    out = []
+    for j, t in enumerate(row):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"{name}[{j}] must be an int token id, got {type(t).__name__} {t!r}")
+        out.append(int(t))
+    return out
+
+
+def split_prompts(prompts: object) -> tuple[list[str] | None, list[list[int]] | None]:
+    """Check the structure of ``prompts`` without a tokenizer: ``(texts, None)`` or ``(None, token_id_rows)``.
+
+    ``TypeError`` (naming ``prompts``) for anything that is not one of: a str, a non-empty list of str, a list
+    of ints (one prompt), a list of token-id lists / 1-D int tensors, an int tensor ``[S]`` or ``[B, S]``;
+    text and token ids may not be mixed. ``UsageError`` for an empty batch.
+    """
+    if isinstance(prompts, str):
+        return [prompts], None
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dtype not in _INT_DTYPES:
+            raise TypeError(f"prompts must be an int tensor, got {prompts.dtype}")
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise UsageError(f"prompts must be an int tensor [B, S], got shape {tuple(prompts.shape)}")
+        if prompts.shape[0] == 0:
+            raise UsageError("prompts is empty: give at least one prompt")
+        return None, prompts.tolist()
+    if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be {_PROMPTS_WANT}, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise UsageError("prompts is empty: give at least one prompt")
+    is_text = [isinstance(p, str) for p in prompts]
+    if all(is_text):
+        return list(prompts), None
+    if any(is_text):
+        raise TypeError(
+            f"prompts mixes text (prompts[{is_text.index(True)}]) and token ids (prompts[{is_text.index(False)}]): "
+            "give all rows as str or all as token ids"
+        )
+    if all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in prompts):
+        return None, [_id_row("prompts", prompts)]  # a flat list of ints is one prompt, like a 1-D tensor
+    return None, [_id_row(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
+
+
+def encode_prompts(model: StepModel, prompts: Prompts) -> list[list[int]]:
+    """Token-id rows of ``prompts`` (see :func:`split_prompts`); text is encoded with ``model.tokenizer``, an
+    empty string as BOS alone (as llama2.c's ``run.c`` starts without a prompt)."""
+    texts, rows = split_prompts(prompts)
+    if texts is not None:
+        tok = getattr(model, "tokenizer", None)
+        if tok is None:
+            raise UsageError("text prompts need a tokenizer and this model has none: pass token ids instead of text")
+        rows = [tok.encode(p, bos=True) for p in texts]
+    return rows
+
+
+class _HeldLock:
+    """The decoder's generation lock, held for one ``generate`` (and refusing re-entry from the same thread, e.g.
+    from a ``stream`` callback, which would otherwise deadlock)."""
+
+    def __init__(self, model: object) -> None:
+        self.lock: threading.Lock | None = getattr(model, "_generate_lock", None)
+        self.owner: list[int | None] | None = getattr(model, "_generate_owner", None)
+
+    def __enter__(self) -> None:
+        if self.lock is None:
+            return
+        me = threading.get_ident()
+        if self.owner is not None and self.owner[0] == me:
+            raise RuntimeError("generate() was called again from inside a generate() on the same decoder "
+                               "(e.g. from its stream callback); use a second decoder")
+        self.lock.acquire()
+        if self.owner is not None:
+            self.owner[0] = me
+
+    def __exit__(self, *exc: object) -> None:
+        if self.lock is None:
+            return
+        if self.owner is not None:
+            self.owner[0] = None
+        self.lock.release()
+
+
+def generate_on(
+    model: StepModel,
+    prompts: Prompts,
+    config: GenerationConfig | None = None,
+    *,
+    stream: Callable[[int, int], None] | None = None,
+    **params: Any,
+) -> GenerationResult:
+    """Encode ``prompts`` and run :func:`run_generation` on an opened step model, holding its generation lock.
+
+    ``params`` are :class:`GenerationConfig` fields, applied on top of ``config``.
+    """
+    config = resolve_config(config, **params)  # validated before anything else happens
+    with _HeldLock(model):
+        rows = encode_prompts(model, prompts)
+        return run_generation(
+            model,
+            rows,
+            config,
+            default_stop_ids=model.default_stop_ids,
+            tokenizer=getattr(model, "tokenizer", None),
             stream=stream,
         )
 
 
-def _normalize_prompts(input_ids: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> list[list[int]]:
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise UsageError(f"input_ids must be an int tensor [B, S], got {tuple(input_ids.shape)} {input_ids.dtype}")
-        rows = input_ids.tolist()
-    else:
-        rows = [list(map(int, r)) for r in input_ids]
-    if not rows:
-        raise UsageError("input_ids is empty: give at least one prompt")
+class GenerateMixin:
+    """``generate(prompts, config=None, *, stream=None, **params)`` for step models.
+
+    A class using it calls :meth:`_init_generate_lock` in ``__init__``: concurrent ``generate`` calls on one
+    object then run one after the other, each with the results it would get alone.
+    """
+
+    def _init_generate_lock(self) -> None:
+        self._generate_lock = threading.Lock()
+        self._generate_owner: list[int | None] = [None]
+
+    @generation_params
+    def generate(
+        self,
+        prompts: Prompts,
+        config: GenerationConfig | None = None,
+        *,
+        stream: Callable[[int, int], None] | None = None,
+        **params: Any,
+    ) -> GenerationResult:
+        """Generate from text prompts or token ids (left-padded into one batch of at most ``max_batch`` rows).
+
+        Parameters
+        ----------
+        prompts : str, list of str, list of token ids, list of token-id lists, or int tensor [B, S]
+            Text needs the model's tokenizer (an empty string is BOS alone). Text and ids may not be mixed.
+        config : GenerationConfig, optional
+            Parameters to start from; keyword arguments below override its fields.
+        stream : callable(row, token_id), optional
+            Called for each generated token as soon as it is sampled.
+        {generation_params}
+
+        Raises ``TypeError`` for an argument of the wrong type and ``UsageError`` (a ``ValueError``) for a bad value,
+        naming it. Thread-safe: concurrent calls on one decoder are serialized.
+        """
+        return generate_on(self, prompts, config, stream=stream, **params)
+
+
+def _check_rows(input_ids: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> list[list[int]]:
+    """Token-id rows (see :func:`split_prompts`; text is refused here), each non-empty and inside the vocabulary."""
+    _, rows = split_prompts(input_ids)
+    if rows is None:
+        raise TypeError("input_ids must be token ids, not text (encode it first, or use generate())")
     for b, r in enumerate(rows):
         if not r:
             raise UsageError(f"prompt {b} has no tokens (start it with BOS)")
@@ -196,8 +307,9 @@ def run_generation(
     """
     from decodekit.ops.sampling import sample  # lazy: keeps `import decodekit.runtime` light
 
-    config.validate()
-    rows = _normalize_prompts(input_ids, model.vocab_size)
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    rows = _check_rows(input_ids, model.vocab_size)
     b = len(rows)
     if b > model.max_batch:
         raise UsageError(f"batch of {b} prompts exceeds max_batch={model.max_batch}")
@@ -205,6 +317,8 @@ def run_generation(
     if longest >= model.max_seq_len:
         raise UsageError(f"prompt of {longest} tokens does not fit max_seq_len={model.max_seq_len} (needs one slot)")
     new_tokens = min(config.max_new_tokens, model.max_seq_len - longest)
+    if config.stop_ids is not None and any(t >= model.vocab_size for t in config.stop_ids):
+        raise UsageError(f"stop_ids must be token ids in [0, {model.vocab_size}), got {list(config.stop_ids)}")
     stop_ids = set(default_stop_ids if config.stop_ids is None else config.stop_ids)
     device = model.device
     buf = _Buffers(rows, longest + new_tokens, model.vocab_size, device)
@@ -215,20 +329,14 @@ def run_generation(
     row_seeds = row_seeds.to(device)
     seeds = torch.empty_like(row_seeds)
     counts = None
-    if config.repetition_penalty != 1.0:
+    if config.uses_token_counts:  # the penalties read how often each token occurred (prompt + output) per row
         counts = torch.zeros(b, model.vocab_size, dtype=torch.int32, device=device)
         for i, r in enumerate(rows):
             ids = torch.tensor(r, device=device)
             counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
     ones = torch.ones(b, 1, dtype=torch.int32, device=device)
-    sample_kwargs = dict(
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        min_p=config.min_p,
-        repetition_penalty=config.repetition_penalty,
-        token_counts=counts,
-    )
+    sample_kwargs = config.sampler_kwargs()  # every sampler field of the config, under its own name
+    sample_kwargs["token_counts"] = counts
 
     out_tokens: list[list[int]] = [[] for _ in range(b)]
     finish = ["length"] * b

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from decodekit.errors import UsageError
-from decodekit.runtime.loop import GenerateMixin
+from decodekit.runtime.config import check_bool, check_int
+from decodekit.runtime.loop import MAX_BATCH, GenerateMixin, check_reset_batch
 
 METADATA_FILE = "decodekit.json"
 FORMAT_VERSION = 1
@@ -68,6 +69,54 @@ def read_metadata(model_dir: str | os.PathLike) -> dict[str, Any]:
 # Below this many bytes of weights a CPU step is a few hundred microseconds of small ops: a second ORT thread
 # only adds hand-offs (measured on 2 cores, stories260K batch 8: 154 ms per 128 tokens with 2 threads, 138 with 1).
 _SMALL_MODEL_BYTES = 64 << 20
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CPU: ``MemAvailable`` of /proc/meminfo, else physical
+    memory); None when unknown."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:  # pragma: no cover
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def _check_metadata(meta: dict[str, Any], cfg: Any, where: Path) -> int:
+    """The redundant entries of ``decodekit.json`` agree with its ``config``; returns its ``max_seq_len``."""
+    seq = meta.get("max_seq_len", cfg.max_seq_len)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 2:
+        raise UsageError(f"{where}: max_seq_len must be an int >= 2, got {seq!r}")
+    pairs = [
+        ("max_seq_len", seq, "config.max_seq_len", cfg.max_seq_len),
+        ("vocab_size", meta.get("vocab_size", cfg.vocab_size), "config.vocab_size", cfg.vocab_size),
+    ]
+    logits = meta.get("logits")
+    if isinstance(logits, dict) and "vocab_size" in logits:
+        pairs.append(("logits.vocab_size", logits["vocab_size"], "config.vocab_size", cfg.vocab_size))
+    kv = meta.get("kv_cache")
+    if isinstance(kv, dict):
+        for key, attr in (("num_layers", "n_layers"), ("num_kv_heads", "n_kv_heads"), ("head_dim", "head_dim")):
+            if key in kv:
+                pairs.append((f"kv_cache.{key}", kv[key], f"config.{attr}", getattr(cfg, attr)))
+    for name, value, other, want in pairs:
+        if value != want:
+            raise UsageError(f"{where} is inconsistent: {name} is {value!r} but {other} is {want!r}")
+    return seq
 
 
 def _default_cpu_threads(model_file: Path) -> int | None:
@@ -151,9 +200,11 @@ class OnnxDecoder(GenerateMixin):
         Where the session runs and the buffers live. ``"cuda"`` needs ONNX Runtime's CUDA execution
         provider and a CUDA device visible to torch; asking for it without them raises ``UsageError``.
     max_batch : int
-        Most rows a generation may have (the KV buffers are sized for it).
+        Most rows a generation may have, in ``[1, MAX_BATCH]`` (65536). The KV buffers are sized for
+        ``max_batch x max_seq_len`` and allocated here; when they would not fit in the memory available on the
+        device, ``UsageError`` names ``max_batch`` and ``max_seq_len`` before anything is allocated.
     max_seq_len : int, optional
-        Longest prompt + generation (default: the export's ``max_seq_len``; may not exceed it).
+        Longest prompt + generation, at least 2 (default: the export's ``max_seq_len``; may not exceed it).
     io_binding : bool
         ``True``: zero-copy IO binding (see the module docstring). ``False``: plain ``session.run`` with
         numpy arrays, for comparison.
@@ -161,6 +212,23 @@ class OnnxDecoder(GenerateMixin):
         ONNX Runtime's intra-op thread count. Default: ``$DECODEKIT_ORT_THREADS`` if set; else, on CPU, 1 for
         models under 64 MB of weights (their steps are too short to split) and ORT's choice (one per core) above.
         On CPU the workers do not spin between runs, so the sampler and the host loop get the cores.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (``max_batch=True``, ``max_seq_len=1.5``, ...), naming it.
+    UsageError
+        A ``ValueError``: a bad value, or an export directory that cannot be used: ``decodekit.json`` missing,
+        malformed or inconsistent, ``model.onnx`` missing, truncated, not an ONNX model, or not the graph
+        ``decodekit.json`` describes (inputs/outputs, layer count, vocabulary, KV heads, head size, dtype). All of
+        this is checked before the buffers are allocated; each message is one line.
+
+    Threads
+    -------
+    One decoder holds one KV cache and one set of bound buffers, so :meth:`generate` takes the decoder's lock:
+    threads sharing a decoder take turns, and each call returns exactly the tokens it would return alone. (Use one
+    decoder per thread to run generations in parallel.) Calling :meth:`reset` / :meth:`step` directly is not
+    locked: do not mix that with concurrent ``generate`` calls.
 
     Examples
     --------
@@ -190,6 +258,25 @@ class OnnxDecoder(GenerateMixin):
 
         from decodekit.models.config import DecoderConfig
 
+        # the arguments first: nothing is read or loaded for a call that cannot work
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise TypeError(f"model_dir must be a path, got {type(model_dir).__name__}")
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a str, 'cpu' or 'cuda', got {type(device).__name__} {device!r}")
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        max_batch = check_int("max_batch", max_batch, lo=1, hi=MAX_BATCH)
+        if max_seq_len is not None:
+            max_seq_len = check_int("max_seq_len", max_seq_len, lo=2)
+        check_bool("io_binding", io_binding)
+        if intra_op_threads is None and os.environ.get("DECODEKIT_ORT_THREADS"):
+            env = os.environ["DECODEKIT_ORT_THREADS"]
+            if not env.strip().isdigit():
+                raise UsageError(f"$DECODEKIT_ORT_THREADS must be a positive int, got {env!r}")
+            intra_op_threads = int(env)
+        if intra_op_threads is not None:
+            intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
+
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)
         if meta.get("format_version") != FORMAT_VERSION:
@@ -197,7 +284,8 @@ class OnnxDecoder(GenerateMixin):
                 f"{self.model_dir / METADATA_FILE} has format_version {meta.get('format_version')!r}; this decodekit "
                 f"reads version {FORMAT_VERSION} (export the model again)"
             )
-        if meta.get("logits", {}).get("all_positions"):
+        logits_entry = meta.get("logits")
+        if isinstance(logits_entry, dict) and logits_entry.get("all_positions"):
             raise UsageError(f"{self.model_dir} was exported with all-position logits; generation needs the default")
         try:
             self.config = DecoderConfig.from_dict(meta["config"])
@@ -208,14 +296,11 @@ class OnnxDecoder(GenerateMixin):
             raise UsageError(f"{self.model_dir / METADATA_FILE} is missing or has a malformed entry: {e}") from None
         if not model_file.is_file():
             raise UsageError(f"{model_file} is missing from the export directory")
-        if device not in ("cpu", "cuda"):
-            raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise UsageError(f"max_batch must be a positive int, got {max_batch!r}")
-        export_max = int(meta.get("max_seq_len", self.config.max_seq_len))
-        max_seq_len = export_max if max_seq_len is None else max_seq_len
-        if not isinstance(max_seq_len, int) or not 1 < max_seq_len <= export_max:
-            raise UsageError(f"max_seq_len must be an int in [2, {export_max}] (the export limit), got {max_seq_len!r}")
+        export_max = _check_metadata(meta, self.config, self.model_dir / METADATA_FILE)
+        if max_seq_len is None:
+            max_seq_len = export_max
+        elif max_seq_len > export_max:
+            raise UsageError(f"max_seq_len must be <= {export_max} (the export limit), got {max_seq_len}")
 
         providers: list[Any] = ["CPUExecutionProvider"]
         if device == "cuda":
@@ -224,8 +309,6 @@ class OnnxDecoder(GenerateMixin):
             providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads is None and os.environ.get("DECODEKIT_ORT_THREADS"):
-            intra_op_threads = int(os.environ["DECODEKIT_ORT_THREADS"])
         if intra_op_threads is None and device == "cpu":
             intra_op_threads = _default_cpu_threads(model_file)
         if intra_op_threads is not None:
@@ -235,23 +318,28 @@ class OnnxDecoder(GenerateMixin):
             # ORT's CPU workers spin after each run by default; between two steps the sampler and the host loop
             # need those cores (measured here, GPT-2-small shape, 2 ORT threads: 57 -> 34 ms/token at batch 1).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
-        self._check_graph()
-
+        try:
+            self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
+        except Exception as e:  # ORT's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UsageError(
+                f"{model_file} cannot be loaded by ONNX Runtime (truncated, or not an ONNX model?): {first}"
+            ) from None
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        types = self._check_graph(meta)  # model.onnx agrees with decodekit.json ...
+        self._check_memory(max_batch, max_seq_len, types, from_metadata=max_seq_len == export_max)  # ... and fits
         self.io_binding_enabled = io_binding
         self.vocab_size = self.config.vocab_size
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.metadata = meta
         self._tokenizer = None
+        self._init_generate_lock()
 
         cfg = self.config
         n = cfg.n_layers
-        self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(n)]
+        self.past_names = self.past_names_for(n)
         self.present_names = [(f"present.{i}.key", f"present.{i}.value") for i in range(n)]
-        types = {x.name: x.type for x in self.session.get_inputs()}
-        types.update({x.name: x.type for x in self.session.get_outputs()})
         self.kv_dtype = _ORT_TYPES[types[self.past_names[0][0]]]
         self.logits_dtype = _ORT_TYPES[types["logits"]]
         self._int_dtypes = {name: _ORT_TYPES[types[name]] for name in ("input_ids", "position_ids", "attention_mask")}
@@ -287,17 +375,80 @@ class OnnxDecoder(GenerateMixin):
         self._np_past: list[np.ndarray] | None = None  # io_binding=False: the cache as numpy arrays
 
     # ------------------------------------------------------------------ helpers
-    def _check_graph(self) -> None:
-        names_in = {x.name for x in self.session.get_inputs()}
-        names_out = {x.name for x in self.session.get_outputs()}
+    def _check_graph(self, meta: dict[str, Any]) -> dict[str, str]:
+        """``model.onnx``'s inputs and outputs are the ones ``decodekit.json`` describes: the names, one past/present
+        pair per layer and no more, the vocabulary, KV heads and head size of the static dims, and dtypes this
+        runtime binds. Returns ``{name: ORT type string}``. Runs before any buffer is allocated."""
+        where = f"{self.model_dir}: model.onnx does not match {METADATA_FILE}"
+        cfg = self.config
+        ins = {x.name: x for x in self.session.get_inputs()}
+        outs = {x.name: x for x in self.session.get_outputs()}
         need_in = {"input_ids", "position_ids", "attention_mask"} | {
-            f"past_key_values.{i}.{kv}" for i in range(self.config.n_layers) for kv in ("key", "value")
+            f"past_key_values.{i}.{kv}" for i in range(cfg.n_layers) for kv in ("key", "value")
         }
-        need_out = {"logits"} | {f"present.{i}.{kv}" for i in range(self.config.n_layers) for kv in ("key", "value")}
-        missing = sorted((need_in - names_in) | (need_out - names_out))
+        need_out = {"logits"} | {f"present.{i}.{kv}" for i in range(cfg.n_layers) for kv in ("key", "value")}
+        missing = sorted((need_in - set(ins)) | (need_out - set(outs)))
         if missing:
+            raise UsageError(f"{where} (missing inputs/outputs {missing[:4]})")
+        extra = sorted(n for n in (set(ins) - need_in) | (set(outs) - need_out))
+        if extra:
+            raise UsageError(f"{where} (unexpected inputs/outputs {extra[:4]}: config.n_layers={cfg.n_layers})")
+        listed = sorted(set(self.input_names) ^ set(ins) | set(self.output_names) ^ set(outs))
+        if listed:
+            raise UsageError(f"{where} (inputs/outputs {listed[:4]} are in one but not the other)")
+        types = {name: x.type for name, x in {**ins, **outs}.items()}
+        unknown = sorted(n for n, t in types.items() if t not in _ORT_TYPES)
+        if unknown:
+            raise UsageError(f"{where} ({unknown[0]} has type {types[unknown[0]]}, which this runtime cannot bind)")
+
+        def static(x: Any, axis: int) -> int | None:
+            dim = x.shape[axis] if len(x.shape) > axis else None
+            return dim if isinstance(dim, int) else None  # symbolic dims are strings (or None)
+
+        logits = outs["logits"]
+        if len(logits.shape) != 2:
+            raise UsageError(f"{where} (logits has shape {logits.shape}; generation needs [batch, vocab])")
+        if static(logits, 1) not in (None, cfg.vocab_size):
+            raise UsageError(f"{where} (logits vocabulary {static(logits, 1)} != config.vocab_size {cfg.vocab_size})")
+        kv_names = [n for pair in self.past_names_for(cfg.n_layers) for n in pair]
+        kv_names += [n.replace("past_key_values.", "present.") for n in kv_names]
+        for name in kv_names:
+            x = ins.get(name) or outs[name]
+            if len(x.shape) != 4:
+                raise UsageError(f"{where} ({name} has shape {x.shape}; the KV cache is [batch, heads, seq, head_dim])")
+            for axis, what, want in ((1, "KV heads", cfg.n_kv_heads), (3, "head size", cfg.head_dim)):
+                got = static(x, axis)
+                if got not in (None, want):
+                    attr = "n_kv_heads" if axis == 1 else "head_dim"
+                    raise UsageError(f"{where} ({name} has {got} {what}, config.{attr} is {want})")
+        dtypes = {_ORT_TYPES[types[n]] for n in kv_names + ["logits"]}
+        if len(dtypes) != 1:
+            raise UsageError(f"{where} (the KV cache and logits have different dtypes {sorted(map(str, dtypes))})")
+        want_dtype = meta.get("dtype")
+        got_dtype = str(dtypes.pop()).removeprefix("torch.")
+        if want_dtype is not None and want_dtype != got_dtype:
+            raise UsageError(f"{where} (the graph computes in {got_dtype}, {METADATA_FILE} says {want_dtype!r})")
+        return types
+
+    @staticmethod
+    def past_names_for(n_layers: int) -> list[tuple[str, str]]:
+        return [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(n_layers)]
+
+    def _check_memory(self, max_batch: int, max_seq_len: int, types: dict[str, str], *, from_metadata: bool) -> None:
+        """Refuse buffers larger than the memory left on the device, before allocating them."""
+        cfg = self.config
+        kv_el = _ORT_TYPES[types["past_key_values.0.key"]].itemsize
+        need = 2 * cfg.n_layers * 2 * max_batch * cfg.n_kv_heads * max_seq_len * cfg.head_dim * kv_el
+        need += max_batch * cfg.vocab_size * _ORT_TYPES[types["logits"]].itemsize
+        need += sum(_ORT_TYPES[types[n]].itemsize for n in ("input_ids", "position_ids", "attention_mask")) * (
+            max_batch * max_seq_len
+        )
+        avail = _available_memory(self.device)
+        if avail is not None and need > avail:
+            src = f" (from {METADATA_FILE})" if from_metadata else ""
             raise UsageError(
-                f"{self.model_dir}: model.onnx does not match {METADATA_FILE} (missing inputs/outputs {missing[:4]})"
+                f"max_batch={max_batch} and max_seq_len={max_seq_len}{src} need {_gib(need)} of KV cache and "
+                f"buffers on {self.device.type}, more than the {_gib(avail)} available: lower max_batch or max_seq_len"
             )
 
     @property
@@ -325,8 +476,7 @@ class OnnxDecoder(GenerateMixin):
 
     # ------------------------------------------------------------------ StepModel
     def reset(self, batch_size: int) -> None:
-        if not 1 <= batch_size <= self.max_batch:
-            raise UsageError(f"batch of {batch_size} rows exceeds max_batch={self.max_batch}")
+        batch_size = check_reset_batch(batch_size, self.max_batch)
         self._batch, self._len, self._cur = batch_size, 0, 0
         self._np_past = None
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,29 +13,9 @@ import pytest
 import torch
 
 from decodekit.errors import UsageError
-from decodekit.runtime import EagerDecoder, OnnxDecoder, generate, load_backend
+from decodekit.runtime import OnnxDecoder, generate
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def export_dir(stories_export_dir) -> Path:
-    return stories_export_dir
-
-
-@pytest.fixture(scope="module")
-def ckpt(stories_dir) -> Path:
-    return stories_dir / "stories260K.bin"
-
-
-@pytest.fixture(scope="module")
-def eager(ckpt) -> EagerDecoder:
-    return load_backend(ckpt, "eager", max_batch=4)
-
-
-@pytest.fixture(scope="module")
-def onnx4(export_dir) -> OnnxDecoder:
-    return OnnxDecoder(export_dir, "cpu", max_batch=4)
 
 
 def test_greedy_onnx_equals_eager_for_200_tokens(export_dir, eager):
@@ -222,37 +200,18 @@ def test_cuda_requested_without_cuda(export_dir):
         OnnxDecoder(export_dir, "cuda")
 
 
-def _broken_copy(export_dir: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001
-    dst = tmp_path / "broken"
-    shutil.copytree(export_dir, dst)
-    edit(dst)
-    return dst
-
-
-def test_export_dir_without_metadata(export_dir, tmp_path):
-    bad = _broken_copy(export_dir, tmp_path, lambda d: (d / "decodekit.json").unlink())
+def test_export_dir_without_metadata(broken_copy):
+    bad = broken_copy(lambda d: (d / "decodekit.json").unlink())
     with pytest.raises(UsageError, match="decodekit.json"):
         OnnxDecoder(bad)
 
 
-def test_export_dir_with_mismatched_metadata(export_dir, tmp_path):
+def test_export_without_tokenizer_generates_from_token_ids(export_dir, broken_copy, edit_metadata):
     def edit(d: Path) -> None:
-        meta = json.loads((d / "decodekit.json").read_text())
-        meta["config"]["n_layers"] += 1
-        (d / "decodekit.json").write_text(json.dumps(meta))
-
-    with pytest.raises(UsageError, match="does not match"):
-        OnnxDecoder(_broken_copy(export_dir, tmp_path, edit))
-
-
-def test_export_without_tokenizer_generates_from_token_ids(export_dir, tmp_path):
-    def edit(d: Path) -> None:
-        meta = json.loads((d / "decodekit.json").read_text())
-        meta["tokenizer"] = None
-        (d / "decodekit.json").write_text(json.dumps(meta))
+        edit_metadata(d, lambda meta: meta.update(tokenizer=None))
         (d / "tok512.bin").unlink()
 
-    dec = OnnxDecoder(_broken_copy(export_dir, tmp_path, edit), max_batch=1)
+    dec = OnnxDecoder(broken_copy(edit), max_batch=1)
     ref = OnnxDecoder(export_dir, max_batch=1).generate([[1]], max_new_tokens=8, temperature=0.0)
     res = dec.generate([[1]], max_new_tokens=8, temperature=0.0)
     assert res.tokens == ref.tokens and res.text is None
@@ -260,8 +219,8 @@ def test_export_without_tokenizer_generates_from_token_ids(export_dir, tmp_path)
         dec.generate("Once upon a time", max_new_tokens=4)
 
 
-def test_export_dir_with_garbage_metadata(export_dir, tmp_path):
-    bad = _broken_copy(export_dir, tmp_path, lambda d: (d / "decodekit.json").write_text("{not json"))
+def test_export_dir_with_garbage_metadata(broken_copy):
+    bad = broken_copy(lambda d: (d / "decodekit.json").write_text("{not json"))
     with pytest.raises(UsageError, match="JSON"):
         OnnxDecoder(bad)
 
