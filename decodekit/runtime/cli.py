@@ -27,20 +27,24 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
-    """argparse keywords for a field of type ``annotation`` (``X | None`` is ``X`` with ``None`` as default)."""
+def _flag(name: str, annotation: Any, default: Any) -> tuple[str, dict[str, Any]]:
+    """The flag and argparse keywords of a field of type ``annotation`` (``X | None`` is ``X`` with ``None`` as
+    default; a bool that defaults to False is ``--name``, one that defaults to True is ``--no-name``)."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1:
             annotation = rest[0]
+    flag = flag_name(name)
     if annotation in (int, float, str):
-        return {"type": annotation}
+        return flag, {"type": annotation}
     if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
+        if default:
+            return "--no-" + flag[2:], {"action": "store_false"}
+        return flag, {"action": "store_true"}
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (tuple, list) and args and args[0] in (int, float, str) and (origin is list or args[1:] == (...,)):
-        return {"type": args[0], "nargs": "*"}
+        return flag, {"type": args[0], "nargs": "*"}
     raise TypeError(f"GenerationConfig.{name}: no command-line form for type {annotation!r}")
 
 
@@ -49,13 +53,11 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation parameters (decodekit.runtime.GenerationConfig)")
     hints = field_types()
     for f in dataclasses.fields(GenerationConfig):
-        kwargs = _flag_kwargs(f.name, hints[f.name])
+        flag, kwargs = _flag(f.name, hints[f.name], f.default)
         help_text = f.metadata.get("help", "")
         if kwargs.get("nargs") == "*":
             help_text += "; give the flag with no value for an empty list"
-        group.add_argument(
-            flag_name(f.name), dest=f.name, default=f.default, help=f"{help_text} (default: {f.default})", **kwargs
-        )
+        group.add_argument(flag, dest=f.name, default=f.default, help=f"{help_text} (default: {f.default})", **kwargs)
 
 
 def config_from_namespace(ns: argparse.Namespace) -> GenerationConfig:

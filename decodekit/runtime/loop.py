@@ -152,8 +152,8 @@ def split_prompts(prompts: object) -> tuple[list[str] | None, list[list[int]] | 
             f"prompts mixes text (prompts[{is_text.index(True)}]) and token ids (prompts[{is_text.index(False)}]): "
             "give all rows as str or all as token ids"
         )
-    if all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in prompts):
-        return None, [_id_row("prompts", prompts)]  # a flat list of ints is one prompt, like a 1-D tensor
+    if isinstance(prompts[0], numbers.Number):
+        return None, [_id_row("prompts", prompts)]  # a flat list of ids is one prompt, like a 1-D tensor
     return None, [_id_row(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from decodekit.runtime import EagerDecoder, OnnxDecoder, load_backend
 
@@ -30,6 +31,17 @@ def eager(ckpt) -> EagerDecoder:
 @pytest.fixture(scope="module")
 def onnx4(export_dir) -> OnnxDecoder:
     return OnnxDecoder(export_dir, "cpu", max_batch=4)
+
+
+@pytest.fixture
+def no_allocation(monkeypatch) -> None:
+    """Make torch's allocating constructors fail: a check that must come before the buffers proves it does."""
+
+    def refuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a buffer was allocated before the arguments/export were checked")
+
+    for name in ("zeros", "empty", "full", "ones"):
+        monkeypatch.setattr(torch, name, refuse)
 
 
 @pytest.fixture
