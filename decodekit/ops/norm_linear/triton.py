@@ -152,11 +152,13 @@ def _norm_linear_fwd_kernel(
             sum_sq += tl.sum(xt * xt, axis=1)
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
     if STORE_STATS:
-        # every column block computes the same statistics; only the first one writes them
-        stats_mask = row_mask & (pid_n == 0)
-        tl.store(RSTD + rows, rstd, mask=stats_mask)
-        if NORM == 1:
-            tl.store(MEAN + rows, mean, mask=stats_mask)
+        # every column block computes the same statistics; only the first one writes them. A branch, not the
+        # mask `row_mask & (pid_n == 0)`: the interpreter gives a tensor & scalar-comparison mask an int32
+        # payload, which triton 3.9's interpreter rejects ("mask has unsupported dtype")
+        if pid_n == 0:
+            tl.store(RSTD + rows, rstd, mask=row_mask)
+            if NORM == 1:
+                tl.store(MEAN + rows, mean, mask=row_mask)
 
     # ---- main loop: normalize the x tile in registers, then tensor-core dot with the W tile
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
