@@ -5,15 +5,29 @@ Subcommands are registered by the layers that own them, each with a typed functi
 * ``decodekit export``   -> :func:`decodekit.export.cli.register`
 * ``decodekit generate`` / ``decodekit demo`` -> :func:`decodekit.runtime.cli.register`
 
-Bad input ends with one line on stderr and exit code 2; a failed export validation with exit code 1.
+Exit codes, for every subcommand:
+
+* 0 -- done.
+* 1 -- an export failed its validation (ONNX Runtime disagrees with PyTorch).
+* 2 -- anything else that went wrong: bad flags, bad or corrupt files, a full disk, a read-only folder, an
+  unexpected error. Always exactly ONE line on stderr, ``decodekit COMMAND: error: ...``; an unexpected error
+  names its type. ``--debug`` (or ``DECODEKIT_DEBUG=1``) prints the traceback before that line.
+* 130 -- interrupted (Ctrl-C); 143 -- terminated (SIGTERM). Partial output is removed first.
+* 141 -- stdout was closed early (``decodekit generate ... | head -c 10``): nothing more is printed, no error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import re
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from decodekit import __version__
 from decodekit.errors import DecodekitError
@@ -21,34 +35,112 @@ from decodekit.errors import DecodekitError
 # modules whose ``register(subparsers)`` adds subcommands, in help order
 _COMMAND_MODULES = ("decodekit.export.cli", "decodekit.runtime.cli")
 
-# exceptions that mean "the user's input is wrong": one line on stderr, exit code 2
+# exceptions that mean "the user's input is wrong": their message alone is the error line
 _USAGE_EXCEPTIONS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+EXIT_OK, EXIT_VALIDATION, EXIT_ERROR, EXIT_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 141, 130, 143
+_MAX_LINE = 500  # characters of an error message kept on its one line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the usage block first) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that ``finally`` blocks (partial output) run."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="decodekit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="decodekit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"decodekit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (also DECODEKIT_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for modname in _COMMAND_MODULES:
         importlib.import_module(modname).register(sub)
+    for p in sub.choices.values():  # `decodekit export ... --debug` works as well as `decodekit --debug export`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits with code 2 on bad flags
+def _one_line(message: str) -> str:
+    line = re.sub(r"\s+", " ", str(message)).strip()
+    return line if len(line) <= _MAX_LINE else line[: _MAX_LINE - 3] + "..."
+
+
+def _describe(e: BaseException) -> str:
+    """The error line's text: the message of decodekit's and usage errors, ``Type: message`` for the rest."""
+    if isinstance(e, OSError) and not isinstance(e, DecodekitError) and e.strerror:
+        where = f": {e.filename}" if e.filename is not None else ""
+        return _one_line(f"{e.strerror}{where}")
+    msg = _one_line(str(e))
+    if isinstance(e, (DecodekitError, *_USAGE_EXCEPTIONS)) and msg:
+        return msg
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _silence_stdout() -> None:
+    """stdout's reader is gone: point fd 1 at /dev/null so that the interpreter's last flush stays quiet."""
     try:
-        return int(args.func(args) or 0)
-    except DecodekitError as e:
-        print(f"decodekit {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except _USAGE_EXCEPTIONS as e:
-        print(f"decodekit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed as well: the exit code still tells
+        pass
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command = "decodekit"
+    debug = os.environ.get("DECODEKIT_DEBUG", "").lower() in ("1", "true", "yes")
+    previous = None
+    try:
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+            previous = None
+        args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2 (SystemExit)
+        command = f"decodekit {args.command}"
+        debug = debug or getattr(args, "debug", False)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_PIPE
     except KeyboardInterrupt:
-        print(f"decodekit {args.command}: interrupted", file=sys.stderr)
-        return 130
+        _say(f"{command}: interrupted")
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        _say(f"{command}: terminated")
+        return EXIT_TERMINATED
+    except SystemExit:
+        raise  # argparse (--help, --version, bad flags) has printed what it prints
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
+        if debug:
+            with contextlib.suppress(OSError, ValueError):
+                traceback.print_exc()
+        _say(f"{command}: error: {_describe(e)}")
+        if isinstance(e, DecodekitError):
+            return e.exit_code
+        return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

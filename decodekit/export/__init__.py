@@ -58,6 +58,16 @@ never needs a 4-D mask.
 Output is written into a temporary directory beside ``OUT_DIR`` and renamed into place only when the export
 (and validation) succeeded, so a failure never leaves a half-written ``OUT_DIR``.
 
+What an export may replace (nothing but its own previous output)
+---------------------------------------------------------------
+``OUT_DIR`` may not be, contain or lie above the source (checkpoint, model directory, tokenizer file); it must
+not exist, or be empty, or -- with ``force`` -- be a previous decodekit export holding only that export's files.
+A symbolic link as ``OUT_DIR`` is refused (neither followed nor replaced). Concurrent exports to one ``OUT_DIR``
+are serialized by a lock file beside it (``.OUT_DIR.lock``, ``fcntl.flock``): the second waits, then finds
+``OUT_DIR`` taken. Folders left by an interrupted export (``.OUT_DIR.<pid>.<hex>.partial``) are removed by the
+next export to the same ``OUT_DIR``. Folders are created with ``mkdir``'s mode (the umask applies). Details:
+:mod:`decodekit.export._outdir`.
+
 Example
 -------
 >>> from decodekit.export import export_decoder
@@ -71,11 +81,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,12 +97,14 @@ import torch
 from torch import nn
 
 from decodekit import __version__
-from decodekit.errors import UsageError
+from decodekit.errors import DecodekitError, UsageError
+from decodekit.export import _outdir
 from decodekit.export._progress import Progress
 from decodekit.models import Decoder, find_tokenizer_file, load_model, model_format
 from decodekit.models.tokenizer import HFTokenizer, Llama2cTokenizer
 
-__all__ = ["FORMAT_VERSION", "GRAPH_REVISION", "ExportResult", "export_decoder", "io_names"]
+__all__ = ["FORMAT_VERSION", "GRAPH_REVISION", "ExportResult", "ExportWriteError", "export_decoder", "io_names",
+           "max_opset"]
 
 FORMAT_VERSION = 1
 #: Revision of the graph the exporter writes for a given checkpoint. Bumped when the graph changes with the same
@@ -104,7 +117,40 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 1e-2}
 DEFAULT_RTOL = {"fp32": 0.0, "fp16": 4e-3}  # see decodekit.export.validate for why fp16 needs one
 MIN_OPSET = 18  # the dynamo exporter's floor
+MAX_SEQ_LEN = 2**31 - 1
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to model.onnx.data (protobuf caps a file at 2 GiB)
+
+
+class ExportWriteError(DecodekitError, OSError):
+    """Writing the export failed (full disk, read-only or vanished folder): nothing was left behind. Exit code 2."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@functools.lru_cache(maxsize=1)
+def max_opset() -> int:
+    """The highest ONNX opset both the installed ``onnx`` and ONNX Runtime know (probed with a one-node model)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    highest = onnx.defs.onnx_opset_version()
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - a dependency
+        return highest
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", io[:1], io[1:])
+    for opset in range(highest, MIN_OPSET, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:  # noqa: BLE001 - "opset not supported" comes as a generic ORT failure
+            continue
+    return MIN_OPSET
 
 
 @dataclass
@@ -222,21 +268,15 @@ def _name_dims(program: Any, n_layers: int, all_logits: bool) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _resolve_out_dir(out_dir: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing file, a non-empty directory (unless ``force``) and an unwritable parent."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(f"output directory {out} is not empty (use --force to replace it)")
+def _check_parent(out: Path) -> None:
+    """Refuse an ``out`` whose nearest existing ancestor is a file or not writable."""
     parent = out.parent
-    while not parent.exists():
+    while not os.path.lexists(parent):
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"cannot create {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write to {parent} (permission denied)")
-    return out
 
 
 def _preflight(model_path: Path, fmt: str) -> None:
@@ -256,8 +296,10 @@ def _preflight(model_path: Path, fmt: str) -> None:
 def _find_tokenizer(model_path: Path | None, fmt: str, tokenizer: str | os.PathLike | None, vocab: int) -> Path | None:
     if tokenizer is not None:
         path = Path(tokenizer)
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"tokenizer {path} does not exist")
+        if not path.is_file():
+            raise UsageError(f"tokenizer {path} is not a file")
         return path
     if model_path is None:
         return None
@@ -347,11 +389,12 @@ def export_decoder(
     model : path or Decoder
         A llama2.c checkpoint file, a Hugging Face model directory, or an in-memory :class:`Decoder`.
     out_dir : path
-        Created (with parents); must not exist or be empty unless ``force``.
+        Created (with parents); must not exist or be empty unless ``force``; never a symbolic link, never the
+        source or a folder above it (see "What an export may replace" above).
     dtype : {"fp32", "fp16"}
         Weights, logits and KV cache dtype of the graph.
     opset : int, optional
-        ONNX opset (>= 18); default: the exporter's.
+        ONNX opset, from 18 to :func:`max_opset` (what onnx and ONNX Runtime both know); default: the exporter's.
     max_seq_len : int, optional
         Override the context length recorded for the runtime.
     atol, rtol : float, optional
@@ -361,7 +404,8 @@ def export_decoder(
         Compare ONNX Runtime against eager PyTorch before committing ``out_dir`` (see
         :mod:`decodekit.export.validate`).
     force : bool
-        Replace a non-empty ``out_dir`` (only once the new export succeeded).
+        Replace ``out_dir`` when it is a previous decodekit export holding nothing but that export's files (only
+        once the new export succeeded); anything else non-empty is refused.
     all_logits : bool
         Output logits for every position ``[B, S, V]`` instead of the last one.
     tokenizer : path, optional
@@ -381,6 +425,8 @@ def export_decoder(
         nothing is written.
     ValidationError
         ONNX Runtime disagrees with PyTorch by more than ``atol``; nothing is written.
+    ExportWriteError
+        An ``OSError`` while writing (full disk, read-only folder); the partial output is removed.
 
     Notes
     -----
@@ -390,31 +436,41 @@ def export_decoder(
     prog = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
-        raise UsageError(f"opset must be an int >= {MIN_OPSET} for the dynamo exporter, got {opset!r}")
+    if opset is not None:
+        if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+            raise UsageError(f"opset must be an int >= {MIN_OPSET} for the dynamo exporter, got {opset!r}")
+        if opset > max_opset():
+            raise UsageError(f"opset {opset} is not supported here: ONNX Runtime and onnx know opsets {MIN_OPSET} "
+                             f"to {max_opset()}")
     if atol is None:
         atol = DEFAULT_ATOL[dtype]
     if rtol is None:
         rtol = DEFAULT_RTOL[dtype]
-    if not atol > 0:
-        raise UsageError(f"atol must be > 0, got {atol!r}")
-    if not rtol >= 0:
-        raise UsageError(f"rtol must be >= 0, got {rtol!r}")
-    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
-        raise UsageError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
-    out = _resolve_out_dir(out_dir, force)
+    if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol > 0):
+        raise UsageError(f"atol must be a finite number > 0, got {atol!r}")
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise UsageError(f"rtol must be a finite number >= 0, got {rtol!r}")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or not 2 <= max_seq_len <= MAX_SEQ_LEN):
+        raise UsageError(f"max_seq_len must be an int from 2 to {MAX_SEQ_LEN}, got {max_seq_len!r}")
+    out = _outdir.normalize(out_dir)
+    model_path = None if isinstance(model, Decoder) else Path(model).expanduser().absolute()
+    _outdir.check_not_source(out, [model_path, Path(tokenizer) if tokenizer is not None else None])
+    _outdir.check_replaceable(out, force)
+    _check_parent(out)
     torch_dtype = DTYPES[dtype]
 
     if isinstance(model, Decoder):
         source: dict[str, Any] = {"format": "module", "path": None}
-        model_path, fmt = None, "module"
-        # never convert the caller's module in place
+        fmt = "module"
+        # never convert or re-configure the caller's module in place
         decoder = model if model.tok_embeddings.weight.dtype == torch_dtype else copy.deepcopy(model)
         if max_seq_len is not None:
+            decoder = copy.copy(decoder) if decoder is model else decoder
             decoder.config = dataclasses.replace(decoder.config)
             decoder.config.max_seq_len = max_seq_len
     else:
-        model_path = Path(model).expanduser().absolute()
+        assert model_path is not None
         fmt = model_format(model_path)
         source = {"format": fmt, "path": str(model_path)}
         _preflight(model_path, fmt)  # bad input fails here, before any progress line
@@ -425,65 +481,81 @@ def export_decoder(
     tok_entry = _tokenizer_entry(tok_path, cfg) if tok_path is not None else None
     if tok_entry is None:
         prog.info("no tokenizer found: decodekit.json records none")
+    if decoder is model:
+        decoder = copy.copy(decoder)  # .eval() below must not change the caller's module
     decoder = decoder.to(dtype=torch_dtype).eval()
     prog.info(f"{cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
               f"vocab {cfg.vocab_size}, {sum(p.numel() for p in decoder.parameters()):,} parameters, {dtype}")
 
-    created = []  # parents this call creates, removed again on failure
+    inputs = [model_path, tok_path]
+    created = []  # parents this call creates, removed again (when empty) on failure
     parent = out.parent
-    while not parent.exists():
+    while not os.path.lexists(parent):
         created.append(parent)
         parent = parent.parent
+    done = False
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        with _outdir.locked(out, prog.info):
+            for name in _outdir.clean_leftovers(out, keep=inputs):
+                prog.info(f"removed {name}, left by an interrupted export")
+            _outdir.check_replaceable(out, force)  # again: another export may have finished while we waited
+            tmp = _outdir.make_partial(out)
+            try:
+                meta, report = _write_export(decoder, tmp, prog, opset=opset, all_logits=all_logits, source=source,
+                                             tok_path=tok_path, tok_entry=tok_entry, validate=validate, atol=atol,
+                                             rtol=rtol)
+                _outdir.commit(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # still under the lock
+                raise
+        done = True
     except OSError as e:
-        for d in created:
-            shutil.rmtree(d, ignore_errors=True)
-        raise UsageError(f"cannot create {out}: {e.strerror or e}") from None
-    try:
-        with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
-            program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)
-        opset_used = int(program.model.opset_imports.get("", opset or 0))
-        external = (tmp / (MODEL_FILE + ".data")).exists()
-        meta = _metadata(decoder, dtype=torch_dtype, opset=opset_used, all_logits=all_logits, source=source,
-                         tokenizer=tok_entry, external=external)
-        if tok_path is not None:
-            shutil.copyfile(tok_path, tmp / tok_path.name)
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        report = None
-        if validate:
-            from decodekit.export.validate import validate_export
-
-            tol = f"atol {atol:g}" + (f", rtol {rtol:g}" if rtol else "")
-            with prog.step(f"validating with ONNX Runtime against eager PyTorch ({tol})"):
-                report = validate_export(decoder, tmp, atol=atol, rtol=rtol, report_line=prog.info)
-            meta["validation"] = report.to_dict()
-        meta["timings_s"] = {k: round(v, 3) for k, v in prog.timings.items()}
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:
-            shutil.rmtree(d, ignore_errors=True)
-        raise
+        if isinstance(e, DecodekitError) or (e.filename is not None and not _under(Path(e.filename), out.parent)):
+            raise  # not a write into OUT_DIR's folder (e.g. an unreadable input): its own message says what
+        raise ExportWriteError(e.errno, f"cannot write the export to {out}: {e.strerror or e}") from e
+    finally:
+        if not done:
+            for d in created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only when empty: never anything that another process put there meanwhile
     size = sum(f.stat().st_size for f in out.iterdir())
     prog.info(f"wrote {out} ({size / 1e6:.1f} MB)")
     return ExportResult(out_dir=out, onnx_path=out / MODEL_FILE, metadata=meta, validation=report,
                         timings=dict(prog.timings))
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` into place; an old ``out`` is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _under(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents
+
+
+def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | None, all_logits: bool,
+                  source: dict[str, Any], tok_path: Path | None, tok_entry: dict[str, Any] | None, validate: bool,
+                  atol: float, rtol: float) -> tuple[dict[str, Any], Any]:
+    """Write ``model.onnx``, ``decodekit.json`` and the tokenizer into ``tmp``; validate them when asked."""
+    with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
+        program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)
+    opset_used = int(program.model.opset_imports.get("", opset or 0))
+    if opset is not None and opset_used != opset:
+        raise UsageError(f"the exporter wrote opset {opset_used} instead of the requested {opset}; nothing written")
+    external = (tmp / (MODEL_FILE + ".data")).exists()
+    meta = _metadata(decoder, dtype=decoder.tok_embeddings.weight.dtype, opset=opset_used, all_logits=all_logits,
+                     source=source, tokenizer=tok_entry, external=external)
+    if tok_path is not None:
+        shutil.copyfile(tok_path, tmp / tok_path.name)
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    report = None
+    if validate:
+        from decodekit.export.validate import validate_export
+
+        tol = f"atol {atol:g}" + (f", rtol {rtol:g}" if rtol else "")
+        with prog.step(f"validating with ONNX Runtime against eager PyTorch ({tol})"):
+            report = validate_export(decoder, tmp, atol=atol, rtol=rtol, report_line=prog.info)
+        meta["validation"] = report.to_dict()
+    meta["timings_s"] = {k: round(v, 3) for k, v in prog.timings.items()}
+    with open(tmp / METADATA_FILE, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return meta, report

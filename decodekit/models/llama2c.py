@@ -7,7 +7,8 @@ final RMSNorm weight, two legacy RoPE tables (skipped: recomputed), and the opti
 matrix is row-major ``[out_features, in_features]``, i.e. already ``nn.Linear.weight``'s layout.
 
 The file size is checked against the size the header implies before anything is read, so a truncated
-or padded file is a clear :class:`~decodekit.errors.UsageError`, never a garbage model.
+or padded file is a clear :class:`~decodekit.errors.UsageError`, never a garbage model; so are weights that
+are NaN or infinite (a corrupt file with a plausible header).
 """
 
 from __future__ import annotations
@@ -76,12 +77,25 @@ def read_llama2c_config(path: str | os.PathLike) -> tuple[DecoderConfig, bool, i
     return config, shared, expected
 
 
+def _check_finite(data: np.ndarray, path: str | os.PathLike, chunk: int = 1 << 24) -> None:
+    """Refuse weights with NaN or infinity (a corrupt file with a plausible header): never a garbage model."""
+    for start in range(0, data.size, chunk):
+        part = data[start : start + chunk]
+        if not np.isfinite(part).all():
+            bad = start + int(np.argmin(np.isfinite(part)))
+            raise UsageError(
+                f"checkpoint {path} is corrupt: weight {bad} of {data.size} (byte {HEADER.size + 4 * bad}) is "
+                f"{part[bad - start]}, not a finite number"
+            )
+
+
 def load_llama2c(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Decoder:
     """Build a :class:`Decoder` from a llama2.c checkpoint file (rotary layout ``"adjacent"``)."""
     config, shared, _ = read_llama2c_config(path)
     data = np.fromfile(path, dtype="<f4", offset=HEADER.size)
+    _check_finite(data, path)
     c = config
     hs, kv_dim, L = c.head_dim, c.kv_dim, c.n_layers
     offset = 0

@@ -32,6 +32,13 @@ def _leftovers(parent):
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
+def _fake_previous_export(out):
+    """What --force may replace: a folder holding only a decodekit export's files."""
+    out.mkdir(parents=True)
+    (out / "decodekit.json").write_text(json.dumps({"producer": "decodekit 0.0.9", "model_file": "model.onnx"}))
+    (out / "model.onnx").write_bytes(b"previous export")
+
+
 def _cli(*argv, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "decodekit", "export", *map(str, argv)], capture_output=True,
@@ -40,8 +47,7 @@ def _cli(*argv, env_extra=None):
 
 def test_cli_subprocess_export_with_force(tiny_gpt2, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous export")
+    _fake_previous_export(out)
     r = _cli(tiny_gpt2, "-o", out, "--force", "--max-seq-len", "24")
     assert r.returncode == 0, r.stderr
     assert "validated: max |ORT - eager|" in r.stdout
@@ -130,13 +136,13 @@ def test_bad_dtype_is_an_argparse_error(tiny_gpt2, tmp_path):
 def test_failed_validation_exits_1_and_keeps_the_old_out_dir(tiny_gpt2, tmp_path, capsys):
     """An impossible tolerance: exit 1, a clear message, and --force did NOT replace the previous OUT_DIR."""
     out = tmp_path / "deep" / "out"
-    out.mkdir(parents=True)
-    (out / "old.txt").write_text("previous export")
+    _fake_previous_export(out)
     assert main(["export", str(tiny_gpt2), "-o", str(out), "--force", "--atol", "1e-30"]) == 1
     err = capsys.readouterr().err
     assert "ABOVE TOLERANCE" in err
     assert "decodekit export: error: exported model disagrees with PyTorch" in err.strip().splitlines()[-1]
-    assert [p.name for p in out.iterdir()] == ["old.txt"] and _leftovers(out.parent) == []
+    assert sorted(p.name for p in out.iterdir()) == ["decodekit.json", "model.onnx"]
+    assert (out / "model.onnx").read_bytes() == b"previous export" and _leftovers(out.parent) == []
 
 
 def test_validate_export_detects_a_wrong_model(stories_export_dir, stories_dir):
