@@ -1,4 +1,10 @@
-"""Exceptions shared across layers (the CLI maps them to exit codes)."""
+"""Exceptions shared across layers (the CLI maps them to exit codes).
+
+The rule for bad input, everywhere: an argument of the wrong type raises the built-in ``TypeError``; a value of
+the right type that is out of range, or a bad file or directory, raises :class:`UsageError`, which is a
+``ValueError``. Both messages name the argument, on one line. The CLI prints either as one line on stderr and
+exits with code 2.
+"""
 
 from __future__ import annotations
 
