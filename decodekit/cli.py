@@ -64,7 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(modname).register(sub)
     for p in sub.choices.values():  # `decodekit export ... --debug` works as well as `decodekit --debug export`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.set_defaults(_commands=sub.choices)
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parse_args``, but an unknown flag is reported by the subcommand that got it (``decodekit export: ...``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser_of = args._commands.get(getattr(args, "command", None), parser)
+        parser_of.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _one_line(message: str) -> str:
@@ -113,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread (main() called from a thread): leave signals alone
             previous = None
-        args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2 (SystemExit)
+        args = _parse(argv)  # a bad flag: one line, exit 2 (SystemExit)
         command = f"decodekit {args.command}"
         debug = debug or getattr(args, "debug", False)
         code = int(args.func(args) or 0)
