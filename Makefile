@@ -1,5 +1,8 @@
 # decodekit: every target sets up what it needs on a fresh clone.
-#   make test       venv + install + ruff + pytest (Triton kernels run under TRITON_INTERPRET=1 on CPU)
+#   make test       venv + install + ruff + pytest (Triton kernels run under TRITON_INTERPRET=1 on CPU), triton
+#                   pinned to TRITON_PIN
+#   make test-triton the kernel tests under each other tested triton (TRITON_OTHER), each in its own venv
+#                   .venv-triton-X.Y (CPU machines: the CPU torch wheel); make test-triton-3.9 runs one
 #   make demo       venv + install + export stories260K + tell a story + eager/ORT/ORT-IO-binding table
 #   make bench      venv + install + pytest-benchmark over bench/, report in bench/results/
 #   make gpu-check  on a CUDA machine: tests compiled on the GPU (interpreter off), then the benchmarks,
@@ -12,13 +15,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= ../shared/models/stories260K
 # Pins for the CPU machines: torch 2.13.0 is the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
-CPU_PINS := torch==2.13.0 triton==3.8.*
+# The tested triton releases are TRITON_PIN (make test) and TRITON_OTHER (make test-triton); pyproject.toml's
+# triton range spans them.
+TRITON_PIN := 3.8
+TRITON_OTHER ?= 3.6 3.9
+CPU_PINS := torch==2.13.0 triton==$(TRITON_PIN).*
+# Extra pins of one triton's venv. triton 3.6's interpreter calls int() on 1-element arrays (a range() over a
+# kernel argument), which NumPy 2.4 made an error; only the interpreter needs this (compiled kernels do not).
+TRITON_PINS_3.6 := numpy<2.4
+# the kernel tests: the interpreter runs of every op family, their sm_90 compile, and attention inside models
+KERNEL_TESTS ?= tests/ops tests/nn/test_attention_models.py
 # the test suite runs on both cores (pytest-xdist); bench never does (timings would interfere)
 PYTEST_ARGS ?= -n 2
 BENCH_ARGS ?=
 GPU_PYTHON ?= python3
 
-.PHONY: setup test lint demo bench gpu-check clean
+.PHONY: setup test test-triton lint demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +47,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 		$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,hf]' || exit 1; \
 	fi
 	@touch $@
+
+# One venv per extra triton release, made like $(VENV) on a CPU machine (torch CPU wheel first, then the project).
+.venv-triton-%/.installed: pyproject.toml Makefile
+	@test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q --upgrade pip
+	printf '%s\n' torch==2.13.0 'triton==$*.*' $(foreach p,$(TRITON_PINS_$*),'$(p)') > $(@D)/constraints.txt
+	$(@D)/bin/python -m pip install -q -c $(@D)/constraints.txt torch==2.13.0
+	$(@D)/bin/python -m pip install -q -c $(@D)/constraints.txt -e '.[dev,hf]'
+	@touch $@
+.PRECIOUS: .venv-triton-%/.installed  # a pattern-built prerequisite, which make would otherwise delete
+
+test-triton-%: .venv-triton-%/.installed
+	@echo "== kernel tests under triton $$(.venv-triton-$*/bin/python -c 'import triton; print(triton.__version__)')"
+	@start=$$SECONDS; .venv-triton-$*/bin/python -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS); rc=$$?; \
+		echo "== triton $*: kernel tests took $$((SECONDS - start)) s (exit $$rc)"; exit $$rc
+
+# every version is run even when one fails; the exit status says whether all passed
+test-triton:
+	@rc=0; for v in $(TRITON_OTHER); do $(MAKE) --no-print-directory test-triton-$$v || rc=1; done; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check decodekit tests bench
@@ -57,4 +88,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PYTHON) -m bench.report bench/results/.last.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(foreach v,$(TRITON_OTHER),.venv-triton-$(v)) .pytest_cache .ruff_cache .benchmarks
