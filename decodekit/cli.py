@@ -27,7 +27,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from decodekit import __version__
 from decodekit.errors import DecodekitError
@@ -111,19 +111,31 @@ def _say(line: str) -> None:
         pass
 
 
+_signalled: list[int] = []  # signals received during this main(): an error that follows is their consequence
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    _signalled.append(signum)
     raise _Terminated()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    raise KeyboardInterrupt()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     command = "decodekit"
     debug = os.environ.get("DECODEKIT_DEBUG", "").lower() in ("1", "true", "yes")
-    previous = None
+    previous: dict[int, Any] = {}
+    _signalled.clear()
     try:
         try:
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
         except ValueError:  # not the main thread (main() called from a thread): leave signals alone
-            previous = None
+            pass
         args = _parse(argv)  # a bad flag: one line, exit 2 (SystemExit)
         command = f"decodekit {args.command}"
         debug = debug or getattr(args, "debug", False)
@@ -142,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit:
         raise  # argparse (--help, --version, bad flags) has printed what it prints
     except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
+        if _signalled:  # a library turned the KeyboardInterrupt into its own error (torch.export does)
+            interrupted = _signalled[0] == signal.SIGINT
+            _say(f"{command}: {'interrupted' if interrupted else 'terminated'}")
+            return EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED
         if debug:
             with contextlib.suppress(OSError, ValueError):
                 traceback.print_exc()
@@ -150,8 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return e.exit_code
         return EXIT_ERROR
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

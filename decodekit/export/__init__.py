@@ -269,7 +269,9 @@ def _name_dims(program: Any, n_layers: int, all_logits: bool) -> None:
 
 
 def _check_parent(out: Path) -> None:
-    """Refuse an ``out`` whose nearest existing ancestor is a file or not writable."""
+    """Refuse an ``out`` whose nearest existing ancestor is a file or not writable, or that is itself read-only."""
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot replace {out} (read-only: permission denied)")
     parent = out.parent
     while not os.path.lexists(parent):
         parent = parent.parent
@@ -286,9 +288,9 @@ def _preflight(model_path: Path, fmt: str) -> None:
 
         read_llama2c_config(model_path)
     else:
-        from decodekit.models.hf import read_hf_config
+        from decodekit.models import read_hf_config_checked
 
-        read_hf_config(model_path)
+        read_hf_config_checked(model_path)
         if not any((model_path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
             raise UsageError(f"no model.safetensors (or model.safetensors.index.json) in {model_path}")
 
@@ -455,9 +457,13 @@ def export_decoder(
         raise UsageError(f"max_seq_len must be an int from 2 to {MAX_SEQ_LEN}, got {max_seq_len!r}")
     out = _outdir.normalize(out_dir)
     model_path = None if isinstance(model, Decoder) else Path(model).expanduser().absolute()
+    if model_path is not None:
+        model_format(model_path)  # missing, a device, a pipe, a link loop: said before anything else
     _outdir.check_not_source(out, [model_path, Path(tokenizer) if tokenizer is not None else None])
     _outdir.check_replaceable(out, force)
     _check_parent(out)
+    for name in _outdir.clean_stale(out, keep=[model_path, tokenizer]):
+        prog.info(f"removed {name}, left by an interrupted export")
     torch_dtype = DTYPES[dtype]
 
     if isinstance(model, Decoder):

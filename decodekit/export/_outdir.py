@@ -13,8 +13,10 @@ Rules (an export never deletes or overwrites anything but its own previous outpu
   filtered by the umask, like any ``mkdir``), renamed into place at the end. A previous export is first renamed
   to ``.OUT_DIR.<pid>.<hex>.old`` and removed once the new one is in place.
 * Leftovers of an interrupted export (``kill -9``, power loss) are cleaned by the next export to the same
-  ``OUT_DIR``: under the lock no other writer exists, so every ``.partial`` of that name is stale; an ``.old``
-  is moved back when ``OUT_DIR`` itself is missing (the previous export comes back), removed otherwise.
+  ``OUT_DIR`` (even one refused later, e.g. for its tokenizer, once ``OUT_DIR`` itself passed the checks):
+  under the lock no other writer exists, so every ``.partial`` of that name is stale (a free lock means its
+  owner is dead); an ``.old`` is moved back when ``OUT_DIR`` itself is missing (the previous export comes
+  back), removed otherwise.
 """
 
 from __future__ import annotations
@@ -48,12 +50,12 @@ def normalize(out_dir: str | os.PathLike) -> Path:
 
 def check_not_source(out: Path, sources: Iterable[Path | None]) -> None:
     """Refuse an ``out`` that is, or lies above, one of the inputs (it would be replaced with them)."""
-    out_real = out.resolve()
+    out_real = _resolve(out)
     out_stat = _stat(out)
     for src in sources:
         if src is None:
             continue
-        src_real = Path(src).resolve()
+        src_real = _resolve(Path(src))
         chain = [src_real, *src_real.parents]
         same = out_real in chain
         if not same and out_stat is not None:  # bind mounts, case-insensitive file systems
@@ -64,6 +66,13 @@ def check_not_source(out: Path, sources: Iterable[Path | None]) -> None:
                 f"output directory {out} {what} the input {src}: an export replaces its output directory; "
                 "choose another OUT_DIR"
             )
+
+
+def _resolve(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the path as written
+        return Path(os.path.abspath(p))
 
 
 def _stat(p: Path) -> os.stat_result | None:
@@ -133,7 +142,7 @@ def _leftover_pattern(name: str) -> re.Pattern[str]:
 def clean_leftovers(out: Path, keep: Iterable[Path | None] = ()) -> list[str]:
     """Remove what interrupted exports to ``out`` left beside it (call with the lock held). Returns their names."""
     pattern = _leftover_pattern(out.name)
-    keep_real = [Path(k).resolve() for k in keep if k is not None]
+    keep_real = [_resolve(Path(k)) for k in keep if k is not None]
     removed = []
     try:
         names = sorted(os.listdir(out.parent))
@@ -146,7 +155,7 @@ def clean_leftovers(out: Path, keep: Iterable[Path | None] = ()) -> list[str]:
         p = out.parent / name
         if p.is_symlink() or not p.is_dir():
             continue
-        if any(p.resolve() in (k, *k.parents) for k in keep_real):
+        if any(_resolve(p) in (k, *k.parents) for k in keep_real):
             continue  # never delete an input, whatever it is called
         is_old = m.group("kind") == "old" or ".old-" in name
         if is_old and not os.path.lexists(out):
@@ -156,6 +165,36 @@ def clean_leftovers(out: Path, keep: Iterable[Path | None] = ()) -> list[str]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(name)
     return removed
+
+
+def clean_stale(out: Path, keep: Iterable[str | os.PathLike | None] = ()) -> list[str]:
+    """:func:`clean_leftovers` when no export to ``out`` is running (its lock is free); else nothing."""
+    lock_path = out.parent / f".{out.name}.lock"
+    if fcntl is None or not out.parent.is_dir():
+        return []
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                     0o666)
+    except OSError:
+        return []  # a read-only folder: whatever is there stays, and the export fails with its own message
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []  # a live export holds it: its partial folder is not stale
+        try:
+            st = os.stat(lock_path, follow_symlinks=False)
+        except FileNotFoundError:
+            return []
+        mine = os.fstat(fd)
+        if (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev):
+            return []
+        removed = clean_leftovers(out, keep=[Path(k) if k is not None else None for k in keep])
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        return removed
+    finally:
+        os.close(fd)
 
 
 def _holder(fd: int) -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_format",
+    "read_hf_config_checked",
 ]
 
 
@@ -49,7 +50,27 @@ def model_format(path: str | os.PathLike) -> str:
         raise UsageError(f"{path} is a directory without config.json: not a Hugging Face model directory")
     if path.is_file():
         return "llama2c"
+    if os.path.lexists(path):
+        raise UsageError(f"model {path} is not a regular file or directory (a device, pipe, socket or broken link)")
     raise UsageError(f"model {path} does not exist")
+
+
+def read_hf_config_checked(directory: str | os.PathLike) -> DecoderConfig:
+    """:func:`decodekit.models.hf.read_hf_config`, with a malformed ``config.json`` (not an object, a key missing
+    or of the wrong type) reported as :class:`UsageError` naming the file, never as a raw ``KeyError``."""
+    from decodekit.models.hf import read_hf_config
+
+    where = Path(directory) / "config.json"
+    try:
+        return read_hf_config(directory)
+    except UsageError:
+        raise
+    except KeyError as e:
+        raise UsageError(f"{where} lacks {e.args[0]!r}, which this architecture needs") from None
+    except AttributeError:
+        raise UsageError(f"{where} must hold a JSON object with the model's settings") from None
+    except (TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError) as e:
+        raise UsageError(f"{where} has a malformed entry: {e}") from None
 
 
 def load_model(
@@ -88,6 +109,7 @@ def load_model(
     if fmt == "hf":
         from decodekit.models.hf import load_hf
 
+        read_hf_config_checked(path)  # a malformed config.json: one clear UsageError before any weight is read
         model = load_hf(path, dtype=dtype, device=device)
     else:
         from decodekit.models.llama2c import load_llama2c

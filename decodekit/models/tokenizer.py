@@ -23,6 +23,17 @@ from decodekit.errors import UsageError
 _BYTE_PIECE = re.compile(rb"^<0x([0-9A-Fa-f]{2})>$")
 
 
+def _utf8(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(
+            f"text has no UTF-8 encoding: {text[e.start]!r} at position {e.start} is a lone surrogate"
+        ) from None
+
+
 class Llama2cTokenizer:
     """The llama2.c tokenizer (sentencepiece-style BPE with byte fallback), bit-for-bit as ``run.c``.
 
@@ -49,19 +60,22 @@ class Llama2cTokenizer:
             raise UsageError(f"cannot read tokenizer {self.path}: {e.strerror}") from None
         pieces: list[bytes] = []
         scores: list[float] = []
-        try:
-            (self.max_token_length,) = struct.unpack_from("<i", raw, 0)
-            offset = 4
-            while offset < len(raw) and (vocab_size is None or len(pieces) < vocab_size):
-                score, n = struct.unpack_from("<fi", raw, offset)
-                offset += 8
-                if n < 0 or offset + n > len(raw):
-                    raise struct.error("token length past the end of the file")
-                pieces.append(raw[offset : offset + n])
-                scores.append(score)
-                offset += n
-        except struct.error as e:
-            raise UsageError(f"tokenizer {self.path} is not a llama2.c tokenizer file ({e})") from None
+        if len(raw) < 4:
+            raise UsageError(f"tokenizer {self.path} is not a llama2.c tokenizer file ({len(raw)} bytes)")
+        (self.max_token_length,) = struct.unpack_from("<i", raw, 0)
+        offset = 4
+        while offset < len(raw) and (vocab_size is None or len(pieces) < vocab_size):
+            if offset + 8 > len(raw):
+                raise UsageError(f"tokenizer {self.path} is not a llama2.c tokenizer file (token {len(pieces)} is cut "
+                                 f"off at byte {offset} of {len(raw)})")
+            score, n = struct.unpack_from("<fi", raw, offset)
+            offset += 8
+            if n < 0 or offset + n > len(raw):
+                raise UsageError(f"tokenizer {self.path} is not a llama2.c tokenizer file (token {len(pieces)} claims "
+                                 f"{n} bytes at byte {offset} of {len(raw)})")
+            pieces.append(raw[offset : offset + n])
+            scores.append(score)
+            offset += n
         if len(pieces) < 3 or (vocab_size is not None and len(pieces) != vocab_size):
             raise UsageError(f"tokenizer {self.path} holds {len(pieces)} tokens, expected {vocab_size or '>= 3'}")
         self.pieces = pieces
@@ -86,7 +100,7 @@ class Llama2cTokenizer:
 
         Every token covers at most :attr:`max_piece_bytes` bytes of the text plus the dummy-prefix space.
         """
-        n = len(text.encode("utf-8"))
+        n = len(_utf8(text))
         return int(bos) + int(eos) + (-(-(n + 1) // self.max_piece_bytes) if n else 0)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False, max_tokens: int | None = None) -> list[int]:
@@ -105,7 +119,7 @@ class Llama2cTokenizer:
                 raise UsageError(
                     f"the prompt ({len(text)} characters) needs at least {least} tokens, more than {max_tokens}"
                 )
-        data = text.encode("utf-8")
+        data = _utf8(text)
         tokens: list[int] = [self.bos_id] if bos else []  # BOS takes part in the merges, as in run.c
         if data:
             if b" " not in self._lookup:
@@ -222,6 +236,7 @@ class HFTokenizer:
         self.eos_id = eos_id if eos_id is not None else ids.get("eos")
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        _utf8(text)  # a lone surrogate: UsageError, as the llama2.c tokenizer
         ids = list(self._tok.encode(text, add_special_tokens=False).ids)
         if bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
@@ -264,12 +279,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if path.is_dir():
         meta = path / "decodekit.json"
         if meta.is_file():
-            info = json.loads(meta.read_text()).get("tokenizer")
-            if not info:
-                raise UsageError(f"{meta} records no tokenizer")
-            if info.get("type") == "llama2c":
-                return Llama2cTokenizer(path / info["file"])
-            return HFTokenizer(path / info["file"], bos_id=info.get("bos_id"), eos_id=info.get("eos_id"))
+            return _tokenizer_of_export(meta)
         found = find_tokenizer_file(path)
         if found is None:
             raise UsageError(f"no tokenizer (tokenizer.json or tok*.bin) in directory {path}")
@@ -279,6 +289,30 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if path.suffix == ".json":
         return HFTokenizer(path)
     return Llama2cTokenizer(path)
+
+
+def _tokenizer_of_export(meta_path: Path) -> Tokenizer:
+    """The tokenizer an export's ``decodekit.json`` names (a file beside it), with a clear error for nonsense."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UsageError(f"cannot read {meta_path}: {e}") from None
+    info = meta.get("tokenizer") if isinstance(meta, dict) else None
+    if not info:
+        raise UsageError(f"{meta_path} records no tokenizer")
+    name = info.get("file") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise UsageError(f"{meta_path}: tokenizer.file must be a file name beside it, got {name!r}")
+    kind = info.get("type")
+    if kind not in ("llama2c", "hf"):
+        raise UsageError(f"{meta_path}: tokenizer.type must be 'llama2c' or 'hf', got {kind!r}")
+    if kind == "llama2c":
+        return Llama2cTokenizer(meta_path.parent / name)
+    ids = {k: info.get(k) for k in ("bos_id", "eos_id")}
+    for k, v in ids.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise UsageError(f"{meta_path}: tokenizer.{k} must be a token id, got {v!r}")
+    return HFTokenizer(meta_path.parent / name, **ids)
 
 
 def find_tokenizer_file(directory: Path, vocab_size: int | None = None) -> Path | None:

@@ -404,3 +404,20 @@ def test_non_finite_weights_are_refused(tmp_path, capsys, stub_export):
     assert code == 2 and "not a finite number" in err[0]
     bad = write_tiny_llama2c(tmp_path / "inf.bin", fill=np.inf)
     assert run_cli(capsys, bad, "-o", tmp_path / "out")[0] == 2
+
+
+def test_interrupt_turned_into_another_error_is_still_an_interrupt(ckpt, tmp_path, capsys, stub_export):
+    """torch.export catches the KeyboardInterrupt of a Ctrl-C and raises its own error: still exit 130."""
+    import signal
+
+    def wrapped(path):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to export the model with torch.export") from e
+
+    stub_export.hook = wrapped
+    code, err = run_cli(capsys, ckpt, "-o", tmp_path / "out")
+    assert (code, err) == (130, ["decodekit export: interrupted"])
+    assert hidden(tmp_path) == [] and not (tmp_path / "out").exists()
