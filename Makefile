@@ -5,6 +5,7 @@
 #                   .venv-triton-X.Y (CPU machines: the CPU torch wheel); make test-triton-3.9 runs one
 #   make demo       venv + install + export stories260K + tell a story + eager/ORT/ORT-IO-binding table
 #   make bench      venv + install + pytest-benchmark over bench/, report in bench/results/
+#   make fuzz       venv + install + the CLI fuzz (tests/test_cli_fuzz.py): FUZZ_SCALE x the examples + slow cases
 #   make gpu-check  on a CUDA machine: tests compiled on the GPU (interpreter off), then the benchmarks,
 #                   with whatever python already has torch + triton (no installs, the checkout on PYTHONPATH)
 
@@ -30,7 +31,7 @@ PYTEST_ARGS ?= -n 2
 BENCH_ARGS ?=
 GPU_PYTHON ?= python3
 
-.PHONY: setup test test-triton lint demo bench gpu-check clean
+.PHONY: setup test test-triton lint demo bench gpu-check clean fuzz
 
 setup: $(VENV)/.installed
 
@@ -75,6 +76,12 @@ test: setup lint
 
 demo: setup
 	$(PY) -m decodekit demo --model $(MODEL)
+
+# the CLI fuzz with FUZZ_SCALE times the hypothesis examples plus the slow cases (real full-disk export, signals at
+# more moments); one process, so that it prints how many distinct bad inputs it tried and how many were handled
+FUZZ_SCALE ?= 10
+fuzz: setup
+	DECODEKIT_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -p no:xdist -p no:randomly -rxs tests/test_cli_fuzz.py
 
 bench: setup
 	@mkdir -p bench/results
