@@ -15,18 +15,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Export a decoder to OUT_DIR/model.onnx + OUT_DIR/decodekit.json (+ the tokenizer), with explicit "
             "KV-cache inputs/outputs and dynamic batch/sequence/past lengths, then check ONNX Runtime against "
-            "eager PyTorch. Exit codes: 0 ok, 1 validation failed, 2 bad input."
+            "eager PyTorch. OUT_DIR may not hold the source; --force replaces only a previous export (never other "
+            "files, never through a symbolic link); concurrent exports to one OUT_DIR wait for each other. "
+            "Exit codes: 0 ok, 1 validation failed, 2 any other error (one line on stderr), 130 interrupted."
         ),
     )
     p.add_argument("model", help="llama2.c checkpoint (.bin) or Hugging Face model directory")
     p.add_argument("-o", "--out", dest="out_dir", required=True, metavar="OUT_DIR", help="output directory")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights/KV/logits dtype (fp32)")
-    p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (>= 18; exporter default)")
+    p.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ONNX opset, 18 up to what onnx and ONNX Runtime know (default: the exporter's)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="override the context length")
     p.add_argument("--atol", type=float, default=None, metavar="X", help="validation tolerance (1e-4 fp32, 1e-2 fp16)")
     p.add_argument("--rtol", type=float, default=None, metavar="X", help="relative tolerance (0 fp32, 4e-3 fp16)")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the ONNX Runtime check")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR when it holds a previous decodekit export (and nothing else)")
     p.add_argument("--all-logits", action="store_true", help="output logits for every position, not only the last")
     p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer file to copy (default: found)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
