@@ -77,11 +77,12 @@ _LEAK = re.compile(
 )
 
 
-def check(case, code, out, err, *, codes=(2,), fragment=None, cmd=None, owner=None, internal_ok=False):
+def check(case, code, out, err, *, codes=(2,), fragment=None, cmd=None, owner=None, internal_ok=False, soft=False):
     """Assert the contract for one bad input and record it in TRIED.
 
     ``owner``: the package whose code decides this case when it is not decodekit.cli / export / models (e.g.
-    "runtime"); a failure there is recorded as that owner's and reported as an expected failure of this suite.
+    "runtime"); a failure there is recorded as that owner's and reported as an expected failure of this suite:
+    at once, or (``soft``, inside hypothesis tests, so that the search goes on) by ``test_zz_...`` at the end.
     """
     TRIED.setdefault(case, "not checked")
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -107,6 +108,8 @@ def check(case, code, out, err, *, codes=(2,), fragment=None, cmd=None, owner=No
     SAID[case] = f"{code}: {lines[-1] if lines else ''}"
     if problems and owner is not None:
         TRIED[case] = f"[{owner}] {TRIED[case]}"
+        if soft:
+            return
         pytest.xfail(f"{owner} code: {case}: {problems}")
     assert not problems, (case, problems, err[-2000:])
 
@@ -520,7 +523,7 @@ def test_generate_fuzzed_decodekit_json(ws, capfd, tmp_path_factory, key, sub_ke
     (d / "decodekit.json").write_text(json.dumps(meta))
     code, o, e = run(capfd, ["generate", d, "--max-new-tokens", "3", "--prompt", "Once", "--seed", "0"])
     check(f"generate decodekit.json[{key!r}][{sub_key!r}] = {json.dumps(value)[:60]}", code, o, e, codes=(0, 2),
-          cmd="generate", owner="runtime")
+          cmd="generate", owner="runtime", soft=True)
     shutil.rmtree(d)
 
 
@@ -537,7 +540,7 @@ def test_generate_fuzzed_model_onnx(ws, capfd, tmp_path_factory, cut, flip):
     (d / "model.onnx").write_bytes(bytes(data))
     code, o, e = run(capfd, ["generate", d, "--max-new-tokens", "3", "--seed", "0"])
     check(f"generate model.onnx cut at {cut} flipped {sorted(set(flip))}", code, o, e, codes=(0, 2), cmd="generate",
-          owner="runtime")
+          owner="runtime", soft=True)
     shutil.rmtree(d)
 
 
@@ -603,7 +606,7 @@ def test_generate_on_cuda_without_one(ws, capfd):
 def test_generate_fuzzed_flag_values(ws, capfd, flag, value):
     """Any value for a generation flag: a result (valid value) or one error line, never a traceback."""
     code, o, e = run(capfd, ["generate", ws["export"], "--max-new-tokens", "3", "--seed", "1", flag, value])
-    check(f"generate {flag} {value!r}", code, o, e, codes=(0, 2), cmd="generate", owner="runtime")
+    check(f"generate {flag} {value!r}", code, o, e, codes=(0, 2), cmd="generate", owner="runtime", soft=True)
 
 
 @HYP
@@ -611,7 +614,7 @@ def test_generate_fuzzed_flag_values(ws, capfd, flag, value):
 def test_generate_fuzzed_prompt(ws, capfd, text):
     code, o, e = run(capfd, ["generate", ws["export"], "--max-new-tokens", "2", "--seed", "1", "--prompt", text])
     check(f"generate --prompt sha={hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}",
-          code, o, e, codes=(0, 2), cmd="generate", owner="runtime")
+          code, o, e, codes=(0, 2), cmd="generate", owner="runtime", soft=True)
 
 
 # --- real processes: closed pipes, signals, a full disk, concurrent writers ------------------------------------------
@@ -749,3 +752,7 @@ def test_zz_every_bad_input_was_handled(ws):
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         assert len(TRIED) >= 150, len(TRIED)
     assert {k: v for k, v in TRIED.items() if v is not None and not v.startswith("[")} == {}
+    elsewhere = {k: v for k, v in TRIED.items() if v is not None}
+    if elsewhere:
+        worst = sorted(elsewhere.items())[:3]
+        pytest.xfail(f"{len(elsewhere)} bad inputs fail in other packages' code, e.g. {worst}")
