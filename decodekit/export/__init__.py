@@ -487,8 +487,8 @@ def export_decoder(
     tok_entry = _tokenizer_entry(tok_path, cfg) if tok_path is not None else None
     if tok_entry is None:
         prog.info("no tokenizer found: decodekit.json records none")
-    if decoder is model:
-        decoder = copy.copy(decoder)  # .eval() below must not change the caller's module
+    # .eval() must not change the caller's module for good: its modes come back when the export is done
+    modes = [(m, m.training) for m in decoder.modules()] if isinstance(model, Decoder) else []
     decoder = decoder.to(dtype=torch_dtype).eval()
     prog.info(f"{cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
               f"vocab {cfg.vocab_size}, {sum(p.numel() for p in decoder.parameters()):,} parameters, {dtype}")
@@ -521,6 +521,8 @@ def export_decoder(
             raise  # not a write into OUT_DIR's folder (e.g. an unreadable input): its own message says what
         raise ExportWriteError(e.errno, f"cannot write the export to {out}: {e.strerror or e}") from e
     finally:
+        for m, training in modes:
+            m.training = training
         if not done:
             for d in created:
                 with contextlib.suppress(OSError):

@@ -421,3 +421,13 @@ def test_interrupt_turned_into_another_error_is_still_an_interrupt(ckpt, tmp_pat
     code, err = run_cli(capsys, ckpt, "-o", tmp_path / "out")
     assert (code, err) == (130, ["decodekit export: interrupted"])
     assert hidden(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_an_in_memory_decoder_is_left_as_it_was(ckpt, tmp_path, stub_export):
+    from decodekit.models import load_model
+
+    model = load_model(ckpt).train()
+    cfg = model.config
+    ex.export_decoder(model, tmp_path / "out", validate=False, progress=False, max_seq_len=8)
+    assert model.training and all(m.training for m in model.modules())
+    assert model.config is cfg and cfg.max_seq_len == 16
