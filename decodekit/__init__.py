@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "export_decoder": "decodekit.export",
     "OnnxDecoder": "decodekit.runtime",
     "generate": "decodekit.runtime",
+    "GenerationConfig": "decodekit.runtime",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

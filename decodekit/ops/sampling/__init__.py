@@ -61,7 +61,10 @@ def _row_param(
                 raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {_show(vals)}")
             if hi is not None and bool((vals > hi).any()):
                 raise ValueError(f"{op}: {name} must be <= {hi}, got {_show(vals)}")
-        return t.to(torch.float32).reshape(-1).expand(B)
+        t32 = t.to(torch.float32)
+        if not integer:  # a positive value must stay positive in fp32 (a top_p of 1e-46 is not "off")
+            t32 = torch.where((t > 0) & (t32 == 0), _FP32_TINY, t32)
+        return t32.reshape(-1).expand(B)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         want = "an int" if integer else "a float"
         raise TypeError(f"{op}: {name} must be {want} or a [B] tensor, got {type(value).__name__}")
@@ -72,7 +75,12 @@ def _row_param(
         raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:
         raise ValueError(f"{op}: {name} must be <= {hi}, got {v}")
-    return int(value) if integer else v
+    if integer:
+        return int(value)
+    return _FP32_TINY if 0 < v < _FP32_TINY else v
+
+
+_FP32_TINY = float(torch.finfo(torch.float32).smallest_normal)  # positive parameters are at least this in fp32
 
 
 def _column(v: float | int | torch.Tensor, B: int, device: torch.device) -> torch.Tensor:

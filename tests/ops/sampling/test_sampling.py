@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from decodekit.ops._dispatch import count_launches
 from decodekit.ops.sampling import sample, sample_logits, sample_logits_probs, sampler_simple_batch, sampling_probs
-from decodekit.ops.sampling.cpu import philox_uniform
 from decodekit.ops.sampling.reference import (
     sample_logits_ref,
     sampler_simple_batch_ref,
@@ -30,29 +27,6 @@ def _assert_same_kept(got: torch.Tensor, ref: torch.Tensor, atol: float = 1e-6) 
     assert torch.equal(got > 0, ref > 0), f"kept sets differ in {int(((got > 0) != (ref > 0)).sum())} places"
     torch.testing.assert_close(got, ref, atol=atol, rtol=1e-4)
     torch.testing.assert_close(got.sum(dim=1), torch.ones(got.shape[0]), atol=1e-5, rtol=0)
-
-
-# --------------------------------------------------------------------------- RNG: the torch path = tl.rand
-
-
-@triton.jit
-def _rand_kernel(seed_ptr, out_ptr, row_key, N, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    seed = tl.load(seed_ptr)
-    u = tl.rand(seed, (row_key.to(tl.int64) << 32) + offs.to(tl.int64))
-    tl.store(out_ptr + offs, u, mask=offs < N)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 12345, 2**40 + 7, 2**63 - 1])
-@pytest.mark.parametrize("row_key", [0, 3])
-def test_philox_uniform_matches_tl_rand(device, seed, row_key):
-    N = 1000
-    out = torch.full((N,), float("nan"), device=device)
-    _rand_kernel[(1,)](torch.tensor([seed], dtype=torch.int64, device=device), out, row_key, N, BLOCK=1024)
-    tok = torch.arange(N, dtype=torch.int64)
-    ref = philox_uniform(torch.full((N,), seed, dtype=torch.int64), torch.full((N,), row_key), tok)
-    assert torch.equal(out.cpu(), ref)  # bit-exact
-    assert 0.0 <= float(ref.min()) and float(ref.max()) < 1.0 and abs(float(ref.mean()) - 0.5) < 0.05
 
 
 # --------------------------------------------------------------------------- kept sets vs the references
@@ -116,12 +90,12 @@ def test_largest_vocab_one_row(device):
     kw = dict(temperature=0.8, top_k=30, top_p=0.8)
     got = sampling_probs(x.to(device), backend="triton", **kw)
     _assert_same_kept(got, sampling_probs_ref(x, **kw))
-    tok_k = sample(x.to(device), seed=5, backend="triton", **kw)
-    tok_t = sample(x, seed=5, backend="torch", **kw)
-    assert int(tok_k) == int(tok_t)
+    for backend in BACKENDS:
+        tok = sample(x.to(device), seed=5, backend=backend, **kw)
+        assert float(got.cpu()[0, int(tok)]) > 0
 
 
-# --------------------------------------------------------------------------- the draw: same stream on both paths
+# --------------------------------------------------------------------------- the draw: same distribution on both paths
 
 
 @pytest.mark.parametrize(
@@ -133,7 +107,9 @@ def test_largest_vocab_one_row(device):
         dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, top_k=25),
     ],
 )
-def test_kernel_and_torch_draw_the_same_tokens(device, kw):
+def test_both_backends_draw_kept_tokens_with_consistent_logprobs(device, kw):
+    """Each backend draws only kept tokens, and reports their log-probability under the reference distribution.
+    (The two backends use different random streams: same distribution, not the same tokens.)"""
     B, V = 12, 1500
     x = _logits(B, V, seed=2)
     if "repetition_penalty" in kw:
@@ -144,17 +120,20 @@ def test_kernel_and_torch_draw_the_same_tokens(device, kw):
         tk, lk = sample(x.to(device), seed=seeds.to(device), return_logprobs=True, backend="triton", **kd)
     assert launches["sampling_race"] == 1 and launches["sampling_finalize"] == 1
     tt, lt = sample(x, seed=seeds, return_logprobs=True, backend="torch", **kw)
-    assert torch.equal(tk.cpu(), tt)
-    torch.testing.assert_close(lk.cpu(), lt, atol=1e-5, rtol=1e-5)
     probs = sampling_probs_ref(x, **kw)
-    torch.testing.assert_close(lt, torch.log(probs.gather(1, tt[:, None]).squeeze(1)), atol=1e-5, rtol=1e-5)
+    for tok, lp in ((tk.cpu(), lk.cpu()), (tt, lt)):
+        p = probs.gather(1, tok[:, None]).squeeze(1)
+        assert bool((p > 0).all())
+        torch.testing.assert_close(lp, torch.log(p), atol=1e-5, rtol=1e-5)
 
 
-def test_seeds_batch_invariance_and_determinism(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("filters", [dict(top_k=50, top_p=0.95), dict(top_p=0.9), dict(min_p=0.05)])
+def test_seeds_batch_invariance_and_determinism(device, backend, filters):
     B, V = 6, 800
     x = _logits(B, V, seed=4).to(device)
     seeds = torch.tensor([5, 9, 11, 5, 70, 3], dtype=torch.int64, device=device)
-    kw = dict(top_k=50, top_p=0.95, backend="triton")
+    kw = dict(filters, backend=backend)
     full = sample(x, seed=seeds, **kw)
     assert torch.equal(full, sample(x, seed=seeds, **kw))  # deterministic
     perm = torch.tensor([4, 0, 5, 2], device=device)
@@ -166,12 +145,13 @@ def test_seeds_batch_invariance_and_determinism(device):
     assert len(outs) > 1  # different seeds give different draws
 
 
-def test_seed_none_uses_torch_generator(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_none_uses_torch_generator(device, backend):
     x = _logits(4, 300).to(device)
     torch.manual_seed(1)
-    a = sample(x, backend="triton")
+    a = sample(x, backend=backend)
     torch.manual_seed(1)
-    b = sample(x, backend="triton")
+    b = sample(x, backend=backend)
     assert torch.equal(a, b)
 
 
@@ -182,11 +162,13 @@ def test_sampler_simple_batch(device):
         k = sampler_simple_batch(x.to(device), noise=1.5, temp=0.9, seed=4, backend="triton")
     assert launches["sampling_race"] == 1
     t = sampler_simple_batch(x, noise=1.5, temp=0.9, seed=4, backend="torch")
-    assert torch.equal(k.cpu(), t) and k.shape == (B, 1)
+    assert k.shape == t.shape == (B, 1)
     z = x / 0.9
-    assert bool((z.gather(1, t) >= z.max(dim=1, keepdim=True).values - 1.5).all())  # can only beat max by noise
-    greedy = sampler_simple_batch(x.to(device), noise=0.0, seed=0, backend="triton")
-    assert torch.equal(greedy.cpu(), sampler_simple_batch_ref(x, noise=0.0))
+    for tok in (k.cpu(), t):  # a token can only beat the max by the noise
+        assert bool((z.gather(1, tok) >= z.max(dim=1, keepdim=True).values - 1.5).all())
+    for backend in BACKENDS:
+        greedy = sampler_simple_batch(x.to(device), noise=0.0, seed=0, backend=backend)
+        assert torch.equal(greedy.cpu(), sampler_simple_batch_ref(x, noise=0.0))
 
 
 # --------------------------------------------------------------------------- parameters, penalties, precision

@@ -1,318 +1,250 @@
-"""The PyTorch sampler path's own machinery: its Philox implementations, the block-wise nonzero search and the
-two-level (block max) candidate selection, including the rounds that grow the candidate set, checked against the
-plain references (and, for the block path's draw, against the Triton kernel)."""
+"""The PyTorch sampler path on every distribution shape: kept sets exactly equal to both references, the
+histogram top-p cut on flat and tied rows, the counter-based random stream, and the numerically hard inputs
+(huge offsets, overflowing temperatures, tiny top-p, masked tokens)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from decodekit.ops._dispatch import count_launches
-from decodekit.ops.sampling import sample, sample_logits, sample_logits_probs, sampling_probs
-from decodekit.ops.sampling.cpu import (
-    _BIGINT_LANES,
-    Seed,
-    _uniforms,
-    nonzero_positions,
-    philox_uniform,
-)
+from bench.logits import DISTRIBUTIONS, make_logits, stories_logits
+from decodekit.ops.sampling import cpu as sampling_cpu
+from decodekit.ops.sampling import sample, sample_logits, sample_logits_probs, sampler_simple_batch, sampling_probs
+from decodekit.ops.sampling.cpu import counter_uniform
 from decodekit.ops.sampling.reference import sample_logits_ref, sampling_probs_ref
 
+M64 = (1 << 64) - 1
 
-def _logits(B: int, V: int, scale: float = 4.0, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, V, generator=g) * scale
+
+def _splitmix_ref(seed: int, counter: int) -> float:
+    """The same hash in Python integers (unbounded, masked to 64 bits): the definition of the stream."""
+    z = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    z ^= z >> 31
+    return (z >> 40) / float(1 << 24)
 
 
 def _assert_same_kept(got: torch.Tensor, ref: torch.Tensor) -> None:
-    assert torch.equal(got > 0, ref > 0), f"kept sets differ in {int(((got > 0) != (ref > 0)).sum())} places"
+    diff = int(((got > 0) != (ref > 0)).sum())
+    assert diff == 0, f"kept sets differ in {diff} places"
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("R,K", [(1, 1), (1, 37), (3, 80), (4, 300), (16, 100)])
-@pytest.mark.parametrize("mult", [0, 1])
-def test_uniforms_equal_philox_uniform(R, K, mult):
-    """Both CPU Philox paths (big-integer lanes below _BIGINT_LANES counters, NumPy above) are bit-exact."""
-    g = torch.Generator().manual_seed(R * K + mult)
-    tok = torch.randint(0, 2**18, (R, K), generator=g)
-    rows = torch.arange(R) * 5 + 2  # batch rows of the R rows drawn
-    seeds = torch.randint(-(2**63), 2**63 - 1, (5 * R + 2,), generator=g)  # negative int64 seeds too
-    for seed in (Seed(seeds, mult), Seed(2**62 + 12345, mult)):
-        got = _uniforms(seed, rows, tok)
-        s = seeds[rows][:, None].expand(R, K) if isinstance(seed.seed, torch.Tensor) else torch.full((R, K), seed.seed)
-        ref = philox_uniform(s, (rows * mult)[:, None].expand(R, K), tok)
-        assert torch.equal(got, ref)
-    assert (R * K <= _BIGINT_LANES) == (R * K in (1, 37, 240))  # both paths are covered
+def test_counter_uniform_is_splitmix64():
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (300,), generator=g)
+    counters = torch.randint(0, 2**62, (300,), generator=g)
+    got = counter_uniform(seeds, counters)
+    ref = torch.tensor([_splitmix_ref(s % (1 << 64), c) for s, c in zip(seeds.tolist(), counters.tolist())])
+    assert torch.equal(got, ref.float())
+    assert [sampling_cpu._splitmix(s % (1 << 64), c) for s, c in zip(seeds.tolist()[:50], counters.tolist())] == \
+        ref[:50].tolist()  # the host evaluator of small batches is the same function
+    u = counter_uniform(torch.full((100_000,), 7), torch.arange(100_000))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
 
 
-@pytest.mark.parametrize("V", [63, 64, 1000, 70001])
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int16, torch.uint8])
-def test_nonzero_positions_match_nonzero(V, dtype):
-    g = torch.Generator().manual_seed(V)
-    vals = torch.randint(0 if dtype == torch.uint8 else -3, 4, (3, V), generator=g)
-    counts = (vals * (torch.rand(3, V, generator=g) < 0.03)).to(dtype)
-    wide = torch.zeros(3, V + 70, dtype=dtype)  # row stride not a multiple of the block
-    wide[:, :V] = counts
-    for c in (counts, wide[:, :V]):
-        r, k = nonzero_positions(c)
-        ref_r, ref_k = c.nonzero(as_tuple=True)
-        assert torch.equal(torch.sort(r * V + k).values, ref_r * V + ref_k)
-
-
-BLOCK_CASES = [  # kwargs; the first-round candidates suffice, or need one or more growth rounds
-    dict(top_k=30, top_p=0.8, temperature=0.8),
-    dict(top_k=20),
-    dict(top_p=0.85),
-    dict(top_p=0.99, temperature=1.3),  # thousands of tokens: rounds up to all blocks
-    dict(top_k=3000, min_p=0.001),  # more blocks than the row has: ranked whole
+HF_SETS = [  # the benchmark's Hugging Face set, and the filters one at a time
+    dict(temperature=0.8, top_k=30, top_p=0.8),
+    dict(temperature=1.0, top_p=0.85),
+    dict(temperature=0.7, top_p=0.95, min_p=0.02),
+    dict(temperature=1.3, top_k=300),
+    dict(temperature=1.0, min_p=0.1),
 ]
+TTS_SETS = [(1.0, 0.95, 20), (1.0, 0.95, 80), (1.0, 0.85, 0), (0.6, 0.5, 0)]
 
 
-@pytest.mark.parametrize("kw", BLOCK_CASES)
-@pytest.mark.parametrize("V,stride", [(128256, 128256), (50021, 50050)])
-def test_block_candidates_match_reference(kw, V, stride):
-    x = _logits(2, stride, seed=V)[:, :V]  # (50021, 50050): tail tokens and a row stride that is no block multiple
+@pytest.fixture(params=["host", "sort", "histogram"])
+def row_path(request, monkeypatch):
+    """Run a test on every path: small calls in NumPy, small rows sorted by torch, large ones cut by the mass
+    histogram (the thresholds are moved so that each path takes the test's sizes)."""
+    if request.param != "host":
+        monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 0)
+        monkeypatch.setattr(sampling_cpu, "_SORT_V", 1 << 30 if request.param == "sort" else 0)
+    else:
+        monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 1 << 30)
+        monkeypatch.setattr(sampling_cpu, "_SORT_V", 1 << 30)
+    return request.param
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("kw", HF_SETS)
+def test_kept_sets_equal_hf_reference_on_every_distribution(dist, kw, row_path):
+    x = make_logits(dist, 4, 1999, seed=11)
     _assert_same_kept(sampling_probs(x, backend="torch", **kw), sampling_probs_ref(x, **kw))
 
 
-def test_block_candidates_per_row_parameters_and_penalties():
-    B, V = 5, 70001
-    x = _logits(B, V, seed=3)
-    g = torch.Generator().manual_seed(1)
-    counts = torch.randint(0, 3, (B, V), generator=g) * (torch.rand(B, V, generator=g) < 0.01)
-    kw = dict(
-        temperature=torch.tensor([0.7, 1.0, 0.0, 1.5, 0.9]),
-        top_k=torch.tensor([10, 0, 5, 100, 0]),
-        top_p=torch.tensor([1.0, 0.9, 0.9, 0.7, 1.0]),
-        min_p=torch.tensor([0.0, 0.0, 0.1, 0.02, 0.05]),
-        repetition_penalty=torch.tensor([1.3, 10.0, 1.0, 0.8, 2.0]),
-        presence_penalty=0.5,
-    )
-    got = sampling_probs(x, token_counts=counts.to(torch.int32), backend="torch", **kw)
-    _assert_same_kept(got, sampling_probs_ref(x, token_counts=counts, **kw))
-    for r in range(B):  # each row as if alone, with scalar parameters
-        rk = {k: (v[r].item() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-        rk["top_k"] = int(rk["top_k"])
-        alone = sampling_probs(x[r:r + 1], token_counts=counts[r:r + 1], backend="torch", **rk)
-        _assert_same_kept(alone, got[r:r + 1])
-
-
-@pytest.mark.parametrize("T,p,k", [(1.0, 0.85, 0), (1.0, 0.95, 20), (0.7, 0.99, 0), (1.2, 0.5, 3000)])
-def test_block_candidates_match_tts_reference(T, p, k):
-    x = _logits(2, 128256, seed=11)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("T,p,k", TTS_SETS)
+def test_kept_sets_equal_tts_reference_on_every_distribution(dist, T, p, k, row_path):
+    x = make_logits(dist, 4, 2003, seed=12)
     got = sample_logits_probs(x, T, p, k, backend="torch")
     _assert_same_kept(got, sample_logits_ref(x, T, p, k, return_probs=True))
-    tok = sample_logits(x, T, p, k, seed=3, backend="torch")
-    assert bool((got.gather(1, tok) > 0).all())
 
 
-def test_block_path_draws_the_kernel_tokens(device):
-    """V = 5000 with top-k: the torch path picks candidates block-wise (78 blocks); its draw must stay the
-    kernel's draw, penalties and per-row seeds included."""
-    B, V = 4, 5000
-    x = _logits(B, V, scale=3.0, seed=5)
-    counts = torch.randint(0, 3, (B, V), generator=torch.Generator().manual_seed(2)).to(torch.int32)
-    kw = dict(top_k=20, top_p=0.9, temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.1)
-    seeds = torch.arange(B, dtype=torch.int64) * 101 + 7
-    with count_launches() as launches:
-        tk, lk = sample(x.to(device), token_counts=counts.to(device), seed=seeds.to(device), return_logprobs=True,
-                        backend="triton", **kw)
-    assert launches["sampling_race"] == 1
-    tt, lt = sample(x, token_counts=counts, seed=seeds, return_logprobs=True, backend="torch", **kw)
-    assert torch.equal(tk.cpu(), tt)
-    torch.testing.assert_close(lk.cpu(), lt, atol=1e-5, rtol=1e-5)
+def test_kept_sets_on_real_stories_logits(stories_dir, row_path):
+    x = stories_logits(stories_dir, 32)
+    for kw in HF_SETS:
+        _assert_same_kept(sampling_probs(x, backend="torch", **kw), sampling_probs_ref(x, **kw))
+    for T, p, k in TTS_SETS:
+        got = sample_logits_probs(x, T, p, k, backend="torch")
+        _assert_same_kept(got, sample_logits_ref(x, T, p, k, return_probs=True))
 
 
-def test_caller_logits_are_not_modified():
-    x = _logits(3, 4000, seed=9)
-    before = x.clone()
-    counts = torch.ones(3, 4000, dtype=torch.int32)
-    sample(x, token_counts=counts, repetition_penalty=5.0, presence_penalty=1.0, top_k=50, seed=0, backend="torch")
-    assert torch.equal(x, before)
-
-
-def _spy(monkeypatch, name: str) -> list[bool]:
-    """Wrap ``sampling_torch.<name>`` to record, per call, whether it returned a result (not None), so that a test
-    knows which path ran."""
-    from decodekit.ops.sampling import cpu as sampling_torch
-
-    calls: list[bool] = []
-    real = getattr(sampling_torch, name)
-
-    def spy(*args, **kwargs):
-        res = real(*args, **kwargs)
-        calls.append(res is not None)
-        return res
-
-    monkeypatch.setattr(sampling_torch, name, spy)
-    return calls
-
-
-WIDE_CASES = [  # (kwargs, quantized): flat rows, top-p keeps most of the vocabulary, the window decides the cut
-    (dict(temperature=0.8, top_p=0.95), False),
-    (dict(top_p=0.5, min_p=0.9), False),
-    (dict(top_p=0.99, temperature=1.3), False),
-    # rounded rows are tested at T = 1 only: x / T in fp32 (the kernel's semantics) merges values that the fp64
-    # reference keeps apart, so at other temperatures the two would disagree on what is a tie
-    (dict(top_p=0.95), True),
-    (dict(top_p=0.5, min_p=0.9), True),
-]
-
-
-@pytest.mark.parametrize("kw,quantized", WIDE_CASES)
-@pytest.mark.parametrize("V,stride", [(50257, 50257), (50021, 50050), (128256, 128256)])
-def test_wide_top_p_window_matches_reference(monkeypatch, kw, quantized, V, stride):
-    """Rows as flat as a random model's (scale 0.05), and the same rows rounded to 1e-3 (~100 tokens per tie
-    group, groups on histogram bin edges): kept sets exactly the reference's, with the window path taken."""
-    calls = _spy(monkeypatch, "_topp_window")
-    x = _logits(3, stride, scale=0.05, seed=V)[:, :V]
-    if quantized:
-        x = torch.round(x * 1000) / 1000
+@pytest.mark.parametrize("V", [1, 2, 63, 64, 65, 4096, 8194, 32000])
+def test_awkward_sizes_and_the_hf_penalty_set(V, row_path):
+    B = 3
+    x = make_logits("randn*3", B, V, seed=V)
+    counts = torch.randint(0, 3, (B, V), generator=torch.Generator().manual_seed(V)) * (torch.rand(B, V) < 0.05)
+    kw = dict(temperature=0.8, top_k=min(30, V), top_p=0.8, repetition_penalty=10.0, token_counts=counts)
     _assert_same_kept(sampling_probs(x, backend="torch", **kw), sampling_probs_ref(x, **kw))
-    assert sum(calls) == 3, "every row must be resolved by the histogram window"
 
 
-def test_wide_top_p_window_tts_rule(monkeypatch):
-    """sample_logits (top-p with "<=", no top-k) through the window agrees with the TTS reference."""
-    calls = _spy(monkeypatch, "_topp_window")
-    x = _logits(2, 50257, scale=0.05, seed=4)
-    got = sample_logits_probs(x, 1.0, 0.95, 0, backend="torch")
-    _assert_same_kept(got, sample_logits_ref(x, 1.0, 0.95, 0, return_probs=True))
-    assert sum(calls) == 2
+@pytest.mark.parametrize("tts", [False, True])
+@pytest.mark.parametrize("step", [0.5, 0.125])
+def test_top_p_cut_inside_a_tie_group_keeps_it_whole(tts, step, row_path):
+    """Rounded logits put many tokens on one value: the cut lands inside a tie group of the crossing bin."""
+    x = (make_logits("randn*2", 3, 5000, seed=3) / step).round() * step
+    for p in (0.3, 0.5, 0.85, 0.99):
+        if tts:  # the verbatim TTS reference cuts a tie group in sort order; decodekit keeps it whole (documented)
+            got = sample_logits_probs(x, 1.0, p, 0, backend="torch")
+            probs = torch.softmax(x.double(), dim=1)
+            srt = probs.sort(dim=1).values  # ascending
+            suffix = srt.flip(1).cumsum(1).flip(1)  # mass of the values >= srt[j]
+            idx = torch.searchsorted(srt, probs, right=True)  # first position strictly above each token
+            above = torch.where(idx < x.shape[1], suffix.gather(1, idx.clamp(max=x.shape[1] - 1)), 0.0)
+            keep = above <= p
+            assert torch.equal(got > 0, keep), int(((got > 0) != keep).sum())
+        else:
+            _assert_same_kept(sampling_probs(x, top_p=p, backend="torch"), sampling_probs_ref(x, top_p=p))
 
 
-def test_wide_top_p_window_draw_is_the_race_over_the_kept_set(monkeypatch):
-    """The draw after the window: argmax over the reference kept set of z - log(-log u), u = tl.rand's Philox
-    stream (philox_uniform), lowest index on ties: the exact token the kernel's race gives."""
-    calls = _spy(monkeypatch, "_topp_window")
-    B, V = 3, 50257
-    x = _logits(B, V, scale=0.05, seed=8)
-    seeds = torch.tensor([3, 2**40 + 5, 77], dtype=torch.int64)
-    kw = dict(temperature=0.8, top_p=0.95)
-    got, lp = sample(x, seed=seeds, return_logprobs=True, backend="torch", **kw)
-    assert sum(calls) == B
-    ref_p = sampling_probs_ref(x, **kw)
-    tok = torch.arange(V)
-    for r in range(B):
-        u = philox_uniform(torch.full((V,), int(seeds[r])), torch.zeros(V, dtype=torch.int64), tok)
-        z = x[r] / 0.8
-        key = torch.where(ref_p[r] > 0, z - torch.log(-torch.log(u)), float("-inf"))
-        want = int(torch.nonzero(key == key.max())[0])
-        assert int(got[r]) == want
-        torch.testing.assert_close(lp[r], torch.log(ref_p[r, want]).float(), atol=1e-4, rtol=1e-4)
+def test_flat_rows_and_the_last_bin(row_path):
+    """All-equal rows (one tie group) and rows whose cut lies beyond the histogram's range (the catch-all bin)."""
+    flat = torch.zeros(2, 1000)
+    _assert_same_kept(sampling_probs(flat, top_p=0.5, backend="torch"), torch.full((2, 1000), 1e-3))
+    deep = torch.cat([torch.zeros(1, 1), torch.full((1, 999), -40.0) + torch.randn(1, 999) * 0.1], dim=1)
+    for p in (0.5, 1 - 1e-7):
+        _assert_same_kept(sampling_probs(deep, top_p=p, backend="torch"), sampling_probs_ref(deep, top_p=p))
 
 
-SMALL_CASES = [  # (kind, kwargs): the NumPy small-row path against the general torch path
-    ("hf", dict(top_p=0.9, temperature=0.8)),
-    ("hf", dict(top_k=20)),
-    ("hf", dict(top_k=40, top_p=0.8, min_p=0.02, temperature=0.7)),
-    ("hf", dict(top_k=70, top_p=0.5)),  # k + 1 > 64: the first candidates are k + 1
-    ("hf", dict(top_p=0.999)),  # flat enough that the cut is below the first 64: the whole row is ranked
-    ("hf", dict(top_k=5, repetition_penalty=1.5, presence_penalty=0.3)),
-    ("hf", dict(top_p=0.9, repetition_penalty=0.7, frequency_penalty=0.2)),  # negative counts too (below)
-    ("tts", dict(temperature=1.0, top_p=0.95, top_k=20)),
-    ("tts", dict(temperature=0.7, top_p=0.6, top_k=0)),
-    ("tts", dict(temperature=1.2, top_p=1.0, top_k=3)),
-]
+def test_mixed_row_groups_equal_rows_alone(row_path):
+    """Per-row parameters split rows into greedy / top-k / whole-row groups (and a bad row): each row's
+    distribution and draw are what it gets alone with scalar parameters and its own seed."""
+    B, V = 6, 3000
+    x = make_logits("zipf", B, V, seed=5)
+    x[4] = float("nan")
+    kw = dict(temperature=torch.tensor([0.0, 0.9, 1.0, 0.7, 1.0, 1.2]), top_k=torch.tensor([0, 40, 0, 0, 5, 1]),
+              top_p=torch.tensor([1.0, 0.9, 0.8, 1.0, 0.9, 1.0]), min_p=torch.tensor([0.0, 0.0, 0.0, 0.05, 0.0, 0.0]))
+    seeds = torch.arange(B, dtype=torch.int64) * 31 + 7
+    probs = sampling_probs(x, backend="torch", **kw)
+    tok, lp = sample(x, seed=seeds, return_logprobs=True, backend="torch", **kw)
+    assert int(tok[4]) == -1 and bool(torch.isnan(lp[4])) and float(probs[4].sum()) == 0
+    for r in (0, 1, 2, 3, 5):
+        row = {k: v[r].item() for k, v in kw.items()}
+        row["top_k"] = int(row["top_k"])
+        _assert_same_kept(probs[r:r + 1], sampling_probs_ref(x[r:r + 1], **row))
+        t1, l1 = sample(x[r:r + 1], seed=seeds[r:r + 1], return_logprobs=True, backend="torch", **row)
+        assert int(t1) == int(tok[r]) and float(l1) == pytest.approx(float(lp[r]), abs=1e-6)
+        assert float(lp[r]) == pytest.approx(float(torch.log(probs[r, int(tok[r])])), abs=1e-5)
 
 
-def _draw_torch(kind, x, kw, seeds, counts=None):
-    if kind == "tts":
-        t, p, k = kw["temperature"], kw["top_p"], kw["top_k"]
-        return sample_logits(x, t, p, k, seed=seeds, backend="torch").squeeze(1), None
-    extra = dict(token_counts=counts) if "repetition_penalty" in kw else {}
-    return sample(x, seed=seeds, return_logprobs=True, backend="torch", **kw, **extra)
+def test_huge_common_offset_keeps_the_distribution(row_path):
+    """Four equal tokens at +1e8: each is drawn a quarter of the time (the offset is removed before the draw)."""
+    B = 8000
+    x = torch.full((B, 10), -1e30)
+    x[:, :4] = 1e8
+    probs = sampling_probs(x[:1], backend="torch")
+    torch.testing.assert_close(probs[0, :4], torch.full((4,), 0.25))
+    tok = sample(x, seed=torch.arange(B), backend="torch")
+    freq = torch.bincount(tok, minlength=10)[:4].double() / B
+    assert bool(((freq - 0.25).abs() < 0.025).all()), freq.tolist()
 
 
-@pytest.mark.parametrize("kind,kw", SMALL_CASES)
-@pytest.mark.parametrize("B,V", [(1, 1), (1, 2), (3, 64), (7, 65), (1, 512), (12, 1500), (2, 2048)])
-def test_small_rows_numpy_path_draws_the_general_paths_tokens(monkeypatch, kind, kw, B, V):
-    """Up to 2048 tokens with scalar parameters the CPU path runs in NumPy; its tokens and log-probabilities must
-    be those of the general torch path (forced by declaring no row eligible), -inf tokens and ties included."""
-    from decodekit.ops.sampling import cpu as sampling_torch
-
-    scale = 0.01 if kw.get("top_p") == 0.999 else 3.0
-    x = _logits(B, V, scale=scale, seed=B * V)
-    if V > 4:
-        x[:, ::5] = float("-inf")  # masked tokens
-        x[:, 1] = x[:, 2]  # a tie
-    counts = torch.randint(-1 if "frequency_penalty" in kw else 0, 3, (B, V),
-                           generator=torch.Generator().manual_seed(V)).to(torch.int32)
-    seeds = torch.arange(B, dtype=torch.int64) * 7919 + 3
-    for shared in (False, True):
-        sd = 99 if shared else seeds
-        calls = _spy(monkeypatch, "_sample_small")
-        got, got_lp = _draw_torch(kind, x, kw, sd, counts)
-        k, p = kw.get("top_k", 0), kw.get("top_p", 1.0)
-        assert calls == [0 < k < V or 0 < p < 1], "the NumPy path draws exactly the rows with a filter"
-        monkeypatch.setattr(sampling_torch, "_small_eligible", lambda *a: False)
-        want, want_lp = _draw_torch(kind, x, kw, sd, counts)
-        monkeypatch.undo()
-        assert torch.equal(got, want)
-        assert bool((x.gather(1, got.view(B, 1)) > float("-inf")).all())
-        if got_lp is not None:
-            torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=1e-5)
+def test_temperature_overflow_is_greedy(row_path):
+    x = torch.tensor([[3.0e36, 1.0e36, -2.0], [1.0, 5.0, 2.0]])
+    tok, lp = sample(x, temperature=1e-3, seed=0, return_logprobs=True, backend="torch")
+    assert tok.tolist() == [0, 1] and bool(torch.isfinite(lp).all())
+    probs = sampling_probs(x, temperature=1e-3, backend="torch")
+    assert probs[0].tolist() == [1.0, 0.0, 0.0]
 
 
-def test_small_rows_fall_back_for_bad_rows_and_greedy():
-    x = _logits(3, 300)
-    x[1, 7] = float("nan")
-    x[2] = float("-inf")
-    tok = sample(x, top_p=0.9, seed=1, backend="torch")
-    assert tok[1] == -1 and tok[2] == -1 and tok[0] >= 0
-    assert torch.equal(sample(x[:1], temperature=0.0, backend="torch"), x[:1].argmax(dim=1))
+def test_tiny_positive_top_p_stays_effective(row_path):
+    x = make_logits("randn*1", 2, 500, seed=1)
+    probs = sampling_probs(x, top_p=1e-46, backend="torch")  # rounds to 0 in fp32: must still mean "the top token"
+    assert ((probs > 0).sum(dim=1) == 1).all()
+    assert torch.equal(probs.argmax(dim=1), x.argmax(dim=1))
 
 
-SMALL_KEPT_HF = [  # temperature, top_k, top_p, min_p
-    (0.7, 0, 0.9, 0.0),
-    (1.3, 50, 0.8, 0.0),
-    (1.0, 20, 1.0, 0.0),
-    (0.8, 30, 0.95, 0.02),
-    (1.0, 0, 0.9, 0.2),  # min-p binding inside the top-p set
-    (0.5, 1500, 0.5, 0.0),
-    (1.0, 0, 0.999, 0.0),  # the cut below the first 64 candidates: whole rows ranked
-]
+def test_masked_and_infinite_logits(row_path):
+    x = make_logits("randn*2", 3, 50, seed=2)
+    x[0, 7] = float("inf")
+    x[1, :] = float("-inf")
+    x[2, ::2] = float("-inf")
+    assert sampler_simple_batch(x, 1.0, 1.0, seed=1, backend="torch")[:2, 0].tolist() == [-1, -1]
+    tok = sample(x, top_p=0.9, seed=torch.arange(3), backend="torch")
+    assert tok[:2].tolist() == [-1, -1] and int(tok[2]) % 2 == 1
+    assert int(sample_logits(x, 1.0, 0.9, 5, seed=3, backend="torch")[2, 0]) % 2 == 1
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SMALL_KEPT_HF)
-@pytest.mark.parametrize("V", [300, 1999])
-def test_small_rows_kept_sets_match_reference(monkeypatch, temperature, top_k, top_p, min_p, V):
-    calls = _spy(monkeypatch, "_small_kept")
-    x = _logits(4, V, scale=0.05 if top_p == 0.999 else 3.0, seed=V + top_k)
-    x[:, 3] = x[:, 4]  # a tie
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    _assert_same_kept(sampling_probs(x, backend="torch", **kw), sampling_probs_ref(x, **kw))
-    assert calls and calls[0], "the NumPy path must have chosen these kept sets"
+def test_caller_logits_and_counts_are_not_modified(row_path):
+    x = make_logits("randn*3", 2, 700, seed=4)
+    counts = torch.randint(0, 3, (2, 700), dtype=torch.int32)
+    x0, c0 = x.clone(), counts.clone()
+    sample(x, token_counts=counts, repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.1,
+           top_p=0.9, seed=1, backend="torch")
+    sampling_probs(x, temperature=0.5, top_k=10, backend="torch")
+    assert torch.equal(x, x0) and torch.equal(counts, c0)
 
 
-@pytest.mark.parametrize("T,p,k", [(1.0, 0.95, 20), (1.0, 0.85, 0), (0.7, 0.5, 10), (1.2, 0.0, 30), (1.0, 0.99, 0)])
-def test_small_rows_kept_sets_match_tts_reference(monkeypatch, T, p, k):
-    calls = _spy(monkeypatch, "_small_kept")
-    x = _logits(3, 1024, seed=12)
-    got = sample_logits_probs(x, T, p, k, backend="torch")
-    _assert_same_kept(got, sample_logits_ref(x, T, p, k, return_probs=True))
-    assert calls and calls[0]
+@pytest.mark.parametrize("dist", ["randn*1", "zipf"])
+def test_frequencies_on_a_wide_row(dist, row_path):
+    """The inverse-CDF draw over a whole-row kept set (thousands of tokens) has the kept distribution."""
+    V, B = 300, 30_000
+    x = make_logits(dist, 1, V, seed=9).expand(B, V)
+    p = sampling_probs_ref(x[:1], top_p=0.9)[0].double()
+    tok = sample(x, top_p=0.9, seed=torch.arange(B), backend="torch")
+    freq = torch.bincount(tok, minlength=V).double()
+    assert float(freq[p == 0].sum()) == 0
+    expected = p * B
+    big = expected > 50
+    sd = torch.sqrt(expected * (1 - p))
+    assert bool(((freq - expected).abs()[big] < 5 * sd[big]).all())
 
 
-def test_uniforms_split_over_threads_are_bit_exact(monkeypatch):
-    """Many counters (a flat row's race) are split over threads; every chunk must equal the single-pass result."""
-    from decodekit.ops.sampling import cpu as sampling_torch
+def test_one_op_path_per_call(monkeypatch):
+    """Scalar parameters: one group, no per-row indexing; the whole-row path never sorts a whole row."""
+    calls = []
+    real_sort = torch.Tensor.sort
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    g = torch.Generator().manual_seed(5)
-    tok = torch.randint(0, 2**17, (2, 20011), generator=g)
-    seeds = torch.tensor([7, 2**62 + 9])
-    submitted = []
-    real_pool = sampling_torch.ThreadPoolExecutor
+    def spy(self, *a, **k):
+        calls.append(self.shape[-1])
+        return real_sort(self, *a, **k)
 
-    class CountingPool(real_pool):
-        def submit(self, *args, **kwargs):
-            submitted.append(args[-1].shape)
-            return super().submit(*args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "sort", spy)
+    x = make_logits("randn*1", 4, 32000, seed=0)
+    sampling_cpu.sampling_probs_torch(
+        x, sampling_cpu.RowParams(1.0, 0, 0.85, 0.0, 1.0, 0.0, 0.0, None, tts=True, greedy_top1=False))
+    assert calls and max(calls) < 32000 // 8, calls  # only the crossing bin is sorted
 
-    monkeypatch.setattr(sampling_torch, "ThreadPoolExecutor", CountingPool)
-    monkeypatch.setattr(sampling_torch, "_pool", None)
-    got = _uniforms(Seed(seeds, 0), None, tok)
-    assert len(submitted) == 3  # the parallel path ran, in three column chunks
-    ref = philox_uniform(seeds[:, None].expand(2, 20011), torch.zeros(2, 20011, dtype=torch.int64), tok)
-    assert torch.equal(got, ref)
+
+@pytest.mark.parametrize("kind", ["tts", "hf"])
+def test_host_and_torch_paths_draw_the_same_tokens(monkeypatch, kind):
+    """Tie-free rows: the NumPy path and the torch path rank the same candidates and use the same uniforms."""
+    B, V = 16, 700
+    x = make_logits("randn*2", B, V, seed=21)
+    seeds = torch.arange(B) * 13 + 5
+
+    def draw():
+        if kind == "tts":
+            return sample_logits(x, 1.0, 0.9, 40, seed=seeds, backend="torch")[:, 0], None
+        return sample(x, temperature=0.7, top_p=0.8, min_p=0.02, seed=seeds, return_logprobs=True, backend="torch")
+
+    monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 1 << 30)
+    host = draw()
+    monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 0)
+    dev = draw()
+    assert torch.equal(host[0], dev[0])
+    if kind == "hf":
+        torch.testing.assert_close(host[1], dev[1], atol=1e-6, rtol=1e-6)

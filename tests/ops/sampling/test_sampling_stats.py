@@ -1,7 +1,9 @@
 """Statistical tests of the draw: tens of thousands of draws match the renormalized kept distribution.
 
-The kernel's draw is first shown to be token-for-token identical to the PyTorch path for the same per-row
-seeds; the big statistical runs then use the PyTorch path (the interpreter is too slow for 40,000 rows).
+Both backends are checked: the PyTorch path with 40,000 draws, the Triton kernel with 256 (the interpreter runs
+one Python program per row; a token kept by mistake still shows as a nonzero count of a filtered token, and a
+token dropped by mistake moves the chi-square far past its bound). They use different random streams, so each is
+held to the distribution on its own.
 The logits are built so that the boundary token carries a large mass: an off-by-one threshold (keeping one
 token too many or too few) moves the frequencies by far more than the chi-square bound allows.
 """
@@ -35,25 +37,14 @@ def _draw(kind: str, logits: torch.Tensor, kw: dict, seeds: torch.Tensor, backen
     return sample(logits, seed=seeds, backend=backend, **kw)
 
 
+@pytest.mark.parametrize("backend,B", [("torch", 40_000), ("triton", 256)])
 @pytest.mark.parametrize("kind,kw,n_kept", CASES)
-def test_kernel_draws_equal_torch_draws(device, kind, kw, n_kept):
-    B = 24
-    logits = torch.log(PROBS).expand(B, -1).contiguous()
-    seeds = torch.arange(B, dtype=torch.int64) * 7919 + 1
+def test_frequencies_match_the_kept_distribution(device, kind, kw, n_kept, backend, B):
+    logits = torch.log(PROBS).expand(B, -1).contiguous().to(device)
+    seeds = (torch.arange(B, dtype=torch.int64) * 7919 + 1).to(device)
     with count_launches() as launches:
-        tk = _draw(kind, logits.to(device), kw, seeds.to(device), "triton")
-    assert launches["sampling_race"] == 1
-    tt = _draw(kind, logits, kw, seeds, "torch")
-    assert torch.equal(tk.cpu(), tt)
-    assert int(tt.max()) < n_kept
-
-
-@pytest.mark.parametrize("kind,kw,n_kept", CASES)
-def test_frequencies_match_the_kept_distribution(kind, kw, n_kept):
-    B = 40_000
-    logits = torch.log(PROBS).expand(B, -1).contiguous()
-    seeds = torch.arange(B, dtype=torch.int64) * 7919 + 1
-    tok = _draw(kind, logits, kw, seeds, "torch")
+        tok = _draw(kind, logits, kw, seeds, backend).cpu()
+    assert (launches["sampling_race"] == 1) == (backend == "triton")
     counts = torch.bincount(tok, minlength=len(PROBS)).double()
     assert counts[n_kept:].sum() == 0, f"drew filtered tokens: {counts.tolist()}"
     p = PROBS.double()
