@@ -83,8 +83,8 @@ def table(sp: dict[Key, float], times: dict[Key, tuple[float, float]]) -> str:
             lines.append(f"| {pset} | {dist} | " + " | ".join(cells) + " |")
     busy = sorted(k for k in sp if k[4] == "busy")
     if busy:
-        lines += ["", "Under contention (a second process spinning on one of the two cores), same points quiet vs busy:",
-                  "", "| set | distribution | B | V | quiet | busy | eager busy | decodekit busy |", "|" + " --- |" * 8]
+        lines += ["", "Under contention (a second process spinning on one of the two cores), quiet vs busy:", "",
+                  "| set | distribution | B | V | quiet | busy | eager busy | decodekit busy |", "|" + " --- |" * 8]
         for k in busy:
             q = sp.get(k[:4] + ("quiet",))
             e, d = times[k]
