@@ -98,8 +98,8 @@ def _check_logits(logits: object, op: str) -> torch.Tensor:
     B, V = logits.shape
     if V < 1:
         raise ValueError(f"{op}: logits must have at least one column, got shape {tuple(logits.shape)}")
-    if V > 2**24:
-        raise ValueError(f"{op}: logits has V={V} columns; at most 2**24 are supported")
+    if V >= 2**31:
+        raise ValueError(f"{op}: logits has V={V} columns; token ids must fit int32 (V < 2**31)")
     if V > 1 and logits.stride(1) != 1:
         raise ValueError(f"{op}: logits must have a contiguous last dim (stride 1), got strides {logits.stride()}")
     return logits

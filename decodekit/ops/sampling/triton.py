@@ -46,12 +46,51 @@ import triton.language as tl
 from decodekit.ops._dispatch import record_launch
 
 NPIV = 16  # pivots per search pass
-# per-row parameter columns of the packed fp32 [B, 8] tensor
-P_TEMP, P_TOPK, P_TOPP, P_MINP, P_REP, P_PRES, P_FREQ, P_NOISE = range(8)
-NSTAT = 8  # stats partial: max, sumexp, argmax, min finite, n finite, n bad, -, -
-NSTATE = 12  # bracket state: lo, hi, r0, r1, cnt_lo, cnt_hi, mass_lo, mass_hi, phase, s_ref, -, -
-NRACE = 4  # race partial: best key, best index, best z, kept mass
-FLT_MAX = 3.4028234663852886e38
+# Buffers and their columns. Values are fp32; token indices, counts, phases and flags are int32 buffers of their
+# own (exact for any vocabulary that fits int32). The launcher's packed [B, 8] fp32 parameters use the column
+# order of LAUNCH_PARAMS; the kernels read the float columns P_* of ``params`` and ``top_k`` from its own buffer.
+LAUNCH_PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "noise")
+P_TEMP = tl.constexpr(0)  # params [B, NPARAM] fp32
+P_TOPP = tl.constexpr(1)
+P_MINP = tl.constexpr(2)
+P_REP = tl.constexpr(3)
+P_PRES = tl.constexpr(4)
+P_FREQ = tl.constexpr(5)
+P_NOISE = tl.constexpr(6)
+NPARAM = tl.constexpr(7)
+S_MAX = tl.constexpr(0)  # stats partials [B, C, NSTAT] fp32
+S_SUMEXP = tl.constexpr(1)
+S_MIN = tl.constexpr(2)
+NSTAT = tl.constexpr(3)
+SI_ARGMAX = tl.constexpr(0)  # stats partials [B, C, NSTAT_I] int32
+SI_NFIN = tl.constexpr(1)
+SI_NBAD = tl.constexpr(2)
+NSTAT_I = tl.constexpr(3)
+ST_LO = tl.constexpr(0)  # bracket state [NPASS, B, NSTATE] fp32
+ST_HI = tl.constexpr(1)
+ST_R0 = tl.constexpr(2)
+ST_R1 = tl.constexpr(3)
+ST_MASS_LO = tl.constexpr(4)
+ST_MASS_HI = tl.constexpr(5)
+ST_SREF = tl.constexpr(6)
+NSTATE = tl.constexpr(7)
+STI_CNT_LO = tl.constexpr(0)  # bracket state [NPASS, B, NSTATE_I] int32
+STI_CNT_HI = tl.constexpr(1)
+STI_PHASE = tl.constexpr(2)
+NSTATE_I = tl.constexpr(3)
+PHASE_TOPK = tl.constexpr(0)  # search phases: top-k first (HF order), one joint search, resolved
+PHASE_JOINT = tl.constexpr(1)
+PHASE_DONE = tl.constexpr(2)
+R_KEY = tl.constexpr(0)  # race partials [B, C, NRACE] fp32 (+ the winner's index in race_idx [B, C] int32)
+R_Z = tl.constexpr(1)
+R_MASS = tl.constexpr(2)
+NRACE = tl.constexpr(3)
+F_LO = tl.constexpr(0)  # row summary [B, NFINAL] fp32 (+ final_i [B, 2] int32: argmax, flags)
+F_MAX = tl.constexpr(1)
+NFINAL = tl.constexpr(2)
+FLAG_GREEDY = tl.constexpr(1)  # final_i flags bits
+FLAG_BAD = tl.constexpr(2)
 
 
 # --------------------------------------------------------------------------- Triton helpers
@@ -76,8 +115,8 @@ def _load_z(
 
 @triton.jit
 def _row_state(
-    pass_idx, row, B, C, stats_ptr, params_ptr, state_ptr, piv_ptr, part_ptr,
-    TTS: tl.constexpr, GREEDY_TOP1: tl.constexpr, CP2: tl.constexpr, NP: tl.constexpr,
+    pass_idx, row, B, C, stats_ptr, stats_i_ptr, params_ptr, topk_ptr, state_ptr, state_i_ptr, piv_ptr, part_ptr,
+    part_i_ptr, TTS: tl.constexpr, GREEDY_TOP1: tl.constexpr, CP2: tl.constexpr, NP: tl.constexpr,
 ):
     """Bracket state of ``row`` for search pass ``pass_idx`` (pass NPASS = the final state).
 
@@ -88,25 +127,26 @@ def _row_state(
     # combine the C stats partials: max, sum exp(z - max), argmax, min finite, n finite, n bad
     c = tl.arange(0, CP2)
     cm = c < C
-    sb = stats_ptr + row * C * 8 + c * 8
-    mx = tl.load(sb + 0, mask=cm, other=float("-inf"))
-    se = tl.load(sb + 1, mask=cm, other=0.0)
-    am = tl.load(sb + 2, mask=cm, other=0.0)
-    zmin = tl.min(tl.load(sb + 3, mask=cm, other=float("inf")), axis=0)
-    nfin = tl.sum(tl.load(sb + 4, mask=cm, other=0.0), axis=0)
-    nbad = tl.sum(tl.load(sb + 5, mask=cm, other=0.0), axis=0)
+    sb = stats_ptr + (row * C + c) * NSTAT
+    si = stats_i_ptr + (row * C + c) * NSTAT_I
+    mx = tl.load(sb + S_MAX, mask=cm, other=float("-inf"))
+    se = tl.load(sb + S_SUMEXP, mask=cm, other=0.0)
+    am = tl.load(si + SI_ARGMAX, mask=cm, other=0)
+    zmin = tl.min(tl.load(sb + S_MIN, mask=cm, other=float("inf")), axis=0)
+    nfin = tl.sum(tl.load(si + SI_NFIN, mask=cm, other=0), axis=0)  # int32 counts of the row
+    nbad = tl.sum(tl.load(si + SI_NBAD, mask=cm, other=0), axis=0)
     m = tl.max(mx, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.where(mx == float("-inf"), 0.0, se * tl.exp(mx - m)), axis=0)
     first = tl.min(tl.where(mx == m, c, CP2), axis=0)  # lowest chunk holding the max: lowest index on ties
-    amax = tl.sum(tl.where(c == first, am, 0.0), axis=0)
-    prm = params_ptr + row * 8
-    temp = tl.load(prm + 0)
-    k = tl.load(prm + 1)
-    p = tl.load(prm + 2)
+    amax = tl.sum(tl.where(c == first, am, 0), axis=0)
+    prm = params_ptr + row * NPARAM
+    temp = tl.load(prm + P_TEMP)
+    k = tl.load(topk_ptr + row)  # int32, 0 = off
+    p = tl.load(prm + P_TOPP)
     greedy = temp == 0.0
     if GREEDY_TOP1:
-        greedy = greedy | (k == 1.0)
+        greedy = greedy | (k == 1)
     bad = (nbad > 0) | (nfin == 0)
     k_on = (k > 0) & (k < nfin)
     k_off = (k <= 0) | (k >= nfin)
@@ -117,14 +157,14 @@ def _row_state(
     two_phase = k_on & p_on  # HF order: top-k search first, then top-p renormalized over the top-k set
     if TTS:
         two_phase = k_on & k_off  # TTS: top-p on the un-renormalized probabilities, one joint search
-    phase0 = tl.where(two_phase, 0.0, 1.0)
-    phase0 = tl.where(greedy | bad | q0 | (nfin <= 1), 2.0, phase0)
+    phase0 = tl.where(two_phase, PHASE_TOPK, PHASE_JOINT)
+    phase0 = tl.where(greedy | bad | q0 | (nfin <= 1), PHASE_DONE, phase0)
     lo = float("-inf") + 0.0 * m
     hi = float("inf") + 0.0 * m
     r0 = zmin
     r1 = m
     cnt_lo = nfin
-    cnt_hi = 0.0 * m
+    cnt_hi = 0 * nfin
     mass_lo = s
     mass_hi = 0.0 * m
     phase = phase0
@@ -132,54 +172,57 @@ def _row_state(
     # ---- advance the state of the previous pass
     prev = tl.maximum(pass_idx - 1, 0)
     has_prev = pass_idx > 0
-    st = state_ptr + (prev * B + row) * 12
+    st = state_ptr + (prev * B + row) * NSTATE
+    sti = state_i_ptr + (prev * B + row) * NSTATE_I
     j = tl.arange(0, NP)
-    p_lo = tl.load(st + 0, mask=has_prev, other=0.0)
-    p_hi = tl.load(st + 1, mask=has_prev, other=0.0)
-    p_clo = tl.load(st + 4, mask=has_prev, other=0.0)
-    p_chi = tl.load(st + 5, mask=has_prev, other=0.0)
-    p_mlo = tl.load(st + 6, mask=has_prev, other=0.0)
-    p_mhi = tl.load(st + 7, mask=has_prev, other=0.0)
-    p_phase = tl.load(st + 8, mask=has_prev, other=2.0)
-    p_sref = tl.load(st + 9, mask=has_prev, other=1.0)
+    p_lo = tl.load(st + ST_LO, mask=has_prev, other=0.0)
+    p_hi = tl.load(st + ST_HI, mask=has_prev, other=0.0)
+    p_clo = tl.load(sti + STI_CNT_LO, mask=has_prev, other=0)
+    p_chi = tl.load(sti + STI_CNT_HI, mask=has_prev, other=0)
+    p_mlo = tl.load(st + ST_MASS_LO, mask=has_prev, other=0.0)
+    p_mhi = tl.load(st + ST_MASS_HI, mask=has_prev, other=0.0)
+    p_phase = tl.load(sti + STI_PHASE, mask=has_prev, other=PHASE_DONE)
+    p_sref = tl.load(st + ST_SREF, mask=has_prev, other=1.0)
     piv = tl.load(piv_ptr + (prev * B + row) * NP + j, mask=has_prev & (j < NP), other=0.0)
-    pbase = part_ptr + ((prev * B + row) * C + c) * (2 * NP + 2)
+    pbase = part_ptr + ((prev * B + row) * C + c) * (NP + 2)
+    pibase = part_i_ptr + ((prev * B + row) * C + c) * NP
     pm = (c < C)[:, None] & has_prev
-    cnt = tl.sum(tl.load(pbase[:, None] + j[None, :], mask=pm, other=0.0), axis=0)  # [NP]
-    mass = tl.sum(tl.load(pbase[:, None] + NP + j[None, :], mask=pm, other=0.0), axis=0)  # [NP]
-    bmin = tl.min(tl.load(pbase + 2 * NP, mask=(c < C) & has_prev, other=float("inf")), axis=0)
-    bmax = tl.max(tl.load(pbase + 2 * NP + 1, mask=(c < C) & has_prev, other=float("-inf")), axis=0)
-    ok_k = cnt < tl.where(k_off, float("inf"), k)
+    cnt = tl.sum(tl.load(pibase[:, None] + j[None, :], mask=pm, other=0), axis=0)  # [NP] int32
+    mass = tl.sum(tl.load(pbase[:, None] + j[None, :], mask=pm, other=0.0), axis=0)  # [NP]
+    bmin = tl.min(tl.load(pbase + NP, mask=(c < C) & has_prev, other=float("inf")), axis=0)
+    bmax = tl.max(tl.load(pbase + NP + 1, mask=(c < C) & has_prev, other=float("-inf")), axis=0)
+    ok_k = k_off | (cnt < k)
     if TTS:
         ok_p = mass <= p * p_sref
     else:
         ok_p = mass < p * p_sref
-    skip_p = (p_phase == 0.0).to(tl.int32) + p_off.to(tl.int32)  # no top-p test in phase 0 or without top-p
+    skip_p = (p_phase == PHASE_TOPK).to(tl.int32) + p_off.to(tl.int32)  # no top-p test in phase 0 or without top-p
     q = ok_k & ((skip_p > 0) | ok_p)  # Q at each pivot (monotone: False..False True..True)
     n_false = NP - tl.sum(q.to(tl.int32), axis=0)
     jl = n_false - 1
     a_lo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, piv, 0.0), axis=0), p_lo)
-    a_clo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, cnt, 0.0), axis=0), p_clo)
+    a_clo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, cnt, 0), axis=0), p_clo)
     a_mlo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, mass, 0.0), axis=0), p_mlo)
     a_hi = tl.where(n_false < NP, tl.sum(tl.where(j == n_false, piv, 0.0), axis=0), p_hi)
-    a_chi = tl.where(n_false < NP, tl.sum(tl.where(j == n_false, cnt, 0.0), axis=0), p_chi)
+    a_chi = tl.where(n_false < NP, tl.sum(tl.where(j == n_false, cnt, 0), axis=0), p_chi)
     a_mhi = tl.where(n_false < NP, tl.sum(tl.where(j == n_false, mass, 0.0), axis=0), p_mhi)
     a_r0 = tl.maximum(a_lo, bmin)
     a_r1 = tl.minimum(a_hi, bmax)
-    done = (a_clo - a_chi <= 1.0) | (bmin >= bmax) | (a_r0 >= a_r1)
+    done = (a_clo - a_chi <= 1) | (bmin >= bmax) | (a_r0 >= a_r1)
     # phase 0 resolved -> start the top-p search inside the top-k set, renormalized over it
-    to_p = (p_phase == 0.0) & done
-    a_phase = tl.where(p_phase == 2.0, 2.0, tl.where(done, tl.where(p_phase == 0.0, 1.0, 2.0), p_phase))
-    a_phase = tl.where(to_p & (a_clo <= 1.0), 2.0, a_phase)
+    to_p = (p_phase == PHASE_TOPK) & done
+    a_phase = tl.where(done, tl.where(p_phase == PHASE_TOPK, PHASE_JOINT, PHASE_DONE), p_phase)
+    a_phase = tl.where(p_phase == PHASE_DONE, PHASE_DONE, a_phase)
+    a_phase = tl.where(to_p & (a_clo <= 1), PHASE_DONE, a_phase)
     a_sref = tl.where(to_p, a_mlo, p_sref)
     a_hi = tl.where(to_p, float("inf"), a_hi)
-    a_chi = tl.where(to_p, 0.0, a_chi)
+    a_chi = tl.where(to_p, 0, a_chi)
     a_mhi = tl.where(to_p, 0.0, a_mhi)
     a_r0 = tl.where(to_p, tl.maximum(a_lo, zmin), a_r0)
     a_r1 = tl.where(to_p, m, a_r1)
-    a_r0 = tl.where(a_phase == 2.0, 0.0, a_r0)  # resolved: keep the (unused) pivots finite
-    a_r1 = tl.where(a_phase == 2.0, 0.0, a_r1)
-    keep_prev = p_phase == 2.0  # resolved rows keep their bracket
+    a_r0 = tl.where(a_phase == PHASE_DONE, 0.0, a_r0)  # resolved: keep the (unused) pivots finite
+    a_r1 = tl.where(a_phase == PHASE_DONE, 0.0, a_r1)
+    keep_prev = p_phase == PHASE_DONE  # resolved rows keep their bracket
     lo = tl.where(has_prev, tl.where(keep_prev, p_lo, a_lo), lo)
     hi = tl.where(has_prev, tl.where(keep_prev, p_hi, a_hi), hi)
     r0 = tl.where(has_prev, a_r0, r0)
@@ -200,8 +243,10 @@ def _row_state(
 def _stats_kernel(
     logits_ptr,  # [B, V] fp32/fp16/bf16, row stride stride_l, unit column stride
     counts_ptr,  # [B, V] int token counts (only read when HAS_COUNTS)
-    params_ptr,  # [B, 8] fp32 per-row parameters
-    stats_ptr,  # [B, C, 8] fp32 out: per-chunk max, sum exp(z - max), argmax, min finite, n finite, n bad
+    params_ptr,  # [B, NPARAM] fp32 per-row parameters (columns P_*)
+    topk_ptr,  # [B] int32 per-row top-k (0 = off)
+    stats_ptr,  # [B, C, NSTAT] fp32 out: per-chunk max, sum exp(z - max), min finite
+    stats_i_ptr,  # [B, C, NSTAT_I] int32 out: per-chunk argmax, count of finite values, count of NaN / +inf
     V, stride_l, stride_c,  # vocabulary size, row strides of logits and counts
     CHUNK,  # tokens per program (multiple of BLOCK)
     C,  # programs per row
@@ -209,22 +254,22 @@ def _stats_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    prm = params_ptr + row * 8
-    temp = tl.load(prm + 0)
+    prm = params_ptr + row * NPARAM
+    temp = tl.load(prm + P_TEMP)
     greedy = temp == 0.0
     if GREEDY_TOP1:
-        greedy = greedy | (tl.load(prm + 1) == 1.0)
-    rep = tl.load(prm + 4)
-    pres = tl.load(prm + 5)
-    freq = tl.load(prm + 6)
+        greedy = greedy | (tl.load(topk_ptr + row) == 1)
+    rep = tl.load(prm + P_REP)
+    pres = tl.load(prm + P_PRES)
+    freq = tl.load(prm + P_FREQ)
     base = chunk * CHUNK
     cols = tl.arange(0, BLOCK)
     run_m = float("-inf")
     run_s = 0.0
-    run_arg = 0.0
+    run_arg = 0
     run_min = float("inf")
-    n_fin = 0.0
-    n_bad = 0.0
+    n_fin = 0
+    n_bad = 0
     for start in range(base, tl.minimum(base + CHUNK, V), BLOCK):
         offs = start + cols
         mask = offs < V
@@ -233,8 +278,8 @@ def _stats_kernel(
         bad = (z != z) | (z == float("inf"))
         fin = (z > float("-inf")) & (z == z) & (z != float("inf"))
         z = tl.where(fin, z, float("-inf"))  # NaN only flags the row
-        n_bad += tl.sum(bad.to(tl.float32), axis=0)
-        n_fin += tl.sum(fin.to(tl.float32), axis=0)
+        n_bad += tl.sum(bad.to(tl.int32), axis=0)
+        n_fin += tl.sum(fin.to(tl.int32), axis=0)
         run_min = tl.minimum(run_min, tl.min(tl.where(fin, z, float("inf")), axis=0))
         t_m = tl.max(z, axis=0)
         t_arg = tl.argmax(z, axis=0)  # first index of the max
@@ -242,26 +287,31 @@ def _stats_kernel(
         safe = tl.where(new_m == float("-inf"), 0.0, new_m)
         t_s = tl.sum(tl.where(fin, tl.exp(z - safe), 0.0), axis=0)
         run_s = tl.where(run_m == float("-inf"), 0.0, run_s * tl.exp(run_m - safe)) + t_s
-        run_arg = tl.where(t_m > run_m, (start + t_arg).to(tl.float32), run_arg)  # strict: earlier tile wins ties
+        run_arg = tl.where(t_m > run_m, start + t_arg.to(tl.int32), run_arg)  # strict: earlier tile wins ties
         run_m = new_m
-    out = stats_ptr + (row * C + chunk) * 8
-    tl.store(out + 0, run_m)
-    tl.store(out + 1, run_s)
-    tl.store(out + 2, run_arg)
-    tl.store(out + 3, run_min)
-    tl.store(out + 4, n_fin)
-    tl.store(out + 5, n_bad)
+    out = stats_ptr + (row * C + chunk) * NSTAT
+    tl.store(out + S_MAX, run_m)
+    tl.store(out + S_SUMEXP, run_s)
+    tl.store(out + S_MIN, run_min)
+    out_i = stats_i_ptr + (row * C + chunk) * NSTAT_I
+    tl.store(out_i + SI_ARGMAX, run_arg)
+    tl.store(out_i + SI_NFIN, n_fin)
+    tl.store(out_i + SI_NBAD, n_bad)
 
 
 @triton.jit
 def _search_kernel(
     logits_ptr,  # [B, V] logits
     counts_ptr,  # [B, V] token counts (HAS_COUNTS)
-    params_ptr,  # [B, 8] fp32 per-row parameters
-    stats_ptr,  # [B, C, 8] fp32 stats partials
-    state_ptr,  # [NPASS, B, 12] fp32 bracket state per pass (written by chunk 0)
+    params_ptr,  # [B, NPARAM] fp32 per-row parameters
+    topk_ptr,  # [B] int32 per-row top-k
+    stats_ptr,  # [B, C, NSTAT] fp32 stats partials
+    stats_i_ptr,  # [B, C, NSTAT_I] int32 stats partials
+    state_ptr,  # [NPASS, B, NSTATE] fp32 bracket state per pass (written by chunk 0)
+    state_i_ptr,  # [NPASS, B, NSTATE_I] int32 bracket counts and phase per pass (written by chunk 0)
     piv_ptr,  # [NPASS, B, NP] fp32 pivots per pass (written by chunk 0)
-    part_ptr,  # [NPASS, B, C, 2 NP + 2] fp32 out: count and mass above each pivot, min/max inside the bracket
+    part_ptr,  # [NPASS, B, C, NP + 2] fp32 out: mass above each pivot, min / max inside the bracket
+    part_i_ptr,  # [NPASS, B, C, NP] int32 out: count above each pivot
     pass_idx, B, V, stride_l, stride_c, CHUNK, C,  # this pass, sizes, strides, tokens per program, programs/row
     HAS_COUNTS: tl.constexpr, TTS: tl.constexpr, GREEDY_TOP1: tl.constexpr,
     CP2: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
@@ -269,35 +319,37 @@ def _search_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     lo, hi, r0, r1, cnt_lo, cnt_hi, mass_lo, mass_hi, phase, s_ref, m, s, amax, greedy, bad = _row_state(
-        pass_idx, row, B, C, stats_ptr, params_ptr, state_ptr, piv_ptr, part_ptr, TTS, GREEDY_TOP1, CP2, NP)
+        pass_idx, row, B, C, stats_ptr, stats_i_ptr, params_ptr, topk_ptr, state_ptr, state_i_ptr, piv_ptr, part_ptr,
+        part_i_ptr, TTS, GREEDY_TOP1, CP2, NP)
     j = tl.arange(0, NP)
     f = j.to(tl.float32) / NP
     piv = r0 * (1.0 - f) + r1 * f  # [NP] uniform in the bracket's value range (no overflow for huge ranges)
     if chunk == 0:
-        st = state_ptr + (pass_idx * B + row) * 12
-        tl.store(st + 0, lo)
-        tl.store(st + 1, hi)
-        tl.store(st + 2, r0)
-        tl.store(st + 3, r1)
-        tl.store(st + 4, cnt_lo)
-        tl.store(st + 5, cnt_hi)
-        tl.store(st + 6, mass_lo)
-        tl.store(st + 7, mass_hi)
-        tl.store(st + 8, phase)
-        tl.store(st + 9, s_ref)
+        st = state_ptr + (pass_idx * B + row) * NSTATE
+        tl.store(st + ST_LO, lo)
+        tl.store(st + ST_HI, hi)
+        tl.store(st + ST_R0, r0)
+        tl.store(st + ST_R1, r1)
+        tl.store(st + ST_MASS_LO, mass_lo)
+        tl.store(st + ST_MASS_HI, mass_hi)
+        tl.store(st + ST_SREF, s_ref)
+        sti = state_i_ptr + (pass_idx * B + row) * NSTATE_I
+        tl.store(sti + STI_CNT_LO, cnt_lo)
+        tl.store(sti + STI_CNT_HI, cnt_hi)
+        tl.store(sti + STI_PHASE, phase)
         tl.store(piv_ptr + (pass_idx * B + row) * NP + j, piv)
-    prm = params_ptr + row * 8
-    temp = tl.load(prm + 0)
-    rep = tl.load(prm + 4)
-    pres = tl.load(prm + 5)
-    freq = tl.load(prm + 6)
-    cnt = tl.zeros([NP], dtype=tl.float32)
+    prm = params_ptr + row * NPARAM
+    temp = tl.load(prm + P_TEMP)
+    rep = tl.load(prm + P_REP)
+    pres = tl.load(prm + P_PRES)
+    freq = tl.load(prm + P_FREQ)
+    cnt = tl.zeros([NP], dtype=tl.int32)
     mass = tl.zeros([NP], dtype=tl.float32)
     bmin = float("inf")
     bmax = float("-inf")
     base = chunk * CHUNK
     end = tl.minimum(base + CHUNK, V)
-    end = tl.where(phase == 2.0, base, end)  # resolved rows read nothing
+    end = tl.where(phase == PHASE_DONE, base, end)  # resolved rows read nothing
     cols = tl.arange(0, BLOCK)
     for start in range(base, end, BLOCK):
         offs = start + cols
@@ -306,28 +358,31 @@ def _search_kernel(
                     HAS_COUNTS)
         e = tl.exp(z - m)  # [BLOCK] mass relative to the row max (0 for -inf)
         above = z[:, None] > piv[None, :]  # [BLOCK, NP]
-        cnt += tl.sum(above.to(tl.float32), axis=0)
+        cnt += tl.sum(above.to(tl.int32), axis=0)
         mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
         inside = (z > lo) & (z <= hi)
         bmin = tl.minimum(bmin, tl.min(tl.where(inside, z, float("inf")), axis=0))
         bmax = tl.maximum(bmax, tl.max(tl.where(inside, z, float("-inf")), axis=0))
-    out = part_ptr + ((pass_idx * B + row) * C + chunk) * (2 * NP + 2)
-    tl.store(out + j, cnt)
-    tl.store(out + NP + j, mass)
-    tl.store(out + 2 * NP, bmin)
-    tl.store(out + 2 * NP + 1, bmax)
+    out = part_ptr + ((pass_idx * B + row) * C + chunk) * (NP + 2)
+    tl.store(out + j, mass)
+    tl.store(out + NP, bmin)
+    tl.store(out + NP + 1, bmax)
+    tl.store(part_i_ptr + ((pass_idx * B + row) * C + chunk) * NP + j, cnt)
 
 
 @triton.jit
 def _race_kernel(
     logits_ptr,  # [B, V] logits
     counts_ptr,  # [B, V] token counts (HAS_COUNTS)
-    params_ptr,  # [B, 8] fp32 per-row parameters
+    params_ptr,  # [B, NPARAM] fp32 per-row parameters
+    topk_ptr,  # [B] int32 per-row top-k
     seeds_ptr,  # [B] int64 per-row seeds
-    stats_ptr,  # [B, C, 8] fp32 stats partials
-    state_ptr, piv_ptr, part_ptr,  # search buffers (see _search_kernel)
-    race_ptr,  # [B, C, 4] fp32 out: best key, best index, best z, kept mass
-    final_ptr,  # [B, 4] fp32 out (chunk 0): lo, row max, argmax, flags (1 greedy, 2 bad)
+    stats_ptr, stats_i_ptr,  # stats partials (see _stats_kernel)
+    state_ptr, state_i_ptr, piv_ptr, part_ptr, part_i_ptr,  # search buffers (see _search_kernel)
+    race_ptr,  # [B, C, NRACE] fp32 out: best key, best z, kept mass
+    race_idx_ptr,  # [B, C] int32 out: the chunk's winning token (-1: none)
+    final_ptr,  # [B, NFINAL] fp32 out (chunk 0): lo, row max
+    final_i_ptr,  # [B, 2] int32 out (chunk 0): argmax, flags (FLAG_GREEDY | FLAG_BAD)
     npass, B, V, stride_l, stride_c, CHUNK, C, row_key_mult,  # passes run, sizes, strides, ..., 1: key = row
     HAS_COUNTS: tl.constexpr, TTS: tl.constexpr, GREEDY_TOP1: tl.constexpr, DRAW: tl.constexpr,
     SIMPLE: tl.constexpr, CP2: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
@@ -335,24 +390,25 @@ def _race_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     lo, hi, r0, r1, cnt_lo, cnt_hi, mass_lo, mass_hi, phase, s_ref, m, s, amax, greedy, bad = _row_state(
-        npass, row, B, C, stats_ptr, params_ptr, state_ptr, piv_ptr, part_ptr, TTS, GREEDY_TOP1, CP2, NP)
-    prm = params_ptr + row * 8
-    temp = tl.load(prm + 0)
-    rep = tl.load(prm + 4)
-    pres = tl.load(prm + 5)
-    freq = tl.load(prm + 6)
-    min_p = tl.load(prm + 3)
-    noise = tl.load(prm + 7)
+        npass, row, B, C, stats_ptr, stats_i_ptr, params_ptr, topk_ptr, state_ptr, state_i_ptr, piv_ptr, part_ptr,
+        part_i_ptr, TTS, GREEDY_TOP1, CP2, NP)
+    prm = params_ptr + row * NPARAM
+    temp = tl.load(prm + P_TEMP)
+    rep = tl.load(prm + P_REP)
+    pres = tl.load(prm + P_PRES)
+    freq = tl.load(prm + P_FREQ)
+    min_p = tl.load(prm + P_MINP)
+    noise = tl.load(prm + P_NOISE)
     if chunk == 0:
-        fo = final_ptr + row * 4
-        tl.store(fo + 0, lo)
-        tl.store(fo + 1, m)
-        tl.store(fo + 2, amax)
-        tl.store(fo + 3, greedy.to(tl.float32) + 2.0 * bad.to(tl.float32))
+        fo = final_ptr + row * NFINAL
+        tl.store(fo + F_LO, lo)
+        tl.store(fo + F_MAX, m)
+        tl.store(final_i_ptr + row * 2, amax)
+        tl.store(final_i_ptr + row * 2 + 1, greedy.to(tl.int32) * FLAG_GREEDY + bad.to(tl.int32) * FLAG_BAD)
     seed = tl.load(seeds_ptr + row)
     row_key = (row * row_key_mult) << 32
     best = float("-inf")
-    best_i = -1.0
+    best_i = -1
     best_z = 0.0
     kept_mass = 0.0
     base = chunk * CHUNK
@@ -382,20 +438,22 @@ def _race_kernel(
                 t_arg = tl.argmax(key, axis=0)
                 t_z = tl.sum(tl.where(cols == t_arg, z, 0.0), axis=0)
                 upd = t_best > best  # strict: the earlier tile keeps ties (lowest index)
-                best_i = tl.where(upd, (start + t_arg).to(tl.float32), best_i)
+                best_i = tl.where(upd, start + t_arg.to(tl.int32), best_i)
                 best_z = tl.where(upd, t_z, best_z)
                 best = tl.maximum(best, t_best)
-    out = race_ptr + (row * C + chunk) * 4
-    tl.store(out + 0, best)
-    tl.store(out + 1, best_i)
-    tl.store(out + 2, best_z)
-    tl.store(out + 3, kept_mass)
+    out = race_ptr + (row * C + chunk) * NRACE
+    tl.store(out + R_KEY, best)
+    tl.store(out + R_Z, best_z)
+    tl.store(out + R_MASS, kept_mass)
+    tl.store(race_idx_ptr + row * C + chunk, best_i)
 
 
 @triton.jit
 def _finalize_kernel(
-    race_ptr,  # [B, C, 4] fp32 race partials
-    final_ptr,  # [B, 4] fp32 row info from the race kernel
+    race_ptr,  # [B, C, NRACE] fp32 race partials
+    race_idx_ptr,  # [B, C] int32 the chunks' winning tokens
+    final_ptr,  # [B, NFINAL] fp32 row summary from the race kernel
+    final_i_ptr,  # [B, 2] int32 argmax and flags from the race kernel
     tokens_ptr,  # [B] int64 out: drawn token, -1 for a bad row
     logprobs_ptr,  # [B] fp32 out: log-probability of the token under the kept, renormalized distribution
     C, CP2: tl.constexpr,
@@ -403,20 +461,20 @@ def _finalize_kernel(
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CP2)
     cm = c < C
-    base = race_ptr + (row * C + c) * 4
-    key = tl.load(base + 0, mask=cm, other=float("-inf"))
-    idx = tl.load(base + 1, mask=cm, other=-1.0)
-    zb = tl.load(base + 2, mask=cm, other=0.0)
-    km = tl.load(base + 3, mask=cm, other=0.0)
+    base = race_ptr + (row * C + c) * NRACE
+    key = tl.load(base + R_KEY, mask=cm, other=float("-inf"))
+    idx = tl.load(race_idx_ptr + row * C + c, mask=cm, other=-1)
+    zb = tl.load(base + R_Z, mask=cm, other=0.0)
+    km = tl.load(base + R_MASS, mask=cm, other=0.0)
     best = tl.max(key, axis=0)
     first = tl.min(tl.where((key == best) & (idx >= 0), c, CP2), axis=0)  # lowest chunk = lowest index
-    tok = tl.sum(tl.where(c == first, idx, 0.0), axis=0)
+    tok = tl.sum(tl.where(c == first, idx, 0), axis=0)
     z = tl.sum(tl.where(c == first, zb, 0.0), axis=0)
-    flags = tl.load(final_ptr + row * 4 + 3)
-    m = tl.load(final_ptr + row * 4 + 1)
-    greedy = (flags == 1.0) | (flags == 3.0)
-    ok = (first < CP2) & (flags < 2.0)
-    tok = tl.where(ok, tok, -1.0)
+    flags = tl.load(final_i_ptr + row * 2 + 1)
+    m = tl.load(final_ptr + row * NFINAL + F_MAX)
+    greedy = (flags & FLAG_GREEDY) != 0
+    ok = (first < CP2) & ((flags & FLAG_BAD) == 0)
+    tok = tl.where(ok, tok, -1)
     total = tl.sum(km, axis=0)
     lp = z - m - tl.log(tl.where(total > 0, total, 1.0))  # bad rows: no log(0)
     lp = tl.where(greedy, 0.0, lp)
@@ -429,9 +487,10 @@ def _finalize_kernel(
 def _probs_kernel(
     logits_ptr,  # [B, V] logits
     counts_ptr,  # [B, V] token counts (HAS_COUNTS)
-    params_ptr,  # [B, 8] fp32 per-row parameters
-    race_ptr,  # [B, C, 4] fp32 race partials (kept mass)
-    final_ptr,  # [B, 4] fp32 row info: lo, max, argmax, flags
+    params_ptr,  # [B, NPARAM] fp32 per-row parameters
+    race_ptr,  # [B, C, NRACE] fp32 race partials (kept mass)
+    final_ptr,  # [B, NFINAL] fp32 row summary: lo, max
+    final_i_ptr,  # [B, 2] int32 argmax, flags
     out_ptr,  # [B, V] fp32 out: filtered, renormalized probabilities (row stride V)
     V, stride_l, stride_c, CHUNK, C,
     HAS_COUNTS: tl.constexpr, CP2: tl.constexpr, BLOCK: tl.constexpr,
@@ -439,21 +498,21 @@ def _probs_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     c = tl.arange(0, CP2)
-    total = tl.sum(tl.load(race_ptr + (row * C + c) * 4 + 3, mask=c < C, other=0.0), axis=0)
+    total = tl.sum(tl.load(race_ptr + (row * C + c) * NRACE + R_MASS, mask=c < C, other=0.0), axis=0)
     total = tl.where(total > 0, total, 1.0)  # bad rows have no kept mass (and are zeroed below)
-    fo = final_ptr + row * 4
-    lo = tl.load(fo + 0)
-    m = tl.load(fo + 1)
-    amax = tl.load(fo + 2).to(tl.int64)
-    flags = tl.load(fo + 3)
-    greedy = (flags == 1.0) | (flags == 3.0)
-    bad = flags >= 2.0
-    prm = params_ptr + row * 8
-    temp = tl.load(prm + 0)
-    min_p = tl.load(prm + 3)
-    rep = tl.load(prm + 4)
-    pres = tl.load(prm + 5)
-    freq = tl.load(prm + 6)
+    fo = final_ptr + row * NFINAL
+    lo = tl.load(fo + F_LO)
+    m = tl.load(fo + F_MAX)
+    amax = tl.load(final_i_ptr + row * 2)
+    flags = tl.load(final_i_ptr + row * 2 + 1)
+    greedy = (flags & FLAG_GREEDY) != 0
+    bad = (flags & FLAG_BAD) != 0
+    prm = params_ptr + row * NPARAM
+    temp = tl.load(prm + P_TEMP)
+    min_p = tl.load(prm + P_MINP)
+    rep = tl.load(prm + P_REP)
+    pres = tl.load(prm + P_PRES)
+    freq = tl.load(prm + P_FREQ)
     cols = tl.arange(0, BLOCK)
     base = chunk * CHUNK
     for start in range(base, tl.minimum(base + CHUNK, V), BLOCK):
@@ -515,7 +574,11 @@ def run(
     npass: int,
     mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """Launch stats -> search x npass -> race -> finalize (or probs). ``mode``: sample | probs | simple."""
+    """Launch stats -> search x npass -> race -> finalize (or probs). ``mode``: sample | probs | simple.
+
+    ``params``: fp32 ``[B, 8]`` in the column order of :data:`LAUNCH_PARAMS` (validated by the public op); it is
+    split here into the kernels' float parameters and an int32 top-k column.
+    """
     B, V = logits.shape
     dev = logits.device
     cfg = _launch_config(B, V, dev)
@@ -523,33 +586,43 @@ def run(
     has_counts = counts is not None
     cnt_t = counts if has_counts else logits
     stride_c = counts.stride(0) if has_counts else 0
-    f32 = torch.float32
-    stats = torch.empty(B, C, NSTAT, device=dev, dtype=f32)
+    f32, i32 = torch.float32, torch.int32
+    col = {name: i for i, name in enumerate(LAUNCH_PARAMS)}
+    fcols = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "noise")
+    prm = params[:, [col[n] for n in fcols]].contiguous()  # [B, NPARAM] in the order of P_*
+    topk = params[:, col["top_k"]].clamp(0, 2**31 - 1).to(i32)  # [B] (exact: validated integers)
+    stats = torch.empty(B, C, NSTAT.value, device=dev, dtype=f32)
+    stats_i = torch.empty(B, C, NSTAT_I.value, device=dev, dtype=i32)
     slots = max(npass, 1)
-    state = torch.empty(slots, B, NSTATE, device=dev, dtype=f32)
+    state = torch.empty(slots, B, NSTATE.value, device=dev, dtype=f32)
+    state_i = torch.empty(slots, B, NSTATE_I.value, device=dev, dtype=i32)
     piv = torch.empty(slots, B, NPIV, device=dev, dtype=f32)
-    part = torch.empty(slots, B, C, 2 * NPIV + 2, device=dev, dtype=f32)
-    race = torch.empty(B, C, NRACE, device=dev, dtype=f32)
-    final = torch.empty(B, 4, device=dev, dtype=f32)
+    part = torch.empty(slots, B, C, NPIV + 2, device=dev, dtype=f32)
+    part_i = torch.empty(slots, B, C, NPIV, device=dev, dtype=i32)
+    race = torch.empty(B, C, NRACE.value, device=dev, dtype=f32)
+    race_idx = torch.empty(B, C, device=dev, dtype=i32)
+    final = torch.empty(B, NFINAL.value, device=dev, dtype=f32)
+    final_i = torch.empty(B, 2, device=dev, dtype=i32)
     common = dict(num_warps=cfg.num_warps)
+    search_bufs = (stats, stats_i, state, state_i, piv, part, part_i)
     record_launch("sampling_stats")
     _stats_kernel[(B, C)](
-        logits, cnt_t, params, stats, V, logits.stride(0), stride_c, cfg.chunk, C,
+        logits, cnt_t, prm, topk, stats, stats_i, V, logits.stride(0), stride_c, cfg.chunk, C,
         HAS_COUNTS=has_counts, GREEDY_TOP1=greedy_top1, BLOCK=cfg.block, **common,
     )
     early_exit = dev.type != "cuda"  # interpreter: reading the state is free, skip passes once all rows resolved
     for n in range(npass):
-        if early_exit and n > 0 and bool((state[n - 1, :, 8] == 2.0).all()):
+        if early_exit and n > 0 and bool((state_i[n - 1, :, STI_PHASE.value] == PHASE_DONE.value).all()):
             npass = n
             break
         record_launch("sampling_search")
         _search_kernel[(B, C)](
-            logits, cnt_t, params, stats, state, piv, part, n, B, V, logits.stride(0), stride_c, cfg.chunk, C,
+            logits, cnt_t, prm, topk, *search_bufs, n, B, V, logits.stride(0), stride_c, cfg.chunk, C,
             HAS_COUNTS=has_counts, TTS=tts, GREEDY_TOP1=greedy_top1, CP2=CP2, NP=NPIV, BLOCK=cfg.block_s, **common,
         )
     record_launch("sampling_race")
     _race_kernel[(B, C)](
-        logits, cnt_t, params, seeds, stats, state, piv, part, race, final,
+        logits, cnt_t, prm, topk, seeds, *search_bufs, race, race_idx, final, final_i,
         npass, B, V, logits.stride(0), stride_c, cfg.chunk, C, row_key_mult,
         HAS_COUNTS=has_counts, TTS=tts, GREEDY_TOP1=greedy_top1, DRAW=mode != "probs", SIMPLE=mode == "simple",
         CP2=CP2, NP=NPIV, BLOCK=cfg.block, **common,
@@ -558,12 +631,12 @@ def run(
         out = torch.empty(B, V, device=dev, dtype=f32)
         record_launch("sampling_probs")
         _probs_kernel[(B, C)](
-            logits, cnt_t, params, race, final, out, V, logits.stride(0), stride_c, cfg.chunk, C,
+            logits, cnt_t, prm, race, final, final_i, out, V, logits.stride(0), stride_c, cfg.chunk, C,
             HAS_COUNTS=has_counts, CP2=CP2, BLOCK=cfg.block, **common,
         )
         return out
     tokens = torch.empty(B, device=dev, dtype=torch.int64)
     logprobs = torch.empty(B, device=dev, dtype=f32)
     record_launch("sampling_finalize")
-    _finalize_kernel[(B,)](race, final, tokens, logprobs, C, CP2=CP2, num_warps=1)
+    _finalize_kernel[(B,)](race, race_idx, final, final_i, tokens, logprobs, C, CP2=CP2, num_warps=1)
     return tokens, logprobs
