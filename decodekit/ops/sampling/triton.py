@@ -62,11 +62,14 @@ NPARAM = tl.constexpr(7)
 S_MAX = tl.constexpr(0)  # stats partials [B, C, NSTAT] fp32
 S_SUMEXP = tl.constexpr(1)
 S_MIN = tl.constexpr(2)
-NSTAT = tl.constexpr(3)
+S_XMAX = tl.constexpr(3)  # max of the logits before the temperature (the greedy limit of an overflowing 1 / T)
+NSTAT = tl.constexpr(4)
 SI_ARGMAX = tl.constexpr(0)  # stats partials [B, C, NSTAT_I] int32
 SI_NFIN = tl.constexpr(1)
 SI_NBAD = tl.constexpr(2)
-NSTAT_I = tl.constexpr(3)
+SI_XARG = tl.constexpr(3)  # argmax of the logits before the temperature
+SI_NOVER = tl.constexpr(4)  # count of finite logits whose logit / T overflows to +inf
+NSTAT_I = tl.constexpr(5)
 ST_LO = tl.constexpr(0)  # bracket state [NPASS, B, NSTATE] fp32
 ST_HI = tl.constexpr(1)
 ST_R0 = tl.constexpr(2)
@@ -140,11 +143,16 @@ def _row_state(
     s = tl.sum(tl.where(mx == float("-inf"), 0.0, se * tl.exp(mx - m)), axis=0)
     first = tl.min(tl.where(mx == m, c, CP2), axis=0)  # lowest chunk holding the max: lowest index on ties
     amax = tl.sum(tl.where(c == first, am, 0), axis=0)
+    # temperature -> 0 limit: a row where some logit / T overflows is greedy on the logits before the temperature
+    over = tl.sum(tl.load(si + SI_NOVER, mask=cm, other=0), axis=0) > 0
+    xm = tl.load(sb + S_XMAX, mask=cm, other=float("-inf"))
+    xfirst = tl.min(tl.where(xm == tl.max(xm, axis=0), c, CP2), axis=0)
+    amax = tl.where(over, tl.sum(tl.where(c == xfirst, tl.load(si + SI_XARG, mask=cm, other=0), 0), axis=0), amax)
     prm = params_ptr + row * NPARAM
     temp = tl.load(prm + P_TEMP)
     k = tl.load(topk_ptr + row)  # int32, 0 = off
     p = tl.load(prm + P_TOPP)
-    greedy = temp == 0.0
+    greedy = (temp == 0.0) | over
     if GREEDY_TOP1:
         greedy = greedy | (k == 1)
     bad = (nbad > 0) | (nfin == 0)
@@ -245,8 +253,8 @@ def _stats_kernel(
     counts_ptr,  # [B, V] int token counts (only read when HAS_COUNTS)
     params_ptr,  # [B, NPARAM] fp32 per-row parameters (columns P_*)
     topk_ptr,  # [B] int32 per-row top-k (0 = off)
-    stats_ptr,  # [B, C, NSTAT] fp32 out: per-chunk max, sum exp(z - max), min finite
-    stats_i_ptr,  # [B, C, NSTAT_I] int32 out: per-chunk argmax, count of finite values, count of NaN / +inf
+    stats_ptr,  # [B, C, NSTAT] fp32 out: per-chunk max, sum exp(z - max), min finite, max before temperature
+    stats_i_ptr,  # [B, C, NSTAT_I] int32 out: per-chunk argmax, finite count, NaN / +inf count, raw argmax, overflows
     V, stride_l, stride_c,  # vocabulary size, row strides of logits and counts
     CHUNK,  # tokens per program (multiple of BLOCK)
     C,  # programs per row
@@ -268,15 +276,25 @@ def _stats_kernel(
     run_s = 0.0
     run_arg = 0
     run_min = float("inf")
+    run_xm = float("-inf")
+    run_xarg = 0
     n_fin = 0
     n_bad = 0
+    n_over = 0
     for start in range(base, tl.minimum(base + CHUNK, V), BLOCK):
         offs = start + cols
         mask = offs < V
-        z = _load_z(logits_ptr, counts_ptr, row, stride_l, stride_c, offs, mask, temp, rep, pres, freq, greedy,
-                    HAS_COUNTS)
-        bad = (z != z) | (z == float("inf"))
-        fin = (z > float("-inf")) & (z == z) & (z != float("inf"))
+        x = _load_z(logits_ptr, counts_ptr, row, stride_l, stride_c, offs, mask, temp, rep, pres, freq, True,
+                    HAS_COUNTS)  # [BLOCK] penalized logits, before the temperature
+        bad = (x != x) | (x == float("inf"))  # a NaN or +inf logit makes the row bad
+        fin_x = (x > float("-inf")) & (x == x) & (x != float("inf"))
+        z = tl.where(greedy, x, x / tl.where(greedy, 1.0, temp))
+        fin = fin_x & (z > float("-inf")) & (z != float("inf"))
+        n_over += tl.sum((fin_x & (z == float("inf"))).to(tl.int32), axis=0)  # T -> 0: greedy in the limit
+        xs = tl.where(fin_x, x, float("-inf"))
+        t_xm = tl.max(xs, axis=0)
+        run_xarg = tl.where(t_xm > run_xm, start + tl.argmax(xs, axis=0).to(tl.int32), run_xarg)
+        run_xm = tl.maximum(run_xm, t_xm)
         z = tl.where(fin, z, float("-inf"))  # NaN only flags the row
         n_bad += tl.sum(bad.to(tl.int32), axis=0)
         n_fin += tl.sum(fin.to(tl.int32), axis=0)
@@ -293,10 +311,13 @@ def _stats_kernel(
     tl.store(out + S_MAX, run_m)
     tl.store(out + S_SUMEXP, run_s)
     tl.store(out + S_MIN, run_min)
+    tl.store(out + S_XMAX, run_xm)
     out_i = stats_i_ptr + (row * C + chunk) * NSTAT_I
     tl.store(out_i + SI_ARGMAX, run_arg)
     tl.store(out_i + SI_NFIN, n_fin)
     tl.store(out_i + SI_NBAD, n_bad)
+    tl.store(out_i + SI_XARG, run_xarg)
+    tl.store(out_i + SI_NOVER, n_over)
 
 
 @triton.jit
@@ -428,10 +449,12 @@ def _race_kernel(
         if DRAW:
             if tl.max(kept.to(tl.int32), axis=0) > 0:  # Philox only for tiles holding a kept token
                 u = tl.rand(seed, row_key + offs.to(tl.int64))
+                # the row max is taken out before the noise: with a large common offset (logits near 1e8) the
+                # noise would otherwise be lost in fp32 rounding
                 if SIMPLE:
-                    key = z + noise * u
+                    key = (z - m) + noise * u
                 else:
-                    key = tl.maximum(z - tl.log(-tl.log(u)), -3.0e38)
+                    key = tl.maximum((z - m) - tl.log(-tl.log(u)), -3.0e38)
                 key = tl.where(greedy, z, key)
                 key = tl.where(kept, key, float("-inf"))
                 t_best = tl.max(key, axis=0)

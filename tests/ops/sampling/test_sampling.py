@@ -287,3 +287,43 @@ def test_bad_inputs_other_entry_points():
         sampler_simple_batch(torch.randn(2, 5), noise=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         sampling_probs(torch.randn(2, 5), top_k=-3)
+
+
+# --------------------------------------------------------------------------- numerically hard inputs, both paths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_common_offset_keeps_the_distribution(device, backend):
+    """Four equal tokens at +1e8 (and masked ones): each drawn about a quarter of the time, never a masked one.
+    The race subtracts the row max before the noise; without that, fp32 rounding makes one token win ~94 %."""
+    B = 400
+    x = torch.full((B, 12), float("-inf"))
+    x[:, 2:6] = 1e8
+    tok = sample(x.to(device), seed=torch.arange(B, device=device), backend=backend).cpu()
+    freq = torch.bincount(tok, minlength=12).double() / B
+    assert float(freq[2:6].sum()) == 1.0
+    assert bool(((freq[2:6] - 0.25).abs() < 0.08).all()), freq.tolist()  # 4 sd of a binomial(400, 1/4)
+    probs = sampling_probs(x[:2].to(device), backend=backend).cpu()
+    torch.testing.assert_close(probs[:, 2:6], torch.full((2, 4), 0.25))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_temperature_is_greedy_on_both_paths(device, backend):
+    """logits / T overflows to +inf for several tokens: the limit T -> 0 is the argmax of the logits."""
+    x = torch.tensor([[3.0e36, 1.0e36, -2.0, 2.9e36], [1.0, 5.0, 2.0, 4.0]])
+    tok, lp = sample(x.to(device), temperature=1e-3, seed=0, return_logprobs=True, backend=backend)
+    assert tok.cpu().tolist() == [0, 1] and bool(torch.isfinite(lp.cpu()).all())
+    assert sampling_probs(x.to(device), temperature=1e-3, backend=backend).cpu()[0].tolist() == [1.0, 0, 0, 0]
+    assert sample_logits(x.to(device), 1e-3, 0.9, 0, seed=1, backend=backend).cpu()[:, 0].tolist() == [0, 1]
+    assert sampler_simple_batch(x.to(device), 1.0, 1e-3, seed=1, backend=backend).cpu()[:, 0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inf_logits_are_bad_rows_on_both_paths(device, backend):
+    x = _logits(3, 40, seed=5)
+    x[0, 7] = float("inf")
+    x[1] = float("-inf")
+    got = sampler_simple_batch(x.to(device), 1.0, 1.0, seed=2, backend=backend).cpu()[:, 0]
+    assert got[:2].tolist() == [-1, -1] and 0 <= int(got[2]) < 40
+    tok = sample(x.to(device), seed=2, backend=backend).cpu()
+    assert tok[:2].tolist() == [-1, -1]
