@@ -143,7 +143,7 @@ def _seeds(seed: int | torch.Tensor | None, B: int, device: torch.device) -> tup
 
 
 def _torch_seed(seed: int | torch.Tensor | None, B: int, device: torch.device) -> _st.Seed:
-    """PyTorch-path form of a checked seed (the same random stream as :func:`_seeds`)."""
+    """PyTorch-path form of a checked seed (the same seed and row keys as :func:`_seeds`)."""
     seed = _draw_seed(seed, device)
     if isinstance(seed, torch.Tensor):
         if seed.dim() == 0 or (seed.shape[0] == 1 and B != 1):
@@ -275,7 +275,8 @@ def sample(
     return_logprobs : also return the fp32 ``[B]`` log-probabilities of the drawn tokens under the final
         filtered, renormalized distribution (0 for greedy rows).
     check : raise ``ValueError`` naming the rows that are all ``-inf`` or hold a NaN / ``+inf`` instead of
-        returning ``-1`` for them. This reads the result on the host, i.e. it synchronizes.
+        returning ``-1`` for them. ``check`` means the same in every decodekit op: inspect tensor *values* on
+        the host and raise ``ValueError`` (it synchronizes, and under ``torch.compile`` it is a graph break).
     backend : ``"auto"`` (CUDA -> Triton kernel, CPU -> PyTorch path), ``"triton"`` or ``"torch"``.
 
     Returns
@@ -284,9 +285,15 @@ def sample(
 
     Notes
     -----
-    Deterministic for a given seed; the Triton kernel and the PyTorch path draw from the same Philox stream,
-    so they return the same tokens for the same seed (up to float rounding in a near-tie). Per-row parameter
-    tensors on a GPU are not range-checked (that would synchronize).
+    Deterministic for a given seed on each path. The two paths keep exactly the same set of tokens with the
+    same probabilities (:func:`sampling_probs` agrees, greedy rows give the same token), but they use different
+    random streams: the Triton kernel runs an exponential race over Philox uniforms (``tl.rand``), the PyTorch
+    path an inverse-CDF draw with one counter-based uniform per row (cheaper on a CPU, where the race's
+    per-token random numbers cost more than the whole filter). So the same seed gives equally distributed,
+    not identical, tokens on CPU and GPU. Both are batch invariant with per-row seeds.
+    A ``logits / temperature`` that overflows makes the row greedy (the limit ``T -> 0``); a large common
+    offset in the logits does not change the distribution. Per-row parameter tensors on a GPU are not
+    range-checked (that would synchronize).
 
     Example
     -------
@@ -426,9 +433,9 @@ def sampler_simple_batch(
 ) -> torch.Tensor:
     """argmax of ``logits / temp + U[0, noise)`` per row -> int64 ``[B, 1]``.
 
-    ``noise = 0`` (or ``temp = 0``) is plain greedy (lowest index on ties). Uniforms come from the same Philox
-    stream as :func:`sample` (``seed`` as there), so the kernel and the PyTorch path agree. A row holding NaN
-    or all ``-inf`` gives ``-1``.
+    ``noise = 0`` (or ``temp = 0``) is plain greedy (lowest index on ties). ``seed`` as in :func:`sample`; the
+    kernel uses Philox uniforms, the PyTorch path counter-based ones (same distribution, different streams).
+    A row holding NaN or ``+inf``, or all ``-inf``, gives ``-1`` on both paths.
 
     Example
     -------
