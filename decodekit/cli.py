@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -124,11 +125,28 @@ def _on_sigint(signum: int, frame: object) -> None:
     raise KeyboardInterrupt()
 
 
+def _unraisable_hook(previous: Any) -> Any:
+    """A signal's exception raised inside a ``__del__`` or a GC callback is only printed by Python ("Exception
+    ignored in ...", a traceback) and the work goes on: print nothing and deliver the signal again instead."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, _Terminated)) and 0 < len(_signalled) < 16:
+            # a moment later, from another thread, to the main thread (raised here it would be swallowed again)
+            main = threading.main_thread().ident
+            threading.Timer(0.01, signal.pthread_kill, (main, _signalled[-1])).start()
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     command = "decodekit"
     debug = os.environ.get("DECODEKIT_DEBUG", "").lower() in ("1", "true", "yes")
     previous: dict[int, Any] = {}
     _signalled.clear()
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = _unraisable_hook(unraisable)
     try:
         try:
             previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -169,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum, handler in previous.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, handler)
+        sys.unraisablehook = unraisable
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -431,3 +431,26 @@ def test_an_in_memory_decoder_is_left_as_it_was(ckpt, tmp_path, stub_export):
     ex.export_decoder(model, tmp_path / "out", validate=False, progress=False, max_seq_len=8)
     assert model.training and all(m.training for m in model.modules())
     assert model.config is cfg and cfg.max_seq_len == 16
+
+
+def test_interrupt_swallowed_by_a_destructor_is_delivered_again(ckpt, tmp_path, capsys, stub_export):
+    """Ctrl-C landing inside a __del__: Python would print "Exception ignored ... Traceback" and carry on."""
+    import gc
+    import signal
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the KeyboardInterrupt is raised here, inside __del__
+
+    def hook(path):
+        Finalized()
+        gc.collect()
+        for _ in range(500):  # ... and delivered again here, while Python code runs
+            time.sleep(0.01)
+
+    stub_export.hook = hook
+    t0 = time.perf_counter()
+    code, err = run_cli(capsys, ckpt, "-o", tmp_path / "out")
+    assert (code, err) == (130, ["decodekit export: interrupted"]) and time.perf_counter() - t0 < 4
+    assert hidden(tmp_path) == []
