@@ -79,7 +79,10 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit, NaN included (the caller's tensors must come back unchanged)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
+
+    return torch.equal(raw(a), raw(b))
 
 
 def _snapshot(*items):
@@ -953,6 +956,11 @@ def _qkv(c):
     return q, k, v
 
 
+def _no_keys(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What attention over zero keys is: zeros, and lse = -inf."""
+    return torch.zeros(q.shape, dtype=torch.float64), torch.full(q.shape[:3], float("-inf"), dtype=torch.float64)
+
+
 _ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
@@ -977,10 +985,14 @@ def test_attention_both_backends_match_the_reference(device, c):
     kv_start = c["kv_start"]
     note(f"strides q {q.stride()} k {k.stride()} v {v.stride()}")
     kw = dict(causal=c["causal"], scale=c["scale"], q_offset=c["q_offset"], return_lse=c["return_lse"])
-    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), c["causal"], c["scale"], c["q_offset"],
-                                 kv_start=kv_start, return_lse=True)
-    lowp, lowp_lse = attention_ref(q, k, v, c["causal"], c["scale"], c["q_offset"], kv_start=kv_start,
-                                   upcast=False, return_lse=True)
+    if c["S_k"] == 0:  # no key at all (the reference's amax needs one): zeros and lse = -inf by definition
+        ref, ref_lse = _no_keys(q)
+        lowp, lowp_lse = _no_keys(q)
+    else:
+        ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), c["causal"], c["scale"], c["q_offset"],
+                                     kv_start=kv_start, return_lse=True)
+        lowp, lowp_lse = attention_ref(q, k, v, c["causal"], c["scale"], c["q_offset"], kv_start=kv_start,
+                                       upcast=False, return_lse=True)
     # which queries see no key: zeros and lse = -inf
     empty = torch.isinf(ref_lse) & (ref_lse < 0)
     before = _snapshot(q, k, v, kv_start)
@@ -990,6 +1002,7 @@ def test_attention_both_backends_match_the_reference(device, c):
         out, lse = res if c["return_lse"] else (res, None)
         out = out.cpu()
         assert out.shape == q.shape and out.dtype == q.dtype, f"{backend}: {tuple(out.shape)} {out.dtype}"
+        assert out.is_contiguous(), f"{backend}: the output is not contiguous (strides {out.stride()})"
         _assert_attention_close(out, ref, lowp, c["dtype"], f"{backend} out")
         assert bool((out[empty] == 0).all()), f"{backend}: a query that sees no key is not zero"
         if lse is not None:
@@ -1006,9 +1019,12 @@ def test_decode_attention_both_backends_match_the_reference(device, c):
     q, k, v = _qkv(c)
     kv_start, lens = c["kv_start"], c["cache_seqlens"]
     note(f"strides q {q.stride()} k {k.stride()} v {v.stride()}")
-    ref, ref_lse = decode_attention_ref(q.double(), k.double(), v.double(), lens, c["scale"], kv_start=kv_start,
-                                        return_lse=True)
-    lowp = decode_attention_ref(q, k, v, lens, c["scale"], kv_start=kv_start, upcast=False)
+    if c["S_k"] == 0:
+        (ref, ref_lse), (lowp, _) = _no_keys(q), _no_keys(q)
+    else:
+        ref, ref_lse = decode_attention_ref(q.double(), k.double(), v.double(), lens, c["scale"], kv_start=kv_start,
+                                            return_lse=True)
+        lowp = decode_attention_ref(q, k, v, lens, c["scale"], kv_start=kv_start, upcast=False)
     empty = torch.isneginf(ref_lse)
     before = _snapshot(q, k, v, kv_start, lens)
     for backend in BACKENDS:
@@ -1016,6 +1032,7 @@ def test_decode_attention_both_backends_match_the_reference(device, c):
         out = decode_attention(q.to(device), k.to(device), v.to(device), lens.to(device), c["scale"], kv_start=ks,
                                num_splits=c["num_splits"], backend=backend).cpu()
         assert out.shape == q.shape and out.dtype == q.dtype
+        assert out.is_contiguous(), f"{backend}: the output is not contiguous (strides {out.stride()})"
         _assert_attention_close(out, ref, lowp, c["dtype"], f"{backend} out")
         assert bool((out[empty] == 0).all()), f"{backend}: a query that sees no key is not zero"
     _assert_unmodified(before, [q, k, v, kv_start, lens])

@@ -30,12 +30,17 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: tor
 
 def attention(q, k, v, causal, scale, q_offset, kv_start, return_lse):
     if return_lse:
+        if k.shape[2] == 0:  # no key at all: zeros (SDPA's answer) and lse = -inf (the reference needs a key)
+            out = attention(q, k, v, causal, scale, q_offset, kv_start, False)
+            return out, torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         from decodekit.ops.attention.reference import attention_ref
 
         out, lse = attention_ref(q, k, v, causal, scale, q_offset, kv_start=kv_start, return_lse=True)
-        return out.to(q.dtype), lse.float()
+        return out.to(q.dtype).contiguous(), lse.float()
     if kv_start is None and (not causal or q_offset == 0):
-        return _sdpa(q, k, v, None, causal, scale)  # SDPA's causal mask is aligned top-left: q_offset == 0
+        # SDPA's causal mask is aligned top-left: q_offset == 0. Its output takes q's layout (a transposed
+        # [B, S, H, D] view in, the same strides out); the op's output is contiguous on both backends.
+        return _sdpa(q, k, v, None, causal, scale).contiguous()
     s_q, s_k = q.shape[2], k.shape[2]
     j = torch.arange(s_k, device=q.device)
     visible = torch.ones(1, 1, s_q, s_k, dtype=torch.bool, device=q.device)
@@ -43,8 +48,7 @@ def attention(q, k, v, causal, scale, q_offset, kv_start, return_lse):
         visible = (j[None, :] <= torch.arange(s_q, device=q.device)[:, None] + q_offset)[None, None]
     if kv_start is not None:
         visible = visible & (j.view(1, 1, 1, -1) >= kv_start.view(-1, 1, 1, 1))
-    return _masked_sdpa(q, k, v, visible, scale)
-
+    return _masked_sdpa(q, k, v, visible, scale).contiguous()
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start):
@@ -55,4 +59,4 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start):
     visible = j < lens - s_q + 1 + i  # [B, 1, S_q, S_max]
     if kv_start is not None:
         visible = visible & (j >= kv_start.view(-1, 1, 1, 1))
-    return _masked_sdpa(q, k_cache, v_cache, visible, scale)
+    return _masked_sdpa(q, k_cache, v_cache, visible, scale).contiguous()

@@ -24,10 +24,26 @@ __all__ = ["ACTIVATIONS", "layer_norm_linear", "rms_norm_linear", "gelu_linear"]
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu")
 
 
-def _run(*args) -> torch.Tensor:
+def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with stride 1 in its last dim, copied only when it has another one.
+
+    The kernel reads ``x`` rows, the norm vectors and the bias with unit stride (any row stride and any weight
+    strides are fine). ``.contiguous()`` is not enough: a dim of size 1 may keep any stride (``torch.randn(2)[::2]``
+    is "contiguous" with stride 2), hence a clone in the contiguous format. Differentiable (autograd flows back
+    through the copy to the caller's view).
+    """
+    if t is None or t.dim() == 0 or t.stride(-1) == 1:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _run(x, norm_weight, norm_bias, weight, bias, *args) -> torch.Tensor:
     from decodekit.ops.norm_linear import triton as kernels  # Triton on first use
 
-    return kernels.run(*args)
+    # strided norm weights / biases (a slice of a fused parameter, a view with stride != 1) are accepted by
+    # validation and by the PyTorch path, so they are made dense here rather than refused by the kernel launcher
+    x, norm_weight, norm_bias, bias = (_unit_stride(t) for t in (x, norm_weight, norm_bias, bias))
+    return kernels.run(x, norm_weight, norm_bias, weight, bias, *args)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -105,12 +121,13 @@ def layer_norm_linear(
         fp32, fp16 or bf16. Any leading shape (M = their product, 1 included); row-strided inputs are read in
         place (a last dim with stride != 1 is copied first).
     norm_weight, norm_bias : Tensor [K] or None
-        LayerNorm affine parameters (any float dtype; used in fp32). ``None`` means 1 / 0.
+        LayerNorm affine parameters (any float dtype; used in fp32; any stride, a strided view is copied for
+        the kernel). ``None`` means 1 / 0.
     weight : Tensor [N, K]
         Linear weight in ``nn.Linear`` layout, dtype of ``x``; any strides (a transposed view of a ``[K, N]``
         Conv1D weight works without a copy).
     bias : Tensor [N] or None
-        Linear bias, dtype of ``x``.
+        Linear bias, dtype of ``x`` (any stride).
     eps : float
         LayerNorm epsilon.
     activation : None, "gelu", "gelu_tanh" or "silu"
