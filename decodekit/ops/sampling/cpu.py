@@ -1,30 +1,32 @@
 """The PyTorch path of the sampler: what CPU tensors get with ``backend="auto"``.
 
 One vectorized pipeline, the same for every distribution, with no thread pool of its own (it runs on torch's
-intra-op threads like any eager code, so it slows down under CPU contention exactly as much as eager PyTorch):
+intra-op threads like any eager code, so CPU contention slows it no more than eager PyTorch):
 
-1. **Parameters** become ``[B, 1]`` fp32 columns once (:func:`_columns`); the host reads them once as lists to
-   split the rows into groups: bad rows (NaN / ``+inf`` / all ``-inf``), greedy rows, *top-k rows* and
-   *full-row rows* (top-p alone, min-p alone, or no filter). With scalar parameters there is one group and no
-   row indexing at all.
-2. **Penalties** on an fp32 copy, only at the tokens with a nonzero count (``nonzero`` once; the caller's
-   logits are never modified).
+1. **Parameters** are normalized once (:class:`_Params`: a Python float, or an fp32 ``[B, 1]`` column for per-row
+   tensors) and read once on the host to split the rows into groups: bad rows (NaN / ``+inf`` / all ``-inf``),
+   greedy rows, *candidate rows* (top-k, or any row of at most ``_SORT_V`` tokens) and *whole-row rows* (top-p
+   alone, min-p alone, or no filter, on large rows). With scalar parameters there is one group and no row indexing.
+2. **Penalties** on an fp32 copy, only at the tokens with a nonzero count (``nonzero`` once; the caller's logits
+   are never modified).
 3. **The kept set.**
-   - *Top-k rows*: ``torch.topk`` of ``k + 1`` values (more while the last one still ties the k-th value, so a
-     tie group is kept whole), then temperature, top-p and min-p on those few candidates, sorted by value.
-     Rows of at most ``_SORT_V`` tokens take this path with ``k = V`` (a plain sort): at that size a sort costs
-     less than the histogram below.
-   - *Full-row rows*: temperature and ``w = exp(z - max)`` over the row. Top-p needs the value where the
+   - *Candidate rows*: ``torch.topk`` of ``k + 1`` values (more while the last one still ties the k-th value, so a
+     tie group is kept whole; ``k = V``, a plain sort, for small rows without top-k), then temperature, top-p and
+     min-p on those candidates, sorted by value.
+   - *Whole-row rows*: temperature and ``w = exp(z - max)`` over the row. Top-p needs the value where the
      descending cumulative mass crosses ``top_p``; instead of sorting V values, a histogram of the mass over
      ``_BINS`` value bins (one ``scatter_add``) finds the bin holding the cut, and only that bin's tokens (a few
-     hundred, even for a flat 128k row) are sorted. So the cost is a few passes over the row whatever the
+     hundred, even on a flat 128k row) are sorted. So the cost is a few passes over the row whatever the
      distribution, where a sort-based sampler pays a full sort.
    Thresholds compare values, so ties at a top-k / top-p boundary are kept or dropped whole, as the references
    document. ``temperature -> 0`` behaves as greedy also when ``logits / T`` overflows.
-4. **The draw**: inverse CDF with one uniform per row: the kept weights in token-index order are summed
-   (float64), and the token is the first whose running sum exceeds ``u * total``. ``u`` is a counter-based hash
-   of ``(seed, row key)`` (:func:`counter_uniform`), so a row's token depends only on its seed, its parameters
-   and its logits: the same per-row seed gives the same token whatever the batch size or the row's position.
+4. **The draw**: inverse CDF with one uniform per row: the kept weights are summed in float64 in the candidates'
+   order (by value for candidate rows, by token for whole rows), and the token is the first whose running sum
+   exceeds ``u * total``. ``u`` is a counter-based hash of ``(seed, row key)`` (:func:`counter_uniform`), so a
+   row's token depends only on its seed, its parameters and its logits: the same per-row seed gives the same
+   token whatever the batch size or the row's position.
+5. **Small calls** (at most ``_HOST_ELEMS`` logits, scalar parameters) run the same steps in NumPy: there a torch
+   op is mostly dispatch (~3 us) and a NumPy call ~1 us, which decides the B = 1 TTS-codebook case.
 
 The Triton kernels draw from the same distribution with their own random stream (an exponential race over
 Philox uniforms), so for one seed the two backends give equally distributed, not identical, tokens; greedy rows,
