@@ -506,14 +506,16 @@ def export_decoder(
             for name in _outdir.clean_leftovers(out, keep=inputs):
                 prog.info(f"removed {name}, left by an interrupted export")
             _outdir.check_replaceable(out, force)  # again: another export may have finished while we waited
-            tmp = _outdir.make_partial(out)
+            tmp = _outdir.partial_path(out)
             try:
+                os.mkdir(tmp)  # mode 0o777 & ~umask, as any mkdir
                 meta, report = _write_export(decoder, tmp, prog, opset=opset, all_logits=all_logits, source=source,
                                              tok_path=tok_path, tok_entry=tok_entry, validate=validate, atol=atol,
                                              rtol=rtol)
                 _outdir.commit(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)  # still under the lock
+            except BaseException as e:
+                if not isinstance(e, FileExistsError) or str(e.filename) != str(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)  # still under the lock; also when mkdir itself was cut short
                 raise
         done = True
     except OSError as e:

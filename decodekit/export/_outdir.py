@@ -182,12 +182,7 @@ def clean_stale(out: Path, keep: Iterable[str | os.PathLike | None] = ()) -> lis
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return []  # a live export holds it: its partial folder is not stale
-        try:
-            st = os.stat(lock_path, follow_symlinks=False)
-        except FileNotFoundError:
-            return []
-        mine = os.fstat(fd)
-        if (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev):
+        if not _is_current(fd, lock_path):
             return []
         removed = clean_leftovers(out, keep=[Path(k) if k is not None else None for k in keep])
         with contextlib.suppress(OSError):
@@ -210,46 +205,63 @@ def locked(out: Path, info: Callable[[str], None]) -> Iterator[None]:
     """Hold the exclusive lock of ``out`` (``.NAME.lock`` beside it); wait, saying so, when another export has it.
 
     The lock file is unlinked by its holder before unlocking; a waiter that then gets the lock of the unlinked
-    file notices (the path is gone or names another file) and locks the path again.
+    file notices (the path is gone or names another file) and locks the path again. An interrupt at any point
+    (even before the lock is held) leaves no lock file behind that this call created and could lock.
     """
     if fcntl is None:  # pragma: no cover
         yield
         return
     lock_path = out.parent / f".{out.name}.lock"
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                     0o666)
-        try:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd: int | None = None
+    held = False
+    try:
+        while True:
+            fd = os.open(lock_path, flags, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 info(f"waiting for {_holder(fd)}, which is exporting to {out} ({lock_path.name})")
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                st = os.stat(lock_path, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            mine = os.fstat(fd)
-            if st is not None and (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev):
+            held = _is_current(fd, lock_path)
+            if held:
                 break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # the previous holder removed that file: lock the current one
-    try:
+            os.close(fd)  # the previous holder removed that file: lock the current one
+            fd = None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
-        os.close(fd)
+        if fd is not None:
+            if not held:  # interrupted while opening or waiting: remove the file only if nobody holds it
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = _is_current(fd, lock_path)
+            if held:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+            os.close(fd)
+
+
+def _is_current(fd: int, lock_path: Path) -> bool:
+    """Is the locked ``fd`` still the file at ``lock_path``?"""
+    try:
+        st = os.stat(lock_path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
+
+def partial_path(out: Path) -> Path:
+    """A fresh name ``.NAME.<pid>.<hex>.partial`` beside ``out`` (not created)."""
+    return out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
 
 
 def make_partial(out: Path) -> Path:
     """Create ``.NAME.<pid>.<hex>.partial`` beside ``out`` (mode 0o777 & ~umask, as ``mkdir`` does)."""
     while True:
-        tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+        tmp = partial_path(out)
         try:
             os.mkdir(tmp)
             return tmp

@@ -454,3 +454,23 @@ def test_interrupt_swallowed_by_a_destructor_is_delivered_again(ckpt, tmp_path, 
     code, err = run_cli(capsys, ckpt, "-o", tmp_path / "out")
     assert (code, err) == (130, ["decodekit export: interrupted"]) and time.perf_counter() - t0 < 4
     assert hidden(tmp_path) == []
+
+
+def test_interrupted_while_waiting_for_the_lock_leaves_the_holders_file(tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    fd = os.open(tmp_path / ".out.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), _outdir.locked(out, lambda msg: None):
+            pytest.fail("got a lock that another holds")
+        assert (tmp_path / ".out.lock").exists()  # still the holder's
+    finally:
+        timer.cancel()
+        os.close(fd)
+    with _outdir.locked(out, print):
+        pass
+    assert os.listdir(tmp_path) == []
