@@ -191,14 +191,17 @@ def _row_state(
     p_mhi = tl.load(st + ST_MASS_HI, mask=has_prev, other=0.0)
     p_phase = tl.load(sti + STI_PHASE, mask=has_prev, other=PHASE_DONE)
     p_sref = tl.load(st + ST_SREF, mask=has_prev, other=1.0)
-    piv = tl.load(piv_ptr + (prev * B + row) * NP + j, mask=has_prev & (j < NP), other=0.0)
+    # block masks bound by a where() on the scalar has_prev, not `block & has_prev`: the interpreter gives a splat
+    # scalar comparison an int32 payload, and triton 3.9's interpreter rejects such a mask
+    c_prev = c < tl.where(has_prev, C, 0)  # [CP2]: c < C on passes > 0, all False on pass 0
+    piv = tl.load(piv_ptr + (prev * B + row) * NP + j, mask=j < tl.where(has_prev, NP, 0), other=0.0)
     pbase = part_ptr + ((prev * B + row) * C + c) * (NP + 2)
     pibase = part_i_ptr + ((prev * B + row) * C + c) * NP
-    pm = (c < C)[:, None] & has_prev
+    pm = c_prev[:, None]
     cnt = tl.sum(tl.load(pibase[:, None] + j[None, :], mask=pm, other=0), axis=0)  # [NP] int32
     mass = tl.sum(tl.load(pbase[:, None] + j[None, :], mask=pm, other=0.0), axis=0)  # [NP]
-    bmin = tl.min(tl.load(pbase + NP, mask=(c < C) & has_prev, other=float("inf")), axis=0)
-    bmax = tl.max(tl.load(pbase + NP + 1, mask=(c < C) & has_prev, other=float("-inf")), axis=0)
+    bmin = tl.min(tl.load(pbase + NP, mask=c_prev, other=float("inf")), axis=0)
+    bmax = tl.max(tl.load(pbase + NP + 1, mask=c_prev, other=float("-inf")), axis=0)
     ok_k = k_off | (cnt < k)
     if TTS:
         ok_p = mass <= p * p_sref
