@@ -4,7 +4,8 @@
 #   make test-triton the kernel tests under each other tested triton (TRITON_OTHER), each in its own venv
 #                   .venv-triton-X.Y (CPU machines: the CPU torch wheel); make test-triton-3.9 runs one
 #   make demo       venv + install + export stories260K + tell a story + eager/ORT/ORT-IO-binding table
-#   make bench      venv + install + pytest-benchmark over bench/, report in bench/results/
+#   make bench      venv + install + pytest-benchmark over bench/, reports in bench/results/ (tables, the sampler
+#                   sweep's plot); make bench-sampling runs the sampler sweep alone
 #   make fuzz       venv + install + the CLI fuzz (tests/test_cli_fuzz.py): FUZZ_SCALE x the examples + slow cases
 #   make gpu-check  on a CUDA machine: tests compiled on the GPU (interpreter off), then the benchmarks,
 #                   with whatever python already has torch + triton (no installs, the checkout on PYTHONPATH)
@@ -31,7 +32,7 @@ PYTEST_ARGS ?= -n 2
 BENCH_ARGS ?=
 GPU_PYTHON ?= python3
 
-.PHONY: setup test test-triton lint demo bench gpu-check clean fuzz
+.PHONY: setup test test-triton lint demo bench bench-sampling gpu-check clean fuzz
 
 setup: $(VENV)/.installed
 
@@ -83,10 +84,22 @@ FUZZ_SCALE ?= 10
 fuzz: setup
 	DECODEKIT_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -p no:xdist -p no:randomly -rxs tests/test_cli_fuzz.py
 
+# pytest-benchmark's own calibration, shortened: every point still gets >= 5 rounds (the largest pedantic groups 3)
+BENCH_TIMING ?= --benchmark-max-time=0.25 --benchmark-min-rounds=5
+
 bench: setup
 	@mkdir -p bench/results
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/.last.json $(BENCH_ARGS)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pytest bench -q --benchmark-only $(BENCH_TIMING) --benchmark-json=bench/results/.last.json $(BENCH_ARGS)
 	$(PY) -m bench.report bench/results/.last.json
+	$(PY) -m bench.report_sampling bench/results/.last.json
+
+bench-sampling: setup
+	@mkdir -p bench/results
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pytest bench/bench_sampling.py -q --benchmark-only $(BENCH_TIMING) \
+		--benchmark-json=bench/results/.sampling.json $(BENCH_ARGS)
+	$(PY) -m bench.report_sampling bench/results/.sampling.json
 
 gpu-check:
 	@mkdir -p bench/results
