@@ -905,6 +905,43 @@ def test_norm_linear_both_backends_match_the_fp64_reference(device, c):
     assert torch.equal(torch.isnan(outs["triton"]), torch.isnan(outs["torch"]))
 
 
+@fuzz(25)
+@given(c=norm_linear_cases(), gseed=st.integers(0, 2**31 - 1))
+def test_norm_linear_gradients_match_on_both_backends(device, c, gseed):
+    """fp32 gradients of every input (strided views included: the gradient reaches the caller's view) on both
+    backends against the fp64 autograd of the reference."""
+    c = NormLinearCase(**{**c.__dict__, "dtype": torch.float32, "eps": c.eps or 1e-5})
+    x, nw, nb, w, b = _norm_linear_inputs(c)
+    names = ("x", "norm_weight", "norm_bias", "weight", "bias")
+    # detach() keeps each view's strides: the leaves have the fuzzed layouts
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, nw, nb, w, b)]
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, nw, nb, w, b)]
+    gy = torch.randn(*c.lead, c.N, generator=torch.Generator().manual_seed(gseed))
+    ref = _norm_linear_ref(c, *ref_leaves)
+    used = [i for i, t in enumerate(leaves) if t is not None]
+    want = torch.autograd.grad((ref * gy.double()).sum(), [ref_leaves[i] for i in used], allow_unused=True)
+    # dx of a norm is rstd * (a difference of terms of size |dh|): fp32 cancellation there is amplified by rstd
+    # (up to 1/sqrt(eps) for a constant row, e.g. K = 1)
+    x64 = x.double().reshape(-1, c.K)
+    ms = x64.var(-1, unbiased=False) if c.op == "layer" else x64.pow(2).mean(-1)
+    rstd = float((ms + c.eps).rsqrt().max()) if c.op != "gelu" and x64.numel() else 1.0
+    dh = float((gy.double().abs().reshape(-1, c.N) @ w.double().abs()).max()) if gy.numel() and c.K else 0.0
+    for backend in BACKENDS:
+        args = [None if t is None else t.to(device) for t in leaves]
+        y = _norm_linear_call(c, *args, backend)
+        got = torch.autograd.grad((y * gy.to(device)).sum(), [leaves[i] for i in used], allow_unused=True)
+        for i, g, r in zip(used, got, want):
+            r = torch.zeros_like(ref_leaves[i]) if r is None else r
+            g = torch.zeros_like(r) if g is None else g.cpu().double()
+            assert g.shape == r.shape, f"{backend}: d{names[i]} has shape {tuple(g.shape)}"
+            atol = 1e-4 * (1 + float(r.abs().max()) if r.numel() else 1.0)
+            if i == 0:  # dx
+                atol += 4e-6 * rstd * dh
+            elif i == 1:  # dnorm_weight = sum over rows of dh * xhat, xhat rounded at |x| * rstd
+                atol += 4e-6 * rstd * dh * float(x64.abs().max()) * x64.shape[0] if x64.numel() else 0.0
+            torch.testing.assert_close(g, r, atol=atol, rtol=1e-3, msg=lambda m, i=i: f"{backend}: d{names[i]}: {m}")
+
+
 def _bad_norm_linear_args(K: int, N: int):
     """(op, argument name, replacement value)."""
     nan = float("nan")
@@ -977,9 +1014,9 @@ def _heads_tensor(layout: str, B: int, H: int, S: int, D: int, dtype, g):
 
 @st.composite
 def attention_cases(draw, decode: bool):
-    B = draw(st.integers(1, 3))
+    B = draw(st.sampled_from((0, 1, 1, 2, 2, 3)))
     H_kv = draw(st.integers(1, 3))
-    group = draw(st.sampled_from((1, 1, 2, 3)))
+    group = draw(st.sampled_from((0, 1, 1, 1, 2, 3)))  # 0: no query head at all (accepted: 0 is a multiple)
     D = draw(st.sampled_from((1, 2, 3, 4, 8, 16, 17, 32, 33, 64)))
     dtype = draw(st.sampled_from(DTYPES))
     S_q = draw(st.integers(1, 5)) if decode else draw(st.integers(0, 9))
@@ -1097,6 +1134,32 @@ def test_decode_attention_both_backends_match_the_reference(device, c):
     _assert_unmodified(before, [q, k, v, kv_start, lens])
 
 
+@fuzz(12)
+@given(c=attention_cases(decode=False), gseed=st.integers(0, 2**31 - 1))
+def test_attention_gradients_match_on_both_backends(device, c, gseed):
+    """fp32 gradients of q, k and v (FlashAttention-2 backward kernels vs SDPA's autograd) against the fp64
+    reference; queries that see no key contribute nothing, never NaN."""
+    c = {**c, "dtype": torch.float32}
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(c))
+    gy = torch.randn(q.shape, generator=torch.Generator().manual_seed(gseed))
+    kw = dict(causal=c["causal"], scale=c["scale"], q_offset=c["q_offset"])
+    if c["S_k"] and q.numel():
+        rq, rk, rv = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = attention_ref(rq, rk, rv, c["causal"], c["scale"], c["q_offset"], kv_start=c["kv_start"])
+        want = torch.autograd.grad((ref * gy.double()).sum(), (rq, rk, rv))
+    else:
+        want = tuple(torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v))
+    for backend in BACKENDS:
+        ks = c["kv_start"].to(device) if c["kv_start"] is not None else None
+        out = attention(q.to(device), k.to(device), v.to(device), kv_start=ks, backend=backend, **kw)
+        got = torch.autograd.grad((out * gy.to(device)).sum(), (q, k, v), allow_unused=True)
+        for name, g, r in zip("qkv", got, want):
+            g = torch.zeros_like(r) if g is None else g.cpu().double()
+            assert not torch.isnan(g).any(), f"{backend}: NaN in d{name}"
+            torch.testing.assert_close(g, r, atol=1e-4 * (1 + float(r.abs().max()) if r.numel() else 1.0), rtol=1e-3,
+                                       msg=lambda m, name=name: f"{backend}: d{name}: {m}")
+
+
 def _bad_attention_args(B: int, H: int, S: int, D: int, decode: bool):
     nan = float("nan")
     common = [
@@ -1112,7 +1175,8 @@ def _bad_attention_args(B: int, H: int, S: int, D: int, decode: bool):
         return common + [
             ("q", st.just(torch.randn(B, H, 17, D))),
             ("k_cache", st.sampled_from((torch.randn(B, 1, S, D, dtype=torch.float16), torch.randn(B, 1, S, D + 1),
-                                         torch.randn(B, 1, S + 1, D), torch.randn(B, 0, S, D)))),
+                                         torch.randn(B + 1, 1, S, D), torch.randn(B, 0, S, D),
+                                         torch.randn(B, 3, S, D)))),
             ("cache_seqlens", st.sampled_from((torch.tensor([S + 1] * B), torch.tensor([-1] * B),
                                                torch.zeros(B + 1, dtype=torch.int32), torch.zeros(B),
                                                torch.zeros(B, dtype=torch.int16), [0] * B))),

@@ -28,7 +28,17 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: tor
     return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def _empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The (empty) output when ``q`` has no element: SDPA refuses zero query heads against non-zero kv heads (its
+    GQA broadcast), which validation accepts and the kernels answer with an empty tensor. Built from q, k and v
+    (all times zero) so that autograd still connects them."""
+    return (q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0).contiguous()
+
+
 def attention(q, k, v, causal, scale, q_offset, kv_start, return_lse):
+    if q.numel() == 0:
+        out = _empty(q, k, v)
+        return (out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)) if return_lse else out
     if return_lse:
         if k.shape[2] == 0:  # no key at all: zeros (SDPA's answer) and lse = -inf (the reference needs a key)
             out = attention(q, k, v, causal, scale, q_offset, kv_start, False)
@@ -52,6 +62,8 @@ def attention(q, k, v, causal, scale, q_offset, kv_start, return_lse):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start):
+    if q.numel() == 0:
+        return _empty(q, k_cache, v_cache)
     s_q, s_max = q.shape[2], k_cache.shape[2]
     lens = cache_seqlens.to(torch.long).clamp(0, s_max).view(-1, 1, 1, 1)
     i = torch.arange(s_q, device=q.device).view(1, 1, -1, 1)

@@ -37,6 +37,13 @@ def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _nothing_to_launch(weight: torch.Tensor) -> bool:
+    """No output feature (``N == 0``): the result is an empty ``[..., 0]`` tensor and every gradient is zero; the
+    PyTorch ops give exactly that. (The kernel launcher returns before writing the statistics its backward reads,
+    so its gradients there would come from uninitialized memory.)"""
+    return weight.shape[0] == 0
+
+
 def _run(x, norm_weight, norm_bias, weight, bias, *args) -> torch.Tensor:
     from decodekit.ops.norm_linear import triton as kernels  # Triton on first use
 
@@ -163,7 +170,7 @@ def layer_norm_linear(
     """
     op = "layer_norm_linear"
     _validate(op, x, norm_weight, norm_bias, weight, bias, eps, activation)
-    if resolve_backend(backend, x.device, op) == "torch":
+    if resolve_backend(backend, x.device, op) == "torch" or _nothing_to_launch(weight):
         return cpu.layer_norm_linear(x, norm_weight, norm_bias, weight, bias, eps, activation)
     return _run(x, norm_weight, norm_bias, weight, bias, eps, "layer", None, activation, config)
 
@@ -195,7 +202,7 @@ def rms_norm_linear(
     """
     op = "rms_norm_linear"
     _validate(op, x, norm_weight, None, weight, bias, eps, activation)
-    if resolve_backend(backend, x.device, op) == "torch":
+    if resolve_backend(backend, x.device, op) == "torch" or _nothing_to_launch(weight):
         return cpu.rms_norm_linear(x, norm_weight, weight, bias, eps, activation)
     return _run(x, norm_weight, None, weight, bias, eps, "rms", None, activation, config)
 
@@ -225,6 +232,6 @@ def gelu_linear(
     _validate(op, x, None, None, weight, bias, 0.0, None)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
-    if resolve_backend(backend, x.device, op) == "torch":
+    if resolve_backend(backend, x.device, op) == "torch" or _nothing_to_launch(weight):
         return cpu.gelu_linear(x, weight, bias, approximate)
     return _run(x, None, None, weight, bias, 0.0, None, "gelu" if approximate == "none" else "gelu_tanh", None, config)

@@ -21,19 +21,31 @@ def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
     return y
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def _norm(x: torch.Tensor, fn) -> torch.Tensor:  # noqa: ANN001
+    """The normalized input as the kernel forms it: statistics, normalization and the affine parameters in fp32,
+    one rounding to ``x``'s dtype. (PyTorch's own fp16/bf16 CPU norms round inside: a constant row, which
+    normalizes to exactly 0, comes out as ~1e-5 .. 2e-3 there instead, and an fp32 norm weight would be rounded
+    to ``x``'s dtype first.)"""
+    if x.dtype == torch.float32:
+        return fn(x)
+    return fn(x.float()).to(x.dtype)
+
+
 def layer_norm_linear(x, norm_weight, norm_bias, weight, bias, eps, act):
-    """``act(layer_norm(x) @ weight.T + bias)``; the norm parameters are used in ``x``'s dtype."""
+    """``act(layer_norm(x) @ weight.T + bias)``; the norm in fp32 (parameters included), as in the kernel."""
     k = weight.shape[1]
-    nw = norm_weight.to(x.dtype) if norm_weight is not None else None
-    nb = norm_bias.to(x.dtype) if norm_bias is not None else None
-    return activation(F.linear(F.layer_norm(x, (k,), nw, nb, eps), weight, bias), act)
+    h = _norm(x, lambda x32: F.layer_norm(x32, (k,), _f32(norm_weight), _f32(norm_bias), eps))
+    return activation(F.linear(h, weight, bias), act)
 
 
 def rms_norm_linear(x, norm_weight, weight, bias, eps, act):
-    """``act(rms_norm(x) @ weight.T + bias)``."""
+    """``act(rms_norm(x) @ weight.T + bias)``; the norm in fp32 (weight included), as in the kernel."""
     k = weight.shape[1]
-    nw = norm_weight.to(x.dtype) if norm_weight is not None else None
-    return activation(F.linear(F.rms_norm(x, (k,), nw, eps), weight, bias), act)
+    return activation(F.linear(_norm(x, lambda x32: F.rms_norm(x32, (k,), _f32(norm_weight), eps)), weight, bias), act)
 
 
 def gelu_linear(x, weight, bias, approximate):
