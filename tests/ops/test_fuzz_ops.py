@@ -939,7 +939,8 @@ def test_norm_linear_gradients_match_on_both_backends(device, c, gseed):
                 atol += 4e-6 * rstd * dh
             elif i == 1:  # dnorm_weight = sum over rows of dh * xhat, xhat rounded at |x| * rstd
                 atol += 4e-6 * rstd * dh * float(x64.abs().max()) * x64.shape[0] if x64.numel() else 0.0
-            torch.testing.assert_close(g, r, atol=atol, rtol=1e-3, msg=lambda m, i=i: f"{backend}: d{names[i]}: {m}")
+            torch.testing.assert_close(g, r, atol=atol, rtol=1e-3,
+                                       msg=lambda m, i=i, b=backend: f"{b}: d{names[i]}: {m}")
 
 
 def _bad_norm_linear_args(K: int, N: int):
@@ -1157,7 +1158,7 @@ def test_attention_gradients_match_on_both_backends(device, c, gseed):
             g = torch.zeros_like(r) if g is None else g.cpu().double()
             assert not torch.isnan(g).any(), f"{backend}: NaN in d{name}"
             torch.testing.assert_close(g, r, atol=1e-4 * (1 + float(r.abs().max()) if r.numel() else 1.0), rtol=1e-3,
-                                       msg=lambda m, name=name: f"{backend}: d{name}: {m}")
+                                       msg=lambda m, n=name, b=backend: f"{b}: d{n}: {m}")
 
 
 def _bad_attention_args(B: int, H: int, S: int, D: int, decode: bool):
