@@ -155,7 +155,7 @@ def _row_state(
     greedy = (temp == 0.0) | over
     if GREEDY_TOP1:
         greedy = greedy | (k == 1)
-    bad = (nbad > 0) | (nfin == 0)
+    bad = (nbad > 0) | ((nfin == 0) & ~over)  # an overflowing row has finite logits: greedy, not bad
     k_on = (k > 0) & (k < nfin)
     k_off = (k <= 0) | (k >= nfin)
     p_on = (p > 0) & (p < 1.0)
@@ -208,15 +208,19 @@ def _row_state(
     else:
         ok_p = mass < p * p_sref
     skip_p = (p_phase == PHASE_TOPK).to(tl.int32) + p_off.to(tl.int32)  # no top-p test in phase 0 or without top-p
-    q = ok_k & ((skip_p > 0) | ok_p)  # Q at each pivot (monotone: False..False True..True)
+    q = ok_k & ((skip_p > 0) | ok_p)  # Q at each pivot (monotone in the pivot value: false below the cut)
     n_false = NP - tl.sum(q.to(tl.int32), axis=0)
-    jl = n_false - 1
+    # The new bracket: the highest pivot where Q is false and the lowest where it holds. Chosen by value, not by
+    # position: rounding can make the interpolated pivots non-monotone (two equal values, or values one fp32
+    # spacing apart), and Q is monotone in the value, so this stays right where "the last false pivot" is not.
+    jl = tl.argmax(tl.where(q, float("-inf"), piv), axis=0)
+    jh = tl.argmin(tl.where(q, piv, float("inf")), axis=0)
     a_lo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, piv, 0.0), axis=0), p_lo)
     a_clo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, cnt, 0), axis=0), p_clo)
     a_mlo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, mass, 0.0), axis=0), p_mlo)
-    a_hi = tl.where(n_false < NP, tl.sum(tl.where(j == n_false, piv, 0.0), axis=0), p_hi)
-    a_chi = tl.where(n_false < NP, tl.sum(tl.where(j == n_false, cnt, 0), axis=0), p_chi)
-    a_mhi = tl.where(n_false < NP, tl.sum(tl.where(j == n_false, mass, 0.0), axis=0), p_mhi)
+    a_hi = tl.where(n_false < NP, tl.sum(tl.where(j == jh, piv, 0.0), axis=0), p_hi)
+    a_chi = tl.where(n_false < NP, tl.sum(tl.where(j == jh, cnt, 0), axis=0), p_chi)
+    a_mhi = tl.where(n_false < NP, tl.sum(tl.where(j == jh, mass, 0.0), axis=0), p_mhi)
     a_r0 = tl.maximum(a_lo, bmin)
     a_r1 = tl.minimum(a_hi, bmax)
     done = (a_clo - a_chi <= 1) | (bmin >= bmax) | (a_r0 >= a_r1)

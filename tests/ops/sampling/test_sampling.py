@@ -327,3 +327,24 @@ def test_inf_logits_are_bad_rows_on_both_paths(device, backend):
     assert got[:2].tolist() == [-1, -1] and 0 <= int(got[2]) < 40
     tok = sample(x.to(device), seed=2, backend=backend).cpu()
     assert tok[:2].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "x,kw,expected",
+    [
+        ([[0.7, 0.7]], dict(top_p=0.9), [0.5, 0.5]),  # one tie group: pivots interpolated between equal values
+        ([[3.3, 3.3]], dict(top_p=0.9), [0.5, 0.5]),
+        ([[0.7, 0.7, 0.7]], dict(top_k=2), [1 / 3, 1 / 3, 1 / 3]),
+        ([[1e9, 1e9 - 128]], dict(top_p=0.9), [1.0, 0.0]),  # values one or two fp32 spacings apart
+        ([[100.0, 200.0]], dict(temperature=1e-37), [0.0, 1.0]),  # every logit / T overflows: greedy
+    ],
+)
+def test_rows_found_by_the_fuzz_suite(device, backend, x, kw, expected):
+    """Rounding made the interpolated search pivots non-monotone (an empty kept set), and a row whose every
+    logit / T overflows was taken for a bad row: found by tests/ops/test_fuzz_ops.py, fixed in the kernel."""
+    x = torch.tensor(x)
+    got = sampling_probs(x.to(device), backend=backend, **kw).cpu()
+    torch.testing.assert_close(got, torch.tensor([expected]))
+    tok = sample(x.to(device), seed=3, backend=backend, **kw).cpu()
+    assert got[0, int(tok)] > 0
