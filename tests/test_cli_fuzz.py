@@ -677,7 +677,7 @@ def test_signal_during_export(ws, guard, tmp_path, sig, code_, when, delay):
         assert "Traceback" not in err and (out / "decodekit.json").is_file() and os.listdir(tmp_path) == ["out"]
         return
     check(case, code, "", err, codes=code_, cmd="export")
-    assert not out.exists() and os.listdir(tmp_path) == []  # no partial folder, no lock file
+    assert not out.exists() and os.listdir(tmp_path) == [], err  # no partial folder, no lock file
 
 
 def test_kill_9_during_export_then_next_run_cleans(ws, guard, tmp_path, capfd):

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -172,24 +173,29 @@ def clean_stale(out: Path, keep: Iterable[str | os.PathLike | None] = ()) -> lis
     lock_path = out.parent / f".{out.name}.lock"
     if fcntl is None or not out.parent.is_dir():
         return []
+    fd: int | None = None
+    held = False
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                     0o666)
-    except OSError:
-        return []  # a read-only folder: whatever is there stays, and the export fails with its own message
-    try:
+        try:
+            with _signals_held():
+                fd = os.open(lock_path, _LOCK_FLAGS, 0o666)
+        except OSError:
+            return []  # a read-only folder: whatever is there stays, and the export fails with its own message
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return []  # a live export holds it: its partial folder is not stale
-        if not _is_current(fd, lock_path):
+        held = _is_current(fd, lock_path)
+        if not held:
             return []
-        removed = clean_leftovers(out, keep=[Path(k) if k is not None else None for k in keep])
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
-        return removed
+        return clean_leftovers(out, keep=[Path(k) if k is not None else None for k in keep])
     finally:
-        os.close(fd)
+        if fd is not None:
+            if held:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _holder(fd: int) -> str:
@@ -212,12 +218,12 @@ def locked(out: Path, info: Callable[[str], None]) -> Iterator[None]:
         yield
         return
     lock_path = out.parent / f".{out.name}.lock"
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     fd: int | None = None
     held = False
     try:
         while True:
-            fd = os.open(lock_path, flags, 0o666)
+            with _signals_held():
+                fd = os.open(lock_path, _LOCK_FLAGS, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -226,8 +232,8 @@ def locked(out: Path, info: Callable[[str], None]) -> Iterator[None]:
             held = _is_current(fd, lock_path)
             if held:
                 break
-            os.close(fd)  # the previous holder removed that file: lock the current one
-            fd = None
+            stale, fd = fd, None
+            os.close(stale)  # the previous holder removed that file: lock the current one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -240,7 +246,28 @@ def locked(out: Path, info: Callable[[str], None]) -> Iterator[None]:
             if held:
                 with contextlib.suppress(OSError):
                     os.unlink(lock_path)
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back inside the block; one that arrived is handled as the block ends.
+
+    ``fd = os.open(...)`` inside it: Python runs a signal's handler right after a call returns, before its result
+    is assigned, so an interrupt during the call would lose the descriptor (and leave the file it created)."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - no pthread_sigmask
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _is_current(fd: int, lock_path: Path) -> bool:
