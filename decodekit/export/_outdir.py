@@ -28,8 +28,10 @@ import re
 import secrets
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from decodekit.errors import UsageError
 
@@ -255,19 +257,32 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back inside the block; one that arrived is handled as the block ends.
+    """SIGINT/SIGTERM that arrive inside the block are handled (their handler called) as the block ends.
 
     ``fd = os.open(...)`` inside it: Python runs a signal's handler right after a call returns, before its result
-    is assigned, so an interrupt during the call would lose the descriptor (and leave the file it created)."""
+    is assigned, so an interrupt during the call would lose the descriptor (and leave the file it created). A
+    signal mask is not enough: another thread of the process (torch, ONNX Runtime) may take the signal, and the
+    main thread then runs the handler all the same. So the handlers record instead, inside the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers only run in the main thread
+        return
+    got: list[tuple[int, Any]] = []
+    old: dict[int, Any] = {}
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - no pthread_sigmask
-        old = None
-    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, OSError):
+                old[signum] = signal.signal(signum, lambda n, frame: got.append((n, frame)))
         yield
     finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        if got:
+            signum, frame = got[0]
+            handler = old.get(signum)
+            if callable(handler):
+                handler(signum, frame)  # KeyboardInterrupt, decodekit's SIGTERM exception, ...
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _is_current(fd: int, lock_path: Path) -> bool:
