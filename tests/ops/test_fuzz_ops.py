@@ -120,6 +120,7 @@ class LogitsCase:
     offset: float
     rows: list[str]
     seed: int
+    layout: str = "contig"  # "row-strided": rows of a wider buffer whose padding holds NaN (must never be read)
 
     def make(self) -> torch.Tensor:
         """The logits ``[B, V]`` in ``dtype`` (built in fp32 from ``seed``)."""
@@ -152,7 +153,14 @@ class LogitsCase:
                 x[r, torch.randint(0, V, (1,), generator=g)] = float("nan")
             elif kind == "posinf":
                 x[r, torch.randint(0, V, (1,), generator=g)] = float("inf")
-        return x.to(self.dtype)
+        x = x.to(self.dtype)
+        if self.layout == "row-strided":  # last dim contiguous, any row stride (documented)
+            buf = torch.full((B, V + 3), float("nan"), dtype=self.dtype)
+            buf[:, 1 : V + 1] = x
+            x = buf[:, 1 : V + 1]
+        elif self.layout == "transposed" and V == 1:  # [B, 1] of strides (1, B): accepted, a 1-column last dim
+            x = x.t().contiguous().t()
+        return x
 
 
 @st.composite
@@ -166,7 +174,8 @@ def logits_cases(draw, max_b: int = 5, max_v: int = 300) -> LogitsCase:
     offset = draw(st.sampled_from(offsets))
     rows = draw(st.lists(st.sampled_from(ROW_KINDS), min_size=B, max_size=B))
     seed = draw(st.integers(0, 2**31 - 1))
-    return LogitsCase(B, V, dtype, kind, scale, offset, rows, seed)
+    layout = draw(st.sampled_from(("contig", "contig", "row-strided", "transposed")))
+    return LogitsCase(B, V, dtype, kind, scale, offset, rows, seed, layout)
 
 
 @dataclass
@@ -231,6 +240,10 @@ def hf_params(draw, B: int, V: int, penalties: bool = True) -> Params:
         g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
         dt = draw(st.sampled_from((torch.int64, torch.int32, torch.int16, torch.uint8)))
         counts = (torch.randint(0, 4, (B, V), generator=g) * (torch.rand(B, V, generator=g) < 0.3)).to(dt)
+        if draw(st.booleans()):  # rows of a wider buffer whose padding is a large count (must never be read)
+            buf = torch.full((B, V + 2), 100, dtype=dt)
+            buf[:, :V] = counts
+            counts = buf[:, :V]
         out.kwargs["token_counts"] = counts
         _param(draw, "repetition_penalty", B, st.sampled_from((1.0, 1.3, 0.7, 2.0)), out=out)
         _param(draw, "presence_penalty", B, st.sampled_from((0.0, 0.5, -0.5)), out=out)
@@ -264,6 +277,21 @@ class RowTruth:
     probs: np.ndarray | None = None
     ambiguous: str = ""  # why the oracle's own decision is within rounding of a threshold ("" = it is not)
     ties: bool = False  # some kept-candidate values tie (sort-based references may cut inside the group)
+    cpu_known: str = ""  # a known bug of the PyTorch path (sampling/cpu.py) applies: "S1" (see KNOWN_S1)
+
+
+# Findings in decodekit/ops/sampling/cpu.py (not this suite's to fix). The fuzz tests skip, on the PyTorch backend
+# only, the rows they apply to (an event counts them); the strict xfails further down keep each one visible.
+KNOWN_S1 = ("sampling CPU path S1: top-k and the top-p tie groups are taken on the penalized logits before the "
+            "division by the temperature, so values that tie only after the fp32 division (large offsets: "
+            "1000002.625 and 1000002.6875 / 1.5 are both 666668.4375) are cut apart where the documented order "
+            "(temperature, then top-k keeping every token tying the k-th), the kernel and both references keep the "
+            "group whole")
+KNOWN_S2 = ("sampling CPU path S2: with per-row int64 seeds a row's token depends on the batch when its kept set "
+            "has ties: the inverse-CDF draw runs over the candidates in torch.topk / argpartition order, and the "
+            "order of tied candidates changes with the candidate count, which is the batch's largest top_k")
+S1_REASON = "sampling CPU path S1 (KNOWN_S1 in this file): top-k / top-p ties taken before the division by T"
+S2_REASON = "sampling CPU path S2 (KNOWN_S2 in this file): per-row seeds, ties: a row's token depends on the batch"
 
 
 AMB_MASS = 5e-5  # top-p: a group whose preceding mass is this close to top_p may go either way in fp32
@@ -303,6 +331,9 @@ def oracle_row(z: np.ndarray, T: float, k: int, p: float, mp: float, *, tts: boo
             keep &= zt >= kth
         ties = len(np.unique(zt[keep])) < int(keep.sum())
         p_on = (p > 0) if tts else (0 < p < 1)
+        fin = np.isfinite(z)
+        merged = len(np.unique(z[fin])) != len(np.unique(zt[fin]))  # the fp32 division by T made new ties
+        s1 = "S1" if merged and (0 < k < V or (0 < p < 1)) else ""
         if p_on:
             p_eff = _effective(p)
             if tts:
@@ -329,7 +360,7 @@ def oracle_row(z: np.ndarray, T: float, k: int, p: float, mp: float, *, tts: boo
             keep &= ratio >= mp_eff
         probs = np.where(keep, w, 0.0)
         probs /= probs.sum()
-        return RowTruth("sample", probs=probs, ambiguous=amb, ties=ties)
+        return RowTruth("sample", probs=probs, ambiguous=amb, ties=ties, cpu_known=s1)
 
 
 def oracle(logits: torch.Tensor, prm: Params, *, tts: bool, greedy_top1: bool) -> list[RowTruth]:
@@ -373,6 +404,9 @@ def _check_probs_against_truth(probs: torch.Tensor, truth: list[RowTruth], what:
     n_amb = 0
     for r, t in enumerate(truth):
         row = probs[r].double()
+        if t.cpu_known and what == "torch":
+            event(f"row skipped on torch: known CPU path bug {t.cpu_known}")
+            continue
         if t.status == "bad":
             assert bool((row == 0).all()), f"{what}: bad row {r} has nonzero probabilities"
             continue
@@ -399,8 +433,9 @@ def _check_probs_against_truth(probs: torch.Tensor, truth: list[RowTruth], what:
 
 def _assert_backends_agree(out: dict[str, torch.Tensor], truth: list[RowTruth]) -> None:
     """The same kept sets, exactly, and the same probabilities (to fp32 rounding) on both backends."""
-    _assert_same_kept_sets(out["triton"], out["torch"], "triton vs torch")
-    torch.testing.assert_close(out["triton"], out["torch"], atol=2e-6, rtol=2e-4)
+    rows = [r for r, t in enumerate(truth) if not t.cpu_known]
+    _assert_same_kept_sets(out["triton"][rows], out["torch"][rows], "triton vs torch")
+    torch.testing.assert_close(out["triton"][rows], out["torch"][rows], atol=2e-6, rtol=2e-4)
 
 
 # =========================================================================== sampling: properties
@@ -428,7 +463,7 @@ def test_sampling_probs_same_kept_set_on_both_backends_and_the_oracle(device, ca
     ref = sampling_probs_ref(x, **prm.kwargs)
     for r, t in enumerate(truth):
         event(f"row status {t.status}")
-        if (t.status == "sample" and not t.ambiguous and torch.isfinite(ref[r]).all()
+        if (t.status == "sample" and not t.ambiguous and not t.cpu_known and torch.isfinite(ref[r]).all()
                 and not 0 < prm.row("top_p", r) < FP32_TINY):  # the reference rounds such a top_p to 0
             differ = (_kept(ref[r]) != _kept(out["torch"][r])) & (torch.maximum(ref[r], out["torch"][r]) > SIGNIFICANT)
             assert not differ.any(), f"sampling_probs_ref disagrees on row {r}"
@@ -453,7 +488,8 @@ def test_sample_logits_probs_same_kept_set_and_draws(device, case, data):
     if scalar:  # the verbatim TTS sampler (scalars only); ties at a top-p boundary it cuts arbitrarily
         ref = sample_logits_ref(x, kw["temperature"], kw["top_p"], kw["top_k"], return_probs=True)
         for r, t in enumerate(truth):
-            if (t.status == "sample" and not t.ambiguous and not t.ties and torch.isfinite(ref[r]).all()
+            if (t.status == "sample" and not t.ambiguous and not t.ties and not t.cpu_known
+                    and torch.isfinite(ref[r]).all()
                     and not 0 < prm.row("top_p", r) < FP32_TINY):
                 differ = (_kept(ref[r]) != _kept(out["torch"][r])) & (
                     torch.maximum(ref[r], out["torch"][r]) > SIGNIFICANT)
@@ -529,12 +565,15 @@ def test_sample_draws_kept_tokens_with_consistent_logprobs(device, case, data):
             err = _raises(lambda b=backend, s=sd, k=kw: sample(x.to(device), seed=s, check=True, backend=b, **k))
             assert isinstance(err, ValueError) and str(bad) in str(err), f"{backend}: check=True gave {err!r}"
         # a row alone draws what it draws inside the batch (per-row seeds), a prefix what it draws in the batch
-        if seed_kind == "int" and case.B > 1:
+        s2 = backend == "torch" and any(t.ties for t in truth[: r_alone + 1])
+        if s2 and seed_kind in ("int", "rows"):
+            event("batch invariance not checked on torch: known CPU path bug S2")
+        elif seed_kind == "int" and case.B > 1:
             j = r_alone + 1
             kw_j = {k: (v[:j] if isinstance(v, torch.Tensor) and v.dim() >= 1 else v) for k, v in kw.items()}
             head = sample(x[:j].to(device), seed=sd, backend=backend, **kw_j).cpu()
             assert torch.equal(head, tok[:j]), f"{backend}: the first {j} rows alone drew {head.tolist()}"
-        if seed_kind == "rows":
+        elif seed_kind == "rows":
             r = r_alone
             kw1 = _to(prm.sliced(r), device)
             t1, l1 = sample(x[r : r + 1].to(device), seed=seed[r : r + 1].to(device), return_logprobs=True,
@@ -652,6 +691,26 @@ def test_k2_every_logit_overflowing_at_tiny_temperature_is_greedy(device, op):
     want = {"sampling_probs": [[0.0, 1.0]], "sample": [1]}.get(op, [[1]])
     assert run("torch") == want
     assert run("triton") == want  # was: zeros / -1
+
+
+@pytest.mark.xfail(strict=True, reason=S1_REASON)
+def test_s1_ties_made_by_the_temperature_are_kept_whole_on_the_cpu_path(device):
+    # / 1.5 in fp32: 666669.3125, 666668.6875, 666668.4375, 666668.4375 -- the 3rd and 4th tie at top_k=3
+    x = torch.tensor([[1000004.0, 1000003.0625, 1000002.625, 1000002.6875]], device=device)
+    want = sampling_probs_ref(x.cpu(), temperature=1.5, top_k=3)
+    assert bool((want > 0).all())  # the reference keeps the tie group whole (so does the kernel)
+    assert torch.equal(sampling_probs(x, temperature=1.5, top_k=3, backend="triton").cpu() > 0, want > 0)
+    assert torch.equal(sampling_probs(x, temperature=1.5, top_k=3, backend="torch").cpu() > 0, want > 0)  # S1
+
+
+@pytest.mark.xfail(strict=True, reason=S2_REASON)
+def test_s2_a_row_alone_draws_what_it_draws_in_a_batch_on_the_cpu_path(device):
+    x = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0], [0.0] * 8], device=device)
+    k, seeds = torch.tensor([5, 0], device=device), torch.tensor([0, 0], device=device)
+    for backend in ("triton", "torch"):
+        batch = sample(x, top_k=k, seed=seeds, backend=backend)
+        alone = sample(x[:1], top_k=k[:1], seed=seeds[:1], backend=backend)
+        assert int(batch[0]) == int(alone[0]), f"{backend}: batch {int(batch[0])}, alone {int(alone[0])}"  # S2
 
 
 # --------------------------------------------------------------------------- sampling: bad arguments
