@@ -1,7 +1,9 @@
 """The PyTorch path of the norm + linear family: the unfused ops, as PyTorch runs them.
 
 On CPU the fused kernel has nothing to save (no launch, no memory round trip worth avoiding), so ``F.layer_norm``
-/ ``F.rms_norm`` + ``F.linear`` (one BLAS GEMM) is the fast path; autograd comes from PyTorch.
+/ ``F.rms_norm`` + ``F.linear`` (one BLAS GEMM) is the fast path; autograd comes from PyTorch. fp16 / bf16 inputs
+are normalized in fp32 (with fp32 norm parameters) and rounded once, as the kernel does, so both backends give the
+same normalized activations.
 """
 
 from __future__ import annotations
