@@ -6,6 +6,11 @@ stories260K logits (V = 512); V in {1024, 4096, 8194, 32000, 128256} (4096 and 8
 user's systems); B in {1, 8, 64}; the TTS sets (T 1.0 / top-p 0.95 / top-k 20 and 80; top-p 0.85 alone) and the
 Hugging Face set (T 0.8, top-k 30, top-p 0.8, repetition penalty 10 over a 256-token history).
 
+Timing: each point times the eager reference and decodekit *interleaved* (eager, decodekit, eager, ...; medians
+of each), so that a burst of other work on this shared 2-core machine hits both sides alike; the medians are
+stored in the decodekit row's ``extra_info`` and ``bench/report_sampling.py`` takes the ratio from them.
+pytest-benchmark's own timing of the decodekit call is kept as the row's statistics.
+
 Contention: the ``busy`` points rerun a subset of the sweep while a second process keeps one of the two cores
 busy (a sampler runs next to its model, tokenizer and request threads). Every ratio is still eager vs decodekit
 measured side by side under the same load.
@@ -16,8 +21,10 @@ On CUDA the Triton kernel is timed, with FlashInfer's ``top_k_top_p_sampling_fro
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -69,6 +76,26 @@ def _rounds(B: int, V: int) -> int | None:
     return 3 if B * V >= 64 * 32000 else (5 if B * V >= 8 * 32000 else None)
 
 
+def _interleaved(eager, mine, budget_s: float = 1.5) -> tuple[float, float, int]:
+    """Medians of ``eager()`` and ``mine()`` timed alternately (5 to 41 pairs within about ``budget_s``)."""
+    eager(), mine()  # warm-up (caches, lazy imports, the first-call allocations)
+    t0 = time.perf_counter()
+    eager()
+    t1 = time.perf_counter()
+    mine()
+    pair = max(time.perf_counter() - t0, 1e-6)
+    te, tm = [t1 - t0], [time.perf_counter() - t1]
+    for _ in range(max(4, min(40, int(budget_s / pair)))):
+        t0 = time.perf_counter()
+        eager()
+        t1 = time.perf_counter()
+        mine()
+        t2 = time.perf_counter()
+        te.append(t1 - t0)
+        tm.append(t2 - t1)
+    return statistics.median(te), statistics.median(tm), len(te)
+
+
 @pytest.fixture(scope="module", params=["quiet", "busy"])
 def load(request):
     """``busy``: a second process spins on one core for the duration of the busy points."""
@@ -92,7 +119,7 @@ def _cases():
         yield "stories", B, STORIES_V
 
 
-@pytest.mark.parametrize("impl", ["eager", "decodekit", "flashinfer"])
+@pytest.mark.parametrize("impl", ["decodekit", "flashinfer"])
 @pytest.mark.parametrize("pset", list(PARAM_SETS))
 @pytest.mark.parametrize("dist,B,V", list(_cases()))
 def test_bench_sampling(benchmark, load, dist, B, V, pset, impl):
@@ -112,17 +139,20 @@ def test_bench_sampling(benchmark, load, dist, B, V, pset, impl):
         counts = torch.zeros(B, V, dtype=torch.int32, device=DEVICE).scatter_add_(
             1, hist, torch.ones_like(hist, dtype=torch.int32))
     nbytes = logits.numel() * logits.element_size() + (counts.numel() * 4 if counts is not None else 0)
-    if impl == "eager":
-        if op == "sample_logits":
-            fn = lambda: sample_logits_ref(logits, kw["temperature"], kw["top_p"], kw["top_k"], upcast=False)
-        else:
-            fn = lambda: _hf_eager(logits, counts, kw)
-    elif impl == "decodekit":
+    if op == "sample_logits":
+        eager = lambda: sample_logits_ref(logits, kw["temperature"], kw["top_p"], kw["top_k"], upcast=False)
+    else:
+        eager = lambda: _hf_eager(logits, counts, kw)
+    side = {}
+    if impl == "decodekit":
         seeds = torch.arange(B, dtype=torch.int64, device=DEVICE)
         if op == "sample_logits":
             fn = lambda: sample_logits(logits, kw["temperature"], kw["top_p"], kw["top_k"], seed=seeds)
         else:
             fn = lambda: sample(logits, token_counts=counts, seed=seeds, **kw)
+        if not CUDA:
+            e, d, n = _interleaved(eager, fn)
+            side = dict(interleaved_eager_s=e, interleaved_decodekit_s=d, interleaved_pairs=n)
     else:
         try:
             from flashinfer.sampling import top_k_top_p_sampling_from_logits
@@ -132,8 +162,8 @@ def test_bench_sampling(benchmark, load, dist, B, V, pset, impl):
             pytest.skip("flashinfer has no repetition penalty")
         k = kw["top_k"] if kw["top_k"] > 0 else V
         fn = lambda: top_k_top_p_sampling_from_logits(logits / kw["temperature"], k, kw["top_p"])
-    run_bench(benchmark, fn, group=f"{op} {pset} {dist} B={B} V={V} {load}", impl=impl, baseline=impl == "eager",
-              bytes_moved=nbytes, rounds=_rounds(B, V), B=B, V=V, dist=dist, pset=pset, load=load)
+    run_bench(benchmark, fn, group=f"{op} {pset} {dist} B={B} V={V} {load}", impl=impl, baseline=False,
+              bytes_moved=nbytes, rounds=_rounds(B, V), B=B, V=V, dist=dist, pset=pset, load=load, **side)
 
 
 def test_bench_reference_is_the_hf_semantics():

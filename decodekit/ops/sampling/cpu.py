@@ -318,7 +318,9 @@ def _host_eligible(logits: torch.Tensor, prm: RowParams) -> bool:
     """A small CPU call with scalar parameters: there a torch op is mostly dispatch (~3 us), a NumPy call ~1 us,
     and the whole sampler is ~30 calls, so the same steps run in NumPy (measured in bench_sampling's sweep)."""
     return (logits.device.type == "cpu" and logits.numel() <= _HOST_ELEMS and logits.shape[1] <= _SORT_V
-            and not any(isinstance(getattr(prm, n), torch.Tensor) for n in _Params.NAMES))
+            and torch.Tensor not in {type(prm.temperature), type(prm.top_k), type(prm.top_p), type(prm.min_p),
+                                     type(prm.repetition_penalty), type(prm.presence_penalty),
+                                     type(prm.frequency_penalty)})
 
 
 def _host_kept(z: np.ndarray, prm: RowParams) -> tuple:
@@ -329,18 +331,20 @@ def _host_kept(z: np.ndarray, prm: RowParams) -> tuple:
     with np.errstate(all="ignore"):
         m = z.max(axis=1)
         bad = ~np.isfinite(m)
-        greedy = np.isinf(m / T) if T > 0 else np.ones(B, dtype=bool)
-        if prm.greedy_top1 and k == 1:
-            greedy[:] = True
+        greedy = np.isinf(m / T) if T > 0 and not (prm.greedy_top1 and k == 1) else np.ones(B, dtype=bool)
         top_k = 0 < k < V
+        r = np.arange(B)[:, None]
         if top_k:
-            kth = -np.partition(-z, k - 1, axis=1)[:, k - 1 : k]  # [B, 1] the k-th value
-            width = int(np.where(bad, 1, (z >= kth).sum(axis=1)).max())  # k, or more where the k-th has ties
-            idx = np.argpartition(-z, width - 1, axis=1)[:, :width] if width < V else np.argsort(-z, axis=1)
+            idx = np.argpartition(-z, k, axis=1)[:, : k + 1]  # the k largest, then the k + 1st
+            vals = z[r, idx]
+            kth = vals[:, :k].min(axis=1, keepdims=True)  # [B, 1] the k-th value
+            if bool((vals[:, k:] >= kth).any()):  # the k-th value has ties past the list: take them all
+                width = int(np.where(bad, 1, (z >= kth).sum(axis=1)).max())
+                idx = np.argpartition(-z, width - 1, axis=1)[:, :width] if width < V else np.argsort(-z, axis=1)
+                vals = z[r, idx]
         else:
             idx = np.argsort(-z, axis=1, kind="stable")
-        r = np.arange(B)[:, None]
-        vals = z[r, idx]
+            vals = z[r, idx]
         order = np.argsort(-vals, axis=1, kind="stable")
         idx, vals = idx[r, order], vals[r, order]
         zt = vals / np.float32(T) if T not in (0.0, 1.0) else vals
@@ -366,8 +370,23 @@ def _host_kept(z: np.ndarray, prm: RowParams) -> tuple:
     return idx, lw, w, greedy, bad
 
 
-def _host_sample(z: torch.Tensor, prm: RowParams, seed: Seed, logprobs: bool):
-    zn = z.detach().numpy()
+def _host_penalized(logits: torch.Tensor, prm: RowParams) -> np.ndarray:
+    """:func:`penalized_logits` in NumPy (scalar penalties; the same fp32 operations in the same order)."""
+    z = (logits if logits.dtype == torch.float32 else logits.float()).detach().numpy()  # NumPy has no bfloat16
+    rep, pres, freq = float(prm.repetition_penalty), float(prm.presence_penalty), float(prm.frequency_penalty)
+    if prm.token_counts is None or (rep == 1.0 and pres == 0.0 and freq == 0.0):
+        return z
+    counts = prm.token_counts.numpy()
+    r, c = np.nonzero(counts)
+    z = z.copy()
+    x, cnt = z[r, c], counts[r, c].astype(np.float32)
+    x = np.where(cnt > 0, np.where(x > 0, x / np.float32(rep), x * np.float32(rep)), x)
+    z[r, c] = x - np.float32(pres) * (cnt > 0) - np.float32(freq) * cnt
+    return z
+
+
+def _host_sample(logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: bool):
+    zn = _host_penalized(logits, prm)
     B = zn.shape[0]
     idx, lw, w, greedy, bad = _host_kept(zn, prm)
     cdf = np.cumsum(w, axis=1, dtype=np.float64)
@@ -378,7 +397,7 @@ def _host_sample(z: torch.Tensor, prm: RowParams, seed: Seed, logprobs: bool):
     u = np.array([_splitmix(sd, (i * seed.row_key_mult) << 32) for i, sd in enumerate(seeds)])  # [B]
     r = np.arange(B)
     with np.errstate(all="ignore"):
-        pos = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1).clip(max=w.shape[1] - 1)
+        pos = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), w.shape[1] - 1)
         token = idx[r, pos].astype(np.int64)
         lp = (lw[r, pos] - np.log(cdf[:, -1])).astype(np.float32)
     if greedy.any():
@@ -389,8 +408,8 @@ def _host_sample(z: torch.Tensor, prm: RowParams, seed: Seed, logprobs: bool):
     return torch.from_numpy(token), torch.from_numpy(lp) if logprobs else None
 
 
-def _host_probs(z: torch.Tensor, prm: RowParams) -> torch.Tensor:
-    zn = z.detach().numpy()
+def _host_probs(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
+    zn = _host_penalized(logits, prm)
     idx, _, w, greedy, bad = _host_kept(zn, prm)
     out = np.zeros(zn.shape, dtype=np.float32)
     with np.errstate(all="ignore"):
@@ -436,7 +455,7 @@ def sample_torch(
     """Tokens ``[B]`` (int64; -1 for bad rows) and, with ``logprobs``, their fp32 log-probabilities under the
     kept, renormalized distribution (0 for greedy rows, NaN for bad rows; else None)."""
     if _host_eligible(logits, prm):
-        return _host_sample(penalized_logits(logits, prm), prm, seed, logprobs)
+        return _host_sample(logits, prm, seed, logprobs)
     plan = _plan(logits, prm)
     B = plan.z.shape[0]
     dev = plan.z.device
@@ -462,7 +481,7 @@ def sampling_probs_torch(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
     """Filtered, renormalized probabilities ``[B, V]`` fp32: zeros outside the kept set, a one-hot for greedy
     rows, all zeros for bad rows."""
     if _host_eligible(logits, prm):
-        return _host_probs(penalized_logits(logits, prm), prm)
+        return _host_probs(logits, prm)
     plan = _plan(logits, prm)
     out = torch.zeros(plan.z.shape, dtype=torch.float32, device=plan.z.device)
     for kp in plan.kept:
