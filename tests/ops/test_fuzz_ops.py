@@ -21,8 +21,10 @@ the PyTorch path (``backend="torch"``) and checks:
   key give zeros (and ``lse = -inf``), never NaN.
 
 ``DECODEKIT_FUZZ_SCALE`` (default 1) multiplies every test's example count (``make fuzz`` uses more); the
-default run is derandomized so that CI is reproducible. ``pytest --hypothesis-show-statistics`` prints how
-many distinct inputs each test tried and the events (ambiguous rows, bad rows, ...) it saw.
+default run is derandomized so that CI is reproducible (a larger scale draws new inputs on every run).
+``DECODEKIT_FUZZ_NO_SHRINK=1`` reports a failing input as found instead of shrinking it (shrinking re-runs the
+interpreted kernels for minutes). ``pytest --hypothesis-show-statistics`` prints how many inputs each test tried
+and the events (ambiguous rows, bad rows, rows skipped for a known bug, ...) it saw.
 """
 
 from __future__ import annotations
@@ -519,7 +521,7 @@ def seed_args(draw, B: int):
     return kind, (s if kind == "shared1" else s.reshape(()))
 
 
-@fuzz(12)
+@fuzz(15)
 @given(case=logits_cases(max_b=4, max_v=200), data=st.data())
 def test_sample_draws_kept_tokens_with_consistent_logprobs(device, case, data):
     """sample on each backend: a kept token (never a masked one), logprob == log(prob) of that backend's
@@ -780,7 +782,7 @@ def _bad_logits(tag: str, B: int, V: int):
     }[tag]
 
 
-@fuzz(60)
+@fuzz(200)
 @given(data=st.data())
 def test_sampler_bad_arguments_raise_the_same_error_on_both_backends(device, data):
     """Every invalid argument: the same exception type on both backends, its message naming the argument."""
@@ -913,7 +915,7 @@ def _norm_linear_ref(c: NormLinearCase, x, nw, nb, w, b):
 _EPS = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-@fuzz(60)
+@fuzz(150)
 @given(c=norm_linear_cases())
 def test_norm_linear_both_backends_match_the_fp64_reference(device, c):
     """Both backends, any layout, within a rounding bound of the fp64 reference: |y - ref| <= 4 u (|h| |W|^T +
@@ -945,7 +947,7 @@ def test_norm_linear_both_backends_match_the_fp64_reference(device, c):
     assert torch.equal(torch.isnan(outs["triton"]), torch.isnan(outs["torch"]))
 
 
-@fuzz(25)
+@fuzz(60)
 @given(c=norm_linear_cases(), gseed=st.integers(0, 2**31 - 1))
 def test_norm_linear_gradients_match_on_both_backends(device, c, gseed):
     """fp32 gradients of every input (strided views included: the gradient reaches the caller's view) on both
@@ -1005,7 +1007,7 @@ def _bad_norm_linear_args(K: int, N: int):
     ]
 
 
-@fuzz(40)
+@fuzz(200)
 @given(data=st.data())
 def test_norm_linear_bad_arguments_raise_the_same_error_on_both_backends(device, data):
     K = data.draw(st.integers(1, 9))
@@ -1118,7 +1120,7 @@ def _assert_attention_close(got: torch.Tensor, ref: torch.Tensor, lowp: torch.Te
         f"{what}: error {float(err.max()):.3g} > 2 x torch's {float(own.max()):.3g} + {_ATOL[dtype]}"
 
 
-@fuzz(40)
+@fuzz(80)
 @given(c=attention_cases(decode=False))
 def test_attention_both_backends_match_the_reference(device, c):
     q, k, v = _qkv(c)
@@ -1155,7 +1157,7 @@ def test_attention_both_backends_match_the_reference(device, c):
     _assert_unmodified(before, [q, k, v, kv_start])
 
 
-@fuzz(35)
+@fuzz(70)
 @given(c=attention_cases(decode=True))
 def test_decode_attention_both_backends_match_the_reference(device, c):
     q, k, v = _qkv(c)
@@ -1182,7 +1184,7 @@ def test_decode_attention_both_backends_match_the_reference(device, c):
     _assert_unmodified(before, [q, k, v, kv_start, lens])
 
 
-@fuzz(12)
+@fuzz(25)
 @given(c=attention_cases(decode=False), gseed=st.integers(0, 2**31 - 1))
 def test_attention_gradients_match_on_both_backends(device, c, gseed):
     """fp32 gradients of q, k and v (FlashAttention-2 backward kernels vs SDPA's autograd) against the fp64
@@ -1238,7 +1240,7 @@ def _bad_attention_args(B: int, H: int, S: int, D: int, decode: bool):
     ]
 
 
-@fuzz(50)
+@fuzz(200)
 @given(data=st.data())
 def test_attention_bad_arguments_raise_the_same_error_on_both_backends(device, data):
     decode = data.draw(st.booleans())
