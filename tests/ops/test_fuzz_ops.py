@@ -695,7 +695,6 @@ def test_k2_every_logit_overflowing_at_tiny_temperature_is_greedy(device, op):
     assert run("triton") == want  # was: zeros / -1
 
 
-@pytest.mark.xfail(strict=True, reason=S1_REASON)
 def test_s1_ties_made_by_the_temperature_are_kept_whole_on_the_cpu_path(device):
     # / 1.5 in fp32: 666669.3125, 666668.6875, 666668.4375, 666668.4375 -- the 3rd and 4th tie at top_k=3
     x = torch.tensor([[1000004.0, 1000003.0625, 1000002.625, 1000002.6875]], device=device)
@@ -705,7 +704,6 @@ def test_s1_ties_made_by_the_temperature_are_kept_whole_on_the_cpu_path(device):
     assert torch.equal(sampling_probs(x, temperature=1.5, top_k=3, backend="torch").cpu() > 0, want > 0)  # S1
 
 
-@pytest.mark.xfail(strict=True, reason=S2_REASON)
 def test_s2_a_row_alone_draws_what_it_draws_in_a_batch_on_the_cpu_path(device):
     x = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0], [0.0] * 8], device=device)
     k, seeds = torch.tensor([5, 0], device=device), torch.tensor([0, 0], device=device)

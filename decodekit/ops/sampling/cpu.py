@@ -191,25 +191,26 @@ def _topk_kept(z: torch.Tensor, rows: torch.Tensor | None, k: list[int], cols: d
     kidx = torch.tensor(k, device=z.device)[:, None] - 1 if min(k) != kmax else None
     kk = min(V, kmax + 1)
     while True:
-        vals, tok = torch.topk(z, kk, dim=1)  # [R, kk] sorted descending
-        kth = vals[:, kmax - 1 : kmax] if kidx is None else vals.gather(1, kidx)  # [R, 1] the k-th value
-        last = vals[:, -1:]
+        vals, tok = torch.topk(z, kk, dim=1)  # [R, kk] sorted descending (the order of z / T: T > 0)
+        # ties are taken on z / T, the values top-k ranks (the fp32 division can make distinct logits equal)
+        zt = vals / temp
+        kth = zt[:, kmax - 1 : kmax] if kidx is None else zt.gather(1, kidx)  # [R, 1] the k-th value
+        last = zt[:, -1:]
         if kk == V or not bool(((last == kth) & (last > _NEG_INF)).any()):  # the list holds every tie of the k-th
             break
         kk = min(V, 2 * kk)
-    zt = vals / temp
     lw = zt - zt[:, :1]
     w = lw.exp()  # -inf candidates have weight 0
     if kk > min(k):  # candidates past the k-th (a row's k + 1st, or ties fetched): drop those below the k-th
-        w = w * (vals >= kth)
+        w = w * (zt >= kth)
     if _any(top_p, lambda p: (p < 1.0) & (p > 0.0)):
         if tts:  # the TTS rule: probabilities of the whole row, not renormalized after top-k, and "<="
             full = z - vals[:, :1]  # the row max is the first candidate
             if isinstance(temp, torch.Tensor) or temp != 1.0:
                 full.div_(temp)
-            keep_p = _group_start_mass(vals, w / full.exp_().sum(dim=1, keepdim=True)) <= top_p
+            keep_p = _group_start_mass(zt, w / full.exp_().sum(dim=1, keepdim=True)) <= top_p
         else:  # Hugging Face: renormalized over the top-k set, "<"
-            keep_p = _group_start_mass(vals, w / w.sum(dim=1, keepdim=True)) < top_p
+            keep_p = _group_start_mass(zt, w / w.sum(dim=1, keepdim=True)) < top_p
         if isinstance(top_p, torch.Tensor):  # rows without top-p in a group with some
             keep_p |= (top_p <= 0.0) | (top_p >= 1.0)
         keep_p[:, 0] = True
@@ -334,21 +335,21 @@ def _host_kept(z: np.ndarray, prm: RowParams) -> tuple:
         greedy = np.isinf(m / T) if T > 0 and not (prm.greedy_top1 and k == 1) else np.ones(B, dtype=bool)
         top_k = 0 < k < V
         r = np.arange(B)[:, None]
-        if top_k:
+        t32 = np.float32(T) if T not in (0.0, 1.0) else np.float32(1)
+        if top_k:  # ties are taken on z / T, the values top-k ranks (the fp32 division can make logits equal)
             idx = np.argpartition(-z, k, axis=1)[:, : k + 1]  # the k largest, then the k + 1st
-            vals = z[r, idx]
-            kth = vals[:, :k].min(axis=1, keepdims=True)  # [B, 1] the k-th value
-            if bool((vals[:, k:] >= kth).any()):  # the k-th value has ties past the list: take them all
-                width = int(np.where(bad, 1, (z >= kth).sum(axis=1)).max())
+            zt = z[r, idx] / t32
+            kth = zt[:, :k].min(axis=1, keepdims=True)  # [B, 1] the k-th value
+            if bool((zt[:, k:] >= kth).any()):  # the k-th value has ties past the list: take them all
+                width = int(np.where(bad, 1, (z / t32 >= kth).sum(axis=1)).max())
                 idx = np.argpartition(-z, width - 1, axis=1)[:, :width] if width < V else np.argsort(-z, axis=1)
-                vals = z[r, idx]
+                zt = z[r, idx] / t32
         else:
             idx = np.argsort(-z, axis=1, kind="stable")
-            vals = z[r, idx]
-        order = np.argsort(-vals, axis=1, kind="stable")
-        idx, vals = idx[r, order], vals[r, order]
-        zt = vals / np.float32(T) if T not in (0.0, 1.0) else vals
-        lw = zt - zt[:, :1]
+            zt = z[r, idx] / t32
+        order = np.argsort(-zt, axis=1, kind="stable")
+        idx, vals = idx[r, order], zt[r, order]  # by value, descending (vals: z / T)
+        lw = vals - vals[:, :1]
         w = np.exp(lw)
         if top_k:
             w *= vals >= kth
@@ -389,6 +390,9 @@ def _host_sample(logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: boo
     zn = _host_penalized(logits, prm)
     B = zn.shape[0]
     idx, lw, w, greedy, bad = _host_kept(zn, prm)
+    rr = np.arange(B)[:, None]
+    order = np.argsort(idx, axis=1)  # candidates in token order, as on the torch path
+    idx, lw, w = idx[rr, order], lw[rr, order], w[rr, order]
     cdf = np.cumsum(w, axis=1, dtype=np.float64)
     s = seed.seed
     seeds = s.tolist() if isinstance(s, torch.Tensor) else [s] * B
@@ -463,13 +467,17 @@ def sample_torch(
     logprob = torch.full((B,), float("nan"), device=dev) if logprobs else None
     for kp in plan.kept:
         at = slice(None) if kp.rows is None else kp.rows
-        cdf = kp.w.double().cumsum_(dim=1)  # in the candidates' order: by value (top-k) or by token (whole rows)
+        w, lw, tok = kp.w, kp.lw, kp.tok
+        if tok is not None:  # candidates in token order: the draw must not depend on how topk ordered ties
+            tok, order = tok.sort(dim=1)
+            w, lw = w.gather(1, order), lw.gather(1, order)
+        cdf = w.double().cumsum_(dim=1)
         total = cdf[:, -1:]
         # u < 1, so u * total < total in float64: the first entry above it exists and has a positive weight
         pos = torch.searchsorted(cdf, _row_uniforms(seed, kp.rows, B, dev) * total, right=True)
-        token[at] = (kp.tok.gather(1, pos) if kp.tok is not None else pos).squeeze(1)
+        token[at] = (tok.gather(1, pos) if tok is not None else pos).squeeze(1)
         if logprobs:
-            logprob[at] = (kp.lw.gather(1, pos) - total.log().float()).squeeze(1)
+            logprob[at] = (lw.gather(1, pos) - total.log().float()).squeeze(1)
     if plan.greedy is not None:
         token[plan.greedy] = plan.z[plan.greedy].argmax(dim=1)
         if logprobs:
