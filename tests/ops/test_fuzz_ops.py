@@ -279,21 +279,6 @@ class RowTruth:
     probs: np.ndarray | None = None
     ambiguous: str = ""  # why the oracle's own decision is within rounding of a threshold ("" = it is not)
     ties: bool = False  # some kept-candidate values tie (sort-based references may cut inside the group)
-    cpu_known: str = ""  # a known bug of the PyTorch path (sampling/cpu.py) applies: "S1" (see KNOWN_S1)
-
-
-# Findings in decodekit/ops/sampling/cpu.py (not this suite's to fix). The fuzz tests skip, on the PyTorch backend
-# only, the rows they apply to (an event counts them); the strict xfails further down keep each one visible.
-KNOWN_S1 = ("sampling CPU path S1: top-k and the top-p tie groups are taken on the penalized logits before the "
-            "division by the temperature, so values that tie only after the fp32 division (large offsets: "
-            "1000002.625 and 1000002.6875 / 1.5 are both 666668.4375) are cut apart where the documented order "
-            "(temperature, then top-k keeping every token tying the k-th), the kernel and both references keep the "
-            "group whole")
-KNOWN_S2 = ("sampling CPU path S2: with per-row int64 seeds a row's token depends on the batch when its kept set "
-            "has ties: the inverse-CDF draw runs over the candidates in torch.topk / argpartition order, and the "
-            "order of tied candidates changes with the candidate count, which is the batch's largest top_k")
-S1_REASON = "sampling CPU path S1 (KNOWN_S1 in this file): top-k / top-p ties taken before the division by T"
-S2_REASON = "sampling CPU path S2 (KNOWN_S2 in this file): per-row seeds, ties: a row's token depends on the batch"
 
 
 AMB_MASS = 5e-5  # top-p: a group whose preceding mass is this close to top_p may go either way in fp32
@@ -333,9 +318,6 @@ def oracle_row(z: np.ndarray, T: float, k: int, p: float, mp: float, *, tts: boo
             keep &= zt >= kth
         ties = len(np.unique(zt[keep])) < int(keep.sum())
         p_on = (p > 0) if tts else (0 < p < 1)
-        fin = np.isfinite(z)
-        merged = len(np.unique(z[fin])) != len(np.unique(zt[fin]))  # the fp32 division by T made new ties
-        s1 = "S1" if merged and (0 < k < V or (0 < p < 1)) else ""
         if p_on:
             p_eff = _effective(p)
             if tts:
@@ -362,7 +344,7 @@ def oracle_row(z: np.ndarray, T: float, k: int, p: float, mp: float, *, tts: boo
             keep &= ratio >= mp_eff
         probs = np.where(keep, w, 0.0)
         probs /= probs.sum()
-        return RowTruth("sample", probs=probs, ambiguous=amb, ties=ties, cpu_known=s1)
+        return RowTruth("sample", probs=probs, ambiguous=amb, ties=ties)
 
 
 def oracle(logits: torch.Tensor, prm: Params, *, tts: bool, greedy_top1: bool) -> list[RowTruth]:
@@ -406,9 +388,6 @@ def _check_probs_against_truth(probs: torch.Tensor, truth: list[RowTruth], what:
     n_amb = 0
     for r, t in enumerate(truth):
         row = probs[r].double()
-        if t.cpu_known and what == "torch":
-            event(f"row skipped on torch: known CPU path bug {t.cpu_known}")
-            continue
         if t.status == "bad":
             assert bool((row == 0).all()), f"{what}: bad row {r} has nonzero probabilities"
             continue
@@ -435,9 +414,8 @@ def _check_probs_against_truth(probs: torch.Tensor, truth: list[RowTruth], what:
 
 def _assert_backends_agree(out: dict[str, torch.Tensor], truth: list[RowTruth]) -> None:
     """The same kept sets, exactly, and the same probabilities (to fp32 rounding) on both backends."""
-    rows = [r for r, t in enumerate(truth) if not t.cpu_known]
-    _assert_same_kept_sets(out["triton"][rows], out["torch"][rows], "triton vs torch")
-    torch.testing.assert_close(out["triton"][rows], out["torch"][rows], atol=2e-6, rtol=2e-4)
+    _assert_same_kept_sets(out["triton"], out["torch"], "triton vs torch")
+    torch.testing.assert_close(out["triton"], out["torch"], atol=2e-6, rtol=2e-4)
 
 
 # =========================================================================== sampling: properties
@@ -465,7 +443,7 @@ def test_sampling_probs_same_kept_set_on_both_backends_and_the_oracle(device, ca
     ref = sampling_probs_ref(x, **prm.kwargs)
     for r, t in enumerate(truth):
         event(f"row status {t.status}")
-        if (t.status == "sample" and not t.ambiguous and not t.cpu_known and torch.isfinite(ref[r]).all()
+        if (t.status == "sample" and not t.ambiguous and torch.isfinite(ref[r]).all()
                 and not 0 < prm.row("top_p", r) < FP32_TINY):  # the reference rounds such a top_p to 0
             differ = (_kept(ref[r]) != _kept(out["torch"][r])) & (torch.maximum(ref[r], out["torch"][r]) > SIGNIFICANT)
             assert not differ.any(), f"sampling_probs_ref disagrees on row {r}"
@@ -490,8 +468,7 @@ def test_sample_logits_probs_same_kept_set_and_draws(device, case, data):
     if scalar:  # the verbatim TTS sampler (scalars only); ties at a top-p boundary it cuts arbitrarily
         ref = sample_logits_ref(x, kw["temperature"], kw["top_p"], kw["top_k"], return_probs=True)
         for r, t in enumerate(truth):
-            if (t.status == "sample" and not t.ambiguous and not t.ties and not t.cpu_known
-                    and torch.isfinite(ref[r]).all()
+            if (t.status == "sample" and not t.ambiguous and not t.ties and torch.isfinite(ref[r]).all()
                     and not 0 < prm.row("top_p", r) < FP32_TINY):
                 differ = (_kept(ref[r]) != _kept(out["torch"][r])) & (
                     torch.maximum(ref[r], out["torch"][r]) > SIGNIFICANT)
@@ -567,15 +544,12 @@ def test_sample_draws_kept_tokens_with_consistent_logprobs(device, case, data):
             err = _raises(lambda b=backend, s=sd, k=kw: sample(x.to(device), seed=s, check=True, backend=b, **k))
             assert isinstance(err, ValueError) and str(bad) in str(err), f"{backend}: check=True gave {err!r}"
         # a row alone draws what it draws inside the batch (per-row seeds), a prefix what it draws in the batch
-        s2 = backend == "torch" and any(t.ties for t in truth[: r_alone + 1])
-        if s2 and seed_kind in ("int", "rows"):
-            event("batch invariance not checked on torch: known CPU path bug S2")
-        elif seed_kind == "int" and case.B > 1:
+        if seed_kind == "int" and case.B > 1:
             j = r_alone + 1
             kw_j = {k: (v[:j] if isinstance(v, torch.Tensor) and v.dim() >= 1 else v) for k, v in kw.items()}
             head = sample(x[:j].to(device), seed=sd, backend=backend, **kw_j).cpu()
             assert torch.equal(head, tok[:j]), f"{backend}: the first {j} rows alone drew {head.tolist()}"
-        elif seed_kind == "rows":
+        if seed_kind == "rows":
             r = r_alone
             kw1 = _to(prm.sliced(r), device)
             t1, l1 = sample(x[r : r + 1].to(device), seed=seed[r : r + 1].to(device), return_logprobs=True,
@@ -657,10 +631,13 @@ def test_samplers_on_an_empty_batch(device, V, dtype, data):
 
 
 # --------------------------------------------------------------------------- sampling: what the fuzz found
-# Minimal reproducers of the two kernel bugs this suite found in decodekit/ops/sampling/triton.py (fixed there):
-# K1, a valid row needing a top-k / top-p search came back with an empty kept set (zeros, and -1 as for a bad row):
-# rows whose finite values all tie at some values, or values one fp32 spacing apart at large magnitude (rounded
-# pivots were not monotone); K2, a row whose every logit / T overflows fp32 was a bad row instead of greedy.
+# Minimal reproducers of the bugs this suite found in decodekit/ops/sampling (fixed there). In the kernel: K1, a
+# valid row needing a top-k / top-p search came back with an empty kept set (zeros, and -1 as for a bad row): rows
+# whose finite values all tie at some values, or values one fp32 spacing apart at large magnitude (rounded pivots
+# were not monotone); K2, a row whose every logit / T overflows fp32 was a bad row instead of greedy. On the
+# PyTorch path: S1, top-k and the top-p tie groups were taken before the division by T (ties made by the fp32
+# division were cut apart); S2, with per-row seeds a row's token depended on the batch when its kept set had ties
+# (the draw ran over tied candidates in an order that changed with the batch's largest top_k).
 
 
 @pytest.mark.parametrize("row,kw,probs", [
