@@ -87,6 +87,25 @@ def _cache_key(src: Path, dtype: str) -> str:
     return key.hexdigest()[:16]
 
 
+def _check_source(src: Path) -> None:
+    """The checkpoint (or Hugging Face directory) to export exists, is readable, and its header (its
+    ``config.json``) describes a model: ``UsageError`` naming it otherwise. Cheap: the weights are not read."""
+    from decodekit.models import model_format, read_hf_config_checked
+    from decodekit.models.llama2c import read_llama2c_config
+
+    fmt = model_format(src)  # UsageError for a pipe, a device, or a directory that is neither export nor HF model
+    target = src / "config.json" if fmt == "hf" else src
+    try:
+        with open(target, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UsageError(f"cannot read model {target}: {e.strerror or e}") from None
+    if fmt == "hf":
+        read_hf_config_checked(src)
+    else:
+        read_llama2c_config(src)  # the header is plausible and the file has the size it implies
+
+
 def resolve_export_dir(
     source: str | os.PathLike,
     *,
@@ -106,9 +125,7 @@ def resolve_export_dir(
         return src
     if not src.exists():
         raise UsageError(f"model {src} does not exist")
-    from decodekit.models import model_format
-
-    model_format(src)  # UsageError for a directory that is neither an export nor an HF model
+    _check_source(src)  # before anything is printed or created: a bad checkpoint is one error line
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = out / f"{src.stem}-{_cache_key(src, dtype)}"
     if _is_export_dir(out):

@@ -21,6 +21,7 @@ that threads sharing one decoder take turns.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import threading
 import time
@@ -157,15 +158,67 @@ def split_prompts(prompts: object) -> tuple[list[str] | None, list[list[int]] | 
     return None, [_id_row(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
 
 
+def _takes_max_tokens(tok: object) -> bool:
+    """Whether ``tok.encode`` accepts ``max_tokens=`` (decodekit's llama2.c tokenizer does, ``HFTokenizer`` not)."""
+    try:
+        params = inspect.signature(tok.encode).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return False
+    return "max_tokens" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _too_long(which: str, n: str, limit: int, max_seq_len: int) -> UsageError:
+    return UsageError(
+        f"{which} is {n} tokens long: it does not fit max_seq_len={max_seq_len}, which leaves room for at most "
+        f"{limit} prompt tokens (one slot is kept for a generated token)"
+    )
+
+
+def _encode_text(tok: Any, text: str, which: str, max_seq_len: int | None) -> list[int]:
+    """``tok.encode(text, bos=True)``, refused with a ``UsageError`` naming ``max_seq_len`` when the prompt cannot
+    fit: from its byte length alone, before any encoding, when the tokenizer can bound it (``max_tokens=`` and
+    ``min_tokens``), else after encoding."""
+    if max_seq_len is None:
+        return tok.encode(text, bos=True)
+    limit = max_seq_len - 1
+    if not _takes_max_tokens(tok):
+        ids = tok.encode(text, bos=True)
+        if len(ids) > limit:
+            raise _too_long(which, str(len(ids)), limit, max_seq_len)
+        return ids
+    min_tokens = getattr(tok, "min_tokens", None)
+    if min_tokens is not None:
+        least = min_tokens(text, bos=True)  # a lone surrogate: the tokenizer's own UsageError
+        if least > limit:
+            raise _too_long(which, f"at least {least}", limit, max_seq_len)
+    try:
+        return tok.encode(text, bos=True, max_tokens=limit)
+    except UsageError:
+        n = len(tok.encode(text, bos=True))  # short enough to encode twice: it got past the byte-length bound
+        if n <= limit:
+            raise  # not about the length
+        raise _too_long(which, str(n), limit, max_seq_len) from None
+
+
 def encode_prompts(model: StepModel, prompts: Prompts) -> list[list[int]]:
     """Token-id rows of ``prompts`` (see :func:`split_prompts`); text is encoded with ``model.tokenizer``, an
-    empty string as BOS alone (as llama2.c's ``run.c`` starts without a prompt)."""
+    empty string as BOS alone (as llama2.c's ``run.c`` starts without a prompt).
+
+    A text prompt longer than ``model.max_seq_len - 1`` tokens (one slot is kept for a generated token) raises
+    ``UsageError`` naming ``max_seq_len``; with decodekit's llama2.c tokenizer an over-long text is refused from its
+    byte length before it is encoded, so a huge prompt fails at once."""
     texts, rows = split_prompts(prompts)
     if texts is not None:
         tok = getattr(model, "tokenizer", None)
         if tok is None:
             raise UsageError("text prompts need a tokenizer and this model has none: pass token ids instead of text")
-        rows = [tok.encode(p, bos=True) for p in texts]
+        max_seq_len = getattr(model, "max_seq_len", None)
+        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool):
+            max_seq_len = None
+        rows = [
+            _encode_text(tok, p, "the prompt" if len(texts) == 1 else f"prompt {i}", max_seq_len)
+            for i, p in enumerate(texts)
+        ]
     return rows
 
 

@@ -49,20 +49,150 @@ _ORT_TYPES = {
 }
 
 
+def _short(value: object) -> str:
+    """A JSON value for a one-line message, with its JSON kind: ``null``, ``true``, ``string "x"``, ``array [1]``
+    (long values cut)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kind = ("string" if isinstance(value, str) else "number" if isinstance(value, (int, float))
+            else "array" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__)
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # pragma: no cover - not from JSON
+        text = repr(value)
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list_of(value: object, check: Any) -> bool:
+    return isinstance(value, list) and all(check(v) for v in value)
+
+
+def _is_file_name(value: object) -> bool:
+    """A plain, non-empty file name (no folder part): a file beside ``decodekit.json``."""
+    return isinstance(value, str) and value not in ("", ".", "..") and "\0" not in value and Path(value).name == value
+
+
+def _malformed(path: Path, entry: str, want: str, value: object) -> UsageError:
+    return UsageError(f"{path} has a malformed {entry!r} entry: it must be {want}, got {_short(value)}")
+
+
+def _check_config_entry(path: Path, config: object) -> None:
+    """``config`` is an object whose fields have the types of :class:`DecoderConfig`'s fields (their values are
+    checked by ``DecoderConfig`` itself), so that building it can only fail with a ``UsageError``."""
+    import dataclasses
+    import typing
+
+    from decodekit.models.config import DecoderConfig
+
+    if not isinstance(config, dict):
+        raise _malformed(path, "config", "a JSON object (the DecoderConfig)", config)
+    hints = typing.get_type_hints(DecoderConfig)
+    for f in dataclasses.fields(DecoderConfig):
+        where = f"config.{f.name}"
+        if f.name not in config:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UsageError(f"{path} has a malformed 'config' entry: {where} is missing")
+            continue
+        value, want = config[f.name], hints[f.name]
+        if want is int:
+            if f.name in ("bos_id", "eos_id"):
+                ok, what = _is_int(value) and value >= 0, "a token id (an int >= 0)"
+            else:
+                ok, what = _is_int(value), "a positive int"
+        elif want is float:
+            ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif want is bool:
+            ok, what = isinstance(value, bool), "true or false"
+        elif want is str:
+            ok, what = isinstance(value, str), "a string"
+        else:  # list[int]: stop_ids
+            ok, what = _is_list_of(value, lambda t: _is_int(t) and t >= 0), "a list of token ids (ints >= 0)"
+        if not ok:
+            raise UsageError(f"{path} has a malformed 'config' entry: {where} must be {what}, got {_short(value)}")
+
+
+def _check_tokenizer_entry(path: Path, entry: object) -> None:
+    """null, or ``{"file": NAME beside decodekit.json, "type": "llama2c" | "hf", "bos_id"/"eos_id": id or null}``."""
+    if entry is None:
+        return
+    if not isinstance(entry, dict):
+        raise _malformed(path, "tokenizer", 'null or an object {"file": ..., "type": ...}', entry)
+    if not _is_file_name(entry.get("file")):
+        raise _malformed(path, "tokenizer.file", "a file name beside it", entry.get("file"))
+    if entry.get("type") not in ("llama2c", "hf"):
+        raise _malformed(path, "tokenizer.type", "'llama2c' or 'hf'", entry.get("type"))
+    for key in ("bos_id", "eos_id"):
+        value = entry.get(key)
+        if value is not None and not (_is_int(value) and value >= 0):
+            raise _malformed(path, f"tokenizer.{key}", "a token id (an int >= 0) or null", value)
+
+
 def read_metadata(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``decodekit.json`` of an export directory (``UsageError`` naming what is wrong)."""
+    """Read and check ``decodekit.json`` of an export directory (``UsageError`` naming the file and the entry).
+
+    Checked here: the file is UTF-8 JSON holding an object of ``format_version`` 1, and every entry the runtime
+    reads has its documented type (``config`` an object with :class:`DecoderConfig`'s field types, ``inputs`` /
+    ``outputs`` lists of names, ``model_file`` and ``tokenizer.file`` file names beside ``decodekit.json``,
+    ``logits`` / ``kv_cache`` / ``source`` objects or null, ...). Whether the entries agree with each other and with
+    ``model.onnx`` is checked by :class:`OnnxDecoder`.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
+        if os.path.lexists(model_dir):
+            raise UsageError(f"export directory {model_dir} is not a directory")
         raise UsageError(f"export directory {model_dir} does not exist")
     path = model_dir / METADATA_FILE
     if not path.is_file():
         raise UsageError(f"{model_dir} has no {METADATA_FILE}: not a decodekit export (run `decodekit export`)")
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}): not a decodekit.json"
+        ) from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
         raise UsageError(f"{path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # an int of thousands of digits, nesting deeper than Python's stack
+        raise UsageError(f"{path} is not valid JSON for decodekit: {type(e).__name__.lower()} {e}") from None
     if not isinstance(meta, dict):
-        raise UsageError(f"{path} must hold a JSON object")
+        raise UsageError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise UsageError(
+            f"{path} has format_version {_short(version) if not _is_int(version) else version}; this decodekit "
+            f"reads version {FORMAT_VERSION} (export the model again)"
+        )
+    for key in ("config", "inputs", "outputs"):
+        if key not in meta:
+            raise UsageError(f"{path} has no {key!r} entry: not a complete decodekit export (export it again)")
+    _check_config_entry(path, meta["config"])
+    for key in ("inputs", "outputs"):
+        if not _is_list_of(meta[key], lambda n: isinstance(n, str)):
+            raise _malformed(path, key, "a list of graph input/output names", meta[key])
+    if "model_file" in meta and not _is_file_name(meta["model_file"]):
+        raise _malformed(path, "model_file", "a file name beside it", meta["model_file"])
+    for key in ("logits", "kv_cache"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise _malformed(path, key, "a JSON object or null", meta[key])
+    if meta.get("dtype") is not None and not isinstance(meta["dtype"], str):
+        raise _malformed(path, "dtype", "'float32', 'float16' or null", meta["dtype"])
+    _check_tokenizer_entry(path, meta.get("tokenizer"))
+    source = meta.get("source")
+    if source is not None:
+        if not isinstance(source, dict):
+            raise _malformed(path, "source", "a JSON object or null", source)
+        if source.get("path") is not None and not isinstance(source["path"], str):
+            raise _malformed(path, "source.path", "a path or null", source["path"])
     return meta
 
 
@@ -100,7 +230,7 @@ def _check_metadata(meta: dict[str, Any], cfg: Any, where: Path) -> int:
     """The redundant entries of ``decodekit.json`` agree with its ``config``; returns its ``max_seq_len``."""
     seq = meta.get("max_seq_len", cfg.max_seq_len)
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 2:
-        raise UsageError(f"{where}: max_seq_len must be an int >= 2, got {seq!r}")
+        raise UsageError(f"{where} has a bad entry: max_seq_len must be an int >= 2, got {_short(seq)}")
     pairs = [
         ("max_seq_len", seq, "config.max_seq_len", cfg.max_seq_len),
         ("vocab_size", meta.get("vocab_size", cfg.vocab_size), "config.vocab_size", cfg.vocab_size),
@@ -278,25 +408,23 @@ class OnnxDecoder(GenerateMixin):
             intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
 
         self.model_dir = Path(model_dir)
-        meta = read_metadata(self.model_dir)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise UsageError(
-                f"{self.model_dir / METADATA_FILE} has format_version {meta.get('format_version')!r}; this decodekit "
-                f"reads version {FORMAT_VERSION} (export the model again)"
-            )
+        meta = read_metadata(self.model_dir)  # a UTF-8 JSON object of format_version 1, entries of the right types
+        where = self.model_dir / METADATA_FILE
         logits_entry = meta.get("logits")
         if isinstance(logits_entry, dict) and logits_entry.get("all_positions"):
             raise UsageError(f"{self.model_dir} was exported with all-position logits; generation needs the default")
         try:
             self.config = DecoderConfig.from_dict(meta["config"])
-            self.input_names: list[str] = list(meta["inputs"])
-            self.output_names: list[str] = list(meta["outputs"])
-            model_file = self.model_dir / meta.get("model_file", "model.onnx")
-        except (KeyError, TypeError) as e:
-            raise UsageError(f"{self.model_dir / METADATA_FILE} is missing or has a malformed entry: {e}") from None
+        except UsageError as e:
+            raise UsageError(f"{where} has a bad 'config' entry: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:  # pragma: no cover - read_metadata checked the types
+            raise UsageError(f"{where} has a malformed 'config' entry: {e}") from None
+        self.input_names: list[str] = list(meta["inputs"])
+        self.output_names: list[str] = list(meta["outputs"])
+        model_file = self.model_dir / meta.get("model_file", "model.onnx")
         if not model_file.is_file():
             raise UsageError(f"{model_file} is missing from the export directory")
-        export_max = _check_metadata(meta, self.config, self.model_dir / METADATA_FILE)
+        export_max = _check_metadata(meta, self.config, where)
         if max_seq_len is None:
             max_seq_len = export_max
         elif max_seq_len > export_max:
@@ -458,10 +586,15 @@ class OnnxDecoder(GenerateMixin):
             from decodekit.models import load_tokenizer
 
             entry = self.metadata.get("tokenizer")
-            name = entry.get("file") if isinstance(entry, dict) else entry
-            if not name:
+            if entry is None:
                 return None
-            self._tokenizer = load_tokenizer(self.model_dir / name)
+            # read_metadata checked the entry's shape: {"file": a name beside decodekit.json, "type": ...}
+            file = self.model_dir / entry["file"]
+            if not file.is_file():  # missing, or a pipe / device that reading would block on
+                what = "is missing" if not os.path.lexists(file) else "is not a regular file"
+                raise UsageError(f"tokenizer {file} named by {self.model_dir / METADATA_FILE} {what}")
+            # the export directory itself: load_tokenizer reads decodekit.json's entry (file, type, BOS/EOS ids)
+            self._tokenizer = load_tokenizer(self.model_dir)
         return self._tokenizer
 
     @property

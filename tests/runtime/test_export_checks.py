@@ -109,3 +109,77 @@ def test_cli_huge_max_seq_len_exit_2_with_one_line(broken_copy, edit_metadata, c
     assert main(["generate", str(bad), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_seq_len" in err[0], err
+
+
+# --- decodekit.json of the wrong shape: one UsageError naming the file and the entry, never Python's own text ------
+
+
+WRONG_TYPES = [
+    pytest.param(_set(config=None), "'config' entry: it must be a JSON object", id="config-null"),
+    pytest.param(_set(config=True), "'config' entry: it must be a JSON object", id="config-true"),
+    pytest.param(_set(inputs=None), "'inputs' entry: it must be a list", id="inputs-null"),
+    pytest.param(_set(inputs=True), "'inputs' entry: it must be a list", id="inputs-true"),
+    pytest.param(_set(outputs={"logits": 1}), "'outputs' entry: it must be a list", id="outputs-object"),
+    pytest.param(_set(outputs=["logits", 3]), "'outputs' entry: it must be a list", id="outputs-number-name"),
+    pytest.param(_set(model_file=["model.onnx"]), "'model_file' entry: it must be a file name", id="model-file-list"),
+    pytest.param(_set(model_file="../model.onnx"), "'model_file' entry: it must be a file name", id="model-file-up"),
+    pytest.param(_set(logits=[1]), "'logits' entry: it must be a JSON object or null", id="logits-list"),
+    pytest.param(_set(kv_cache=5), "'kv_cache' entry: it must be a JSON object or null", id="kv-cache-number"),
+    pytest.param(_set(dtype=5), "'dtype' entry", id="dtype-number"),
+    pytest.param(_set(tokenizer="tok512.bin"), "'tokenizer' entry: it must be null or an object", id="tok-string"),
+    pytest.param(_set(tokenizer={"file": 5, "type": "x"}), "'tokenizer.file' entry", id="tok-file-number"),
+    pytest.param(_set(tokenizer={"file": "tok512.bin", "type": "x"}), "'tokenizer.type' entry", id="tok-type"),
+    pytest.param(_set(tokenizer={"file": "tok512.bin", "type": "llama2c", "bos_id": -1}), "'tokenizer.bos_id'",
+                 id="tok-bos"),
+    pytest.param(_set(source=5), "'source' entry", id="source-number"),
+    pytest.param(_set(format_version=True), "format_version true", id="format-version-true"),
+    pytest.param(_set(format_version="1"), 'format_version string "1"', id="format-version-string"),
+    pytest.param(_config(norm_eps="x"), "config.norm_eps must be a number", id="config-norm-eps"),
+    pytest.param(_config(stop_ids=None), "config.stop_ids must be a list of token ids", id="config-stop-ids-null"),
+    pytest.param(_config(stop_ids=["x"]), "config.stop_ids must be a list of token ids", id="config-stop-ids-str"),
+    pytest.param(_config(eos_id=[2]), "config.eos_id must be a token id", id="config-eos-list"),
+    pytest.param(_config(arch=5), "config.arch must be a string", id="config-arch-number"),
+    pytest.param(_config(n_kv_heads=True), "config.n_kv_heads must be a positive int", id="config-bool-int"),
+    pytest.param(_config(tie_embeddings="no"), "config.tie_embeddings must be true or false", id="config-bool"),
+    pytest.param(lambda meta: meta["config"].pop("arch"), "config.arch is missing", id="config-missing-field"),
+    pytest.param(lambda meta: meta.pop("inputs"), "no 'inputs' entry", id="inputs-missing"),
+]
+
+
+@pytest.mark.parametrize("change, needle", WRONG_TYPES)
+def test_wrong_types_in_decodekit_json_name_the_file_and_entry(broken_copy, edit_metadata, no_allocation, change,
+                                                                needle):
+    bad = broken_copy(lambda d: edit_metadata(d, change))
+    with pytest.raises(UsageError) as info:
+        OnnxDecoder(bad)
+    msg = str(info.value)
+    assert str(bad / "decodekit.json") in msg and needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe\x00garbage", b'{"format_version": 1, "producer": "\xe9"}',
+                                  b"[" * 100_000, b'{"format_version": ' + b"9" * 5000 + b"}"],
+                         ids=["binary", "latin-1", "deep", "huge-int"])
+def test_unreadable_decodekit_json_is_one_usage_error(broken_copy, data):
+    from decodekit.runtime import read_metadata
+
+    bad = broken_copy(lambda d: (d / "decodekit.json").write_bytes(data))
+    with pytest.raises(UsageError) as info:
+        read_metadata(bad)
+    msg = str(info.value)
+    assert str(bad / "decodekit.json") in msg and "\n" not in msg and "codec" not in msg, msg
+
+
+def test_cli_tokenizer_entry_nonsense_is_one_line(broken_copy, edit_metadata, capsys):
+    bad = broken_copy(lambda d: edit_metadata(d, _set(tokenizer={"file": 5, "type": "x"})))
+    assert main(["generate", str(bad), "--max-new-tokens", "2", "--prompt", "Once"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer.file" in err[0] and "PosixPath" not in err[0], err
+
+
+def test_tokenizer_file_that_is_not_a_regular_file(broken_copy):
+    import os
+
+    bad = broken_copy(lambda d: ((d / "tok512.bin").unlink(), os.mkfifo(d / "tok512.bin")))
+    dec = OnnxDecoder(bad)
+    with pytest.raises(UsageError, match="is not a regular file"):
+        dec.tokenizer  # noqa: B018 - a pipe would block the read: refused

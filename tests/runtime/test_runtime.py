@@ -318,3 +318,102 @@ def test_export_cache_key_follows_checkpoint_dtype_and_graph_revision(ckpt, tmp_
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # "edited"
     assert _cache_key(src, "fp32") != base
+
+
+# --------------------------------------------------------------------------- prompts too long for max_seq_len
+
+
+class _Model:
+    """The parts of a step model that encode_prompts reads."""
+
+    def __init__(self, tokenizer, max_seq_len: int) -> None:  # noqa: ANN001
+        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+
+
+def test_over_long_prompt_is_refused_from_its_byte_length(onnx4, monkeypatch):
+    from decodekit.runtime.loop import encode_prompts
+
+    tok = onnx4.tokenizer
+    merge = tok._merge
+
+    def guarded(tokens: list[int]) -> list[int]:
+        assert len(tokens) < 1000, "a prompt that cannot fit was encoded"
+        return merge(tokens)
+
+    monkeypatch.setattr(tok, "_merge", guarded)
+    with pytest.raises(UsageError, match=r"the prompt is at least \d+ tokens long: .*max_seq_len=512"):
+        encode_prompts(onnx4, ["x" * 1_000_000])
+    with pytest.raises(UsageError, match=r"prompt 1 is at least"):
+        encode_prompts(onnx4, ["Once", "x" * 1_000_000])
+
+
+def test_prompt_just_over_the_limit_after_encoding(onnx4):
+    from decodekit.runtime.loop import encode_prompts
+
+    tok = onnx4.tokenizer
+    text = "Once upon a time " * 40
+    n = len(tok.encode(text))
+    assert encode_prompts(_Model(tok, n + 1), [text]) == [tok.encode(text)]  # n prompt tokens + 1 new token fit
+    with pytest.raises(UsageError, match=rf"the prompt is {n} tokens long: it does not fit max_seq_len={n}"):
+        encode_prompts(_Model(tok, n), [text])
+    with pytest.raises(UsageError, match="lone surrogate"):  # other tokenizer errors are not length errors
+        encode_prompts(_Model(tok, 4), ["\ud800"])
+
+
+def test_tokenizer_without_max_tokens_checked_after_encoding():
+    from decodekit.runtime.loop import encode_prompts
+
+    class HFLike:  # HFTokenizer.encode has no max_tokens
+        def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+            return [1] + [5] * len(text)
+
+    assert encode_prompts(_Model(HFLike(), 8), ["abcdef"]) == [[1, 5, 5, 5, 5, 5, 5]]
+    with pytest.raises(UsageError, match=r"the prompt is 8 tokens long: it does not fit max_seq_len=8"):
+        encode_prompts(_Model(HFLike(), 8), ["abcdefg"])
+
+
+# --------------------------------------------------------------------------- a bad checkpoint: one line, no progress
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p, ck: p.write_bytes(ck.read_bytes()[:1000]), "truncated"),
+    (lambda p, ck: p.write_bytes(b""), "truncated"),
+    (lambda p, ck: p.write_bytes(b"\x01" * 4096), "not a llama2.c checkpoint"),
+    (lambda p, ck: os.mkfifo(p), "not a regular file"),
+])
+def test_resolve_export_dir_checks_the_checkpoint_before_any_progress(ckpt, tmp_path, make, needle):
+    from decodekit.runtime import resolve_export_dir
+
+    src = tmp_path / "m.bin"
+    make(src, ckpt)
+    said = []
+    with pytest.raises(UsageError, match=needle):
+        resolve_export_dir(src, cache_dir=tmp_path / "cache", progress=said.append)
+    assert said == [] and not (tmp_path / "cache").exists()
+
+
+def test_resolve_export_dir_unreadable_checkpoint(ckpt, tmp_path, monkeypatch):
+    import decodekit.runtime
+    from decodekit.runtime import resolve_export_dir
+
+    src = tmp_path / "m.bin"
+    src.write_bytes(ckpt.read_bytes())
+
+    def denied(path, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202 - root reads a chmod 0 file: deny it here
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(decodekit.runtime, "open", denied, raising=False)
+    said = []
+    with pytest.raises(UsageError, match="cannot read model .*m.bin: Permission denied"):
+        resolve_export_dir(src, cache_dir=tmp_path / "cache", progress=said.append)
+    assert said == [] and not (tmp_path / "cache").exists()
+
+
+def test_cli_generate_bad_checkpoint_prints_only_the_error(tmp_path, ckpt, capsys, monkeypatch):
+    from decodekit.cli import main
+
+    monkeypatch.setenv("DECODEKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.bin").write_bytes(ckpt.read_bytes()[:-4])
+    assert main(["generate", str(tmp_path / "m.bin"), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("decodekit generate: error: checkpoint"), err
