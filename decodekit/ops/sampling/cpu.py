@@ -380,9 +380,10 @@ def _host_penalized(logits: torch.Tensor, prm: RowParams) -> np.ndarray:
     counts = prm.token_counts.numpy()
     r, c = np.nonzero(counts)
     z = z.copy()
-    x, cnt = z[r, c], counts[r, c].astype(np.float32)
-    x = np.where(cnt > 0, np.where(x > 0, x / np.float32(rep), x * np.float32(rep)), x)
-    z[r, c] = x - np.float32(pres) * (cnt > 0) - np.float32(freq) * cnt
+    with np.errstate(all="ignore"):  # extreme penalties overflow to +-inf as in torch, without a warning
+        x, cnt = z[r, c], counts[r, c].astype(np.float32)
+        x = np.where(cnt > 0, np.where(x > 0, x / np.float32(rep), x * np.float32(rep)), x)
+        z[r, c] = x - np.float32(pres) * (cnt > 0) - np.float32(freq) * cnt
     return z
 
 
