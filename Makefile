@@ -84,8 +84,8 @@ FUZZ_SCALE ?= 10
 fuzz: setup
 	DECODEKIT_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -p no:xdist -p no:randomly -rxs tests/test_cli_fuzz.py
 
-# pytest-benchmark's own calibration, shortened: every point still gets >= 5 rounds (the largest pedantic groups 3)
-BENCH_TIMING ?= --benchmark-max-time=0.25 --benchmark-min-rounds=5
+# pytest-benchmark's own calibration, shortened (the sampler sweep's ratios come from its interleaved timing)
+BENCH_TIMING ?= --benchmark-max-time=0.1 --benchmark-min-rounds=3
 
 bench: setup
 	@mkdir -p bench/results

@@ -73,10 +73,10 @@ def _hf_eager(logits: torch.Tensor, counts: torch.Tensor, kw: dict) -> torch.Ten
 def _rounds(B: int, V: int) -> int | None:
     if CUDA:
         return None
-    return 3 if B * V >= 64 * 32000 else (5 if B * V >= 8 * 32000 else None)
+    return 2 if B * V >= 64 * 32000 else (3 if B * V >= 8 * 32000 else None)
 
 
-def _interleaved(eager, mine, budget_s: float = 1.5) -> tuple[float, float, int]:
+def _interleaved(eager, mine, budget_s: float = 0.6) -> tuple[float, float, int]:
     """Medians of ``eager()`` and ``mine()`` timed alternately (5 to 41 pairs within about ``budget_s``)."""
     eager(), mine()  # warm-up (caches, lazy imports, the first-call allocations)
     t0 = time.perf_counter()
