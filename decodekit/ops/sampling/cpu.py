@@ -5,14 +5,13 @@ intra-op threads like any eager code, so CPU contention slows it no more than ea
 
 1. **Parameters** are normalized once (:class:`_Params`: a Python float, or an fp32 ``[B, 1]`` column for per-row
    tensors) and read once on the host to split the rows into groups: bad rows (NaN / ``+inf`` / all ``-inf``),
-   greedy rows, *candidate rows* (top-k, or any row of at most ``_SORT_V`` tokens) and *whole-row rows* (top-p
-   alone, min-p alone, or no filter, on large rows). With scalar parameters there is one group and no row indexing.
+   greedy rows, *candidate rows* (top-k) and *whole-row rows* (top-p alone, min-p alone, or no filter). With scalar
+   parameters there is one group and no row indexing.
 2. **Penalties** on an fp32 copy, only at the tokens with a nonzero count (``nonzero`` once; the caller's logits
    are never modified).
 3. **The kept set.**
    - *Candidate rows*: ``torch.topk`` of ``k + 1`` values (more while the last one still ties the k-th value, so a
-     tie group is kept whole; ``k = V``, a plain sort, for small rows without top-k), then temperature, top-p and
-     min-p on those candidates, sorted by value.
+     tie group is kept whole), then temperature, top-p and min-p on those candidates, sorted by value.
    - *Whole-row rows*: temperature and ``w = exp(z - max)`` over the row. Top-p needs the value where the
      descending cumulative mass crosses ``top_p``; instead of sorting V values, a histogram of the mass over
      ``_BINS`` value bins (one ``scatter_add``) finds the bin holding the cut, and only that bin's tokens (a few
@@ -42,7 +41,7 @@ import torch
 
 Param = float | int | torch.Tensor
 
-_SORT_V = 4096  # rows up to this many tokens are ranked whole (a sort is cheaper than the histogram there)
+_SORT_V = 4096  # calls on rows up to this many tokens may take the NumPy path (which sorts whole rows)
 _BINS = 2048  # value bins of the top-p cut search
 _RANGE = 30.0  # the bins cover values within 30 (nats) of the row max; below that a token's weight is < 1e-13
 _NEG_INF = float("-inf")
@@ -191,7 +190,8 @@ def _topk_kept(z: torch.Tensor, rows: torch.Tensor | None, k: list[int], cols: d
     kidx = torch.tensor(k, device=z.device)[:, None] - 1 if min(k) != kmax else None
     kk = min(V, kmax + 1)
     while True:
-        vals, tok = torch.topk(z, kk, dim=1)  # [R, kk] sorted descending (the order of z / T: T > 0)
+        # [R, kk] sorted descending (the order of z / T: T > 0); a sort when every token is a candidate
+        vals, tok = torch.topk(z, kk, dim=1) if kk < V else z.sort(dim=1, descending=True)
         # ties are taken on z / T, the values top-k ranks (the fp32 division can make distinct logits equal)
         zt = vals / temp
         kth = zt[:, kmax - 1 : kmax] if kidx is None else zt.gather(1, kidx)  # [R, 1] the k-th value
@@ -293,7 +293,7 @@ def _plan(logits: torch.Tensor, prm: RowParams) -> _Plan:
         if t == 0.0 or f == 1 or (prm.greedy_top1 and k == 1):
             groups["greedy"].append(i)
         else:
-            groups["topk" if 0 < k < V or V <= _SORT_V else "full"].append(i)
+            groups["topk" if 0 < k < V else "full"].append(i)
     kept = []
     for name in ("topk", "full"):
         idx = groups[name]
@@ -302,8 +302,7 @@ def _plan(logits: torch.Tensor, prm: RowParams) -> _Plan:
         rows = None if len(idx) == B else torch.tensor(idx, device=dev)
         zr, cols = (z, P.cols) if rows is None else (z[rows], P.rows(rows))
         if name == "topk":
-            ks = [int(k) if 0 < (k := P.host["top_k"][i]) < V else V for i in idx]  # small rows: k = V, a sort
-            kept.append(_topk_kept(zr, rows, ks, cols, prm.tts))
+            kept.append(_topk_kept(zr, rows, [int(P.host["top_k"][i]) for i in idx], cols, prm.tts))
         else:
             kept.append(_full_row_kept(zr, rows, cols, prm.tts))
     greedy = torch.tensor(groups["greedy"], dtype=torch.int64, device=dev) if groups["greedy"] else None
@@ -345,10 +344,12 @@ def _host_kept(z: np.ndarray, prm: RowParams) -> tuple:
                 idx = np.argpartition(-z, width - 1, axis=1)[:, :width] if width < V else np.argsort(-z, axis=1)
                 zt = z[r, idx] / t32
         else:
-            idx = np.argsort(-z, axis=1, kind="stable")
+            idx = np.argsort(-z, axis=1)
             zt = z[r, idx] / t32
-        order = np.argsort(-zt, axis=1, kind="stable")
-        idx, vals = idx[r, order], zt[r, order]  # by value, descending (vals: z / T)
+        if top_k:  # argpartition leaves the candidates unordered (a sort of the whole row already is)
+            order = np.argsort(-zt, axis=1)
+            idx, zt = idx[r, order], zt[r, order]
+        vals = zt  # z / T by value, descending
         lw = vals - vals[:, :1]
         w = np.exp(lw)
         if top_k:
@@ -392,8 +393,13 @@ def _host_sample(logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: boo
     B = zn.shape[0]
     idx, lw, w, greedy, bad = _host_kept(zn, prm)
     rr = np.arange(B)[:, None]
-    order = np.argsort(idx, axis=1)  # candidates in token order, as on the torch path
-    idx, lw, w = idx[rr, order], lw[rr, order], w[rr, order]
+    if idx.shape[1] == zn.shape[1]:  # every token is a candidate: back to token order by a scatter, not a sort
+        w_t, lw_t = np.empty_like(w), np.empty_like(lw)
+        w_t[rr, idx], lw_t[rr, idx] = w, lw
+        idx, lw, w = np.broadcast_to(np.arange(zn.shape[1]), idx.shape), lw_t, w_t
+    else:  # candidates in token order, as on the torch path
+        order = np.argsort(idx, axis=1)
+        idx, lw, w = idx[rr, order], lw[rr, order], w[rr, order]
     cdf = np.cumsum(w, axis=1, dtype=np.float64)
     s = seed.seed
     seeds = s.tolist() if isinstance(s, torch.Tensor) else [s] * B

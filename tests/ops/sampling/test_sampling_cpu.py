@@ -55,13 +55,12 @@ HF_SETS = [  # the benchmark's Hugging Face set, and the filters one at a time
 TTS_SETS = [(1.0, 0.95, 20), (1.0, 0.95, 80), (1.0, 0.85, 0), (0.6, 0.5, 0)]
 
 
-@pytest.fixture(params=["host", "sort", "histogram"])
+@pytest.fixture(params=["host", "torch"])
 def row_path(request, monkeypatch):
-    """Run a test on every path: small calls in NumPy, small rows sorted by torch, large ones cut by the mass
-    histogram (the thresholds are moved so that each path takes the test's sizes)."""
+    """Run a test on both paths: small calls in NumPy (sorted rows), the others in torch (top-k candidates, or the
+    mass histogram over whole rows); the thresholds are moved so that each path takes the test's sizes."""
     if request.param != "host":
         monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 0)
-        monkeypatch.setattr(sampling_cpu, "_SORT_V", 1 << 30 if request.param == "sort" else 0)
     else:
         monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 1 << 30)
         monkeypatch.setattr(sampling_cpu, "_SORT_V", 1 << 30)
