@@ -78,7 +78,7 @@ test: setup lint
 demo: setup
 	$(PY) -m decodekit demo --model $(MODEL)
 
-# the CLI fuzz with FUZZ_SCALE times the hypothesis examples plus the slow cases (real full-disk export, signals at
+# the CLI fuzz with FUZZ_SCALE times the hypothesis examples plus the slow cases (signals at
 # more moments); one process, so that it prints how many distinct bad inputs it tried and how many were handled
 FUZZ_SCALE ?= 10
 fuzz: setup

@@ -719,7 +719,6 @@ def test_concurrent_export_waits_for_the_lock(ws, guard, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-@pytest.mark.skipif(SCALE == 1, reason="a real full-disk export takes ~15 s: make fuzz")
 def test_full_disk_during_export(ws, guard, tmp_path):
     """RLIMIT_FSIZE makes the write of model.onnx fail (EFBIG), as a full disk fails it (ENOSPC)."""
     def limit():

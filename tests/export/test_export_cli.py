@@ -107,15 +107,35 @@ def test_out_dir_under_a_file(tiny_gpt2, tmp_path, capsys):
     _one_error_line(capsys, "not a directory")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only directories")
 def test_unwritable_parent(tiny_gpt2, tmp_path, capsys):
+    """A parent folder the process cannot write to: mode 0500, and for root (which ignores modes) the immutable
+    flag as well; skipped only where neither can make the folder unwritable."""
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
+    immutable = False
+    try:
+        (ro / ".probe").write_text("x")
+    except OSError:
+        pass
+    else:  # root: modes do not stop it
+        (ro / ".probe").unlink()
+        import shutil
+
+        immutable = bool(shutil.which("chattr")) and subprocess.run(
+            ["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+        if not immutable:
+            ro.chmod(0o700)
+            pytest.skip("running as root without a working chattr: no folder can be made unwritable here")
     try:
         assert main(["export", str(tiny_gpt2), "-o", str(ro / "out")]) == 2
-        _one_error_line(capsys, "permission denied")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("decodekit export: error: "), err
+        assert "permission denied" in err[0].lower() or "not permitted" in err[0].lower(), err[0]
+        assert os.listdir(ro) == []
     finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
         ro.chmod(0o700)
 
 
