@@ -401,11 +401,7 @@ def _host_sample(logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: boo
         order = np.argsort(idx, axis=1)
         idx, lw, w = idx[rr, order], lw[rr, order], w[rr, order]
     cdf = np.cumsum(w, axis=1, dtype=np.float64)
-    s = seed.seed
-    seeds = s.tolist() if isinstance(s, torch.Tensor) else [s] * B
-    if len(seeds) == 1:
-        seeds = seeds * B
-    u = np.array([_splitmix(sd, (i * seed.row_key_mult) << 32) for i, sd in enumerate(seeds)])  # [B]
+    u = np.array(_host_uniforms(seed, list(range(B))))  # [B]
     r = np.arange(B)
     with np.errstate(all="ignore"):
         pos = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), w.shape[1] - 1)
@@ -447,15 +443,19 @@ def _splitmix(seed: int, counter: int) -> float:
     return ((z ^ (z >> 31)) >> 40) / 16777216.0
 
 
+def _host_uniforms(seed: Seed, rows: list[int]) -> list[float]:
+    """The draw's uniform of each batch row in ``rows``, hashed in Python integers (:func:`_splitmix`)."""
+    s = seed.seed
+    seeds = s.tolist() if isinstance(s, torch.Tensor) else None
+    return [_splitmix(s if seeds is None else seeds[i], (i * seed.row_key_mult) << 32) for i in rows]
+
+
 def _row_uniforms(seed: Seed, rows: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
     """float64 ``[R, 1]``: the draw's uniform of each row, :func:`counter_uniform` at counter ``row_key << 32``."""
     r = torch.arange(B, device=device) if rows is None else rows
     s = seed.seed
     if r.shape[0] <= _HOST_ROWS and device.type == "cpu":
-        idx = r.tolist()
-        seeds = s[r].tolist() if isinstance(s, torch.Tensor) else [s] * len(idx)
-        u = [_splitmix(sd, (i * seed.row_key_mult) << 32) for sd, i in zip(seeds, idx)]
-        return torch.tensor(u, dtype=torch.float64)[:, None]
+        return torch.tensor(_host_uniforms(seed, r.tolist()), dtype=torch.float64)[:, None]
     sd = s.to(device)[r] if isinstance(s, torch.Tensor) else torch.full_like(r, s)
     return counter_uniform(sd, (r * seed.row_key_mult) << 32).double()[:, None]
 
