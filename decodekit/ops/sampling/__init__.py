@@ -462,3 +462,169 @@ def sampler_simple_batch(
                                 mode="simple")
         return tokens[:, None]
     return _st.simple_batch_torch(logits, noise_v, temp_v, _torch_seed(seed, B, dev))[:, None]
+
+
+# =========================================================================== beam candidates (issue 13)
+# One step of Hugging Face beam search / beam sampling on [B * N, V] logits. Self-contained section: validation
+# here, then one custom op (torch.ops.decodekit.beam_candidates) taking tensors and scalars only.
+
+from decodekit.ops._library import custom_op as _beam_custom_op  # noqa: E402
+
+__all__ += ["beam_candidates"]  # noqa: PLE0605
+
+_BEAM_MAX_CANDIDATES = 256  # candidates per prompt the kernel keeps in registers
+
+
+def _beam_scalar(name: str, value: object, op: str, *, integer: bool = False, lo: float, lo_open: bool = False,
+                 hi: float | None = None) -> float | int:
+    """A Python scalar parameter of :func:`beam_candidates` (per-row tensors are not accepted here)."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{op}: {name} must be {'an int' if integer else 'a float'}, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {v}")
+    if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+        rng = f"{'>' if lo_open else '>='} {lo}" + ("" if hi is None else f" and <= {hi}")
+        raise ValueError(f"{op}: {name} must be {rng}, got {value}")
+    return int(value) if integer else v
+
+
+@_beam_custom_op("beam_candidates")
+def _beam_candidates_op(
+    logits: torch.Tensor, beam_scores: torch.Tensor, token_counts: torch.Tensor | None, seed: torch.Tensor | None,
+    seed_int: int, num_beams: int, num_candidates: int, temperature: float, top_k: int, top_p: float,
+    repetition_penalty: float, min_tokens_to_keep: int, do_sample: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.decodekit.beam_candidates``: tokens, beams (int64) and scores (fp32), each ``[B, K]``."""
+    dev = logits.device
+    B = logits.shape[0] // num_beams
+    sd: int | torch.Tensor = seed if seed is not None else seed_int
+    if backend == "triton":
+        seeds, mult = _seeds(sd, B, dev)
+        return _kernels().beam_run(logits, beam_scores, token_counts, seeds, mult, num_beams=num_beams,
+                                   num_candidates=num_candidates, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, repetition_penalty=repetition_penalty,
+                                   min_tokens_to_keep=min_tokens_to_keep, do_sample=do_sample)
+    return _st.beam_candidates_torch(logits, beam_scores, num_beams, num_candidates, temperature, top_k, top_p,
+                                     repetition_penalty, token_counts, min_tokens_to_keep, do_sample,
+                                     _torch_seed(sd, B, dev))
+
+
+@_beam_candidates_op.register_fake
+def _(logits, beam_scores, token_counts, seed, seed_int, num_beams, num_candidates, temperature, top_k, top_p,
+      repetition_penalty, min_tokens_to_keep, do_sample, backend):
+    shape = (logits.shape[0] // num_beams, num_candidates)
+    return (logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.int64),
+            logits.new_empty(shape, dtype=torch.float32))
+
+
+def beam_candidates(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    num_beams: int,
+    *,
+    num_candidates: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    token_counts: torch.Tensor | None = None,
+    min_tokens_to_keep: int = 2,
+    seed: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of beam search or beam sampling: the ``K`` best (or ``K`` sampled) continuations per prompt.
+
+    Hugging Face ``_beam_search`` semantics (transformers 4.52 to 5.x; checked against the installed 5.x), fused:
+    per beam row, ``s = log_softmax(logits)``; the repetition penalty on those log-probabilities at the tokens
+    with a nonzero count (``s * r`` where ``s < 0``, else ``s / r``); ``s / temperature``; top-k with
+    ``k = max(top_k, min_tokens_to_keep)`` (every token tying the k-th kept); top-p on the distribution
+    renormalized over the top-k set, keeping a token iff the mass of the strictly higher values is below
+    ``top_p`` or fewer than ``min_tokens_to_keep`` values are strictly higher; filtered tokens drop out. Each
+    kept token's score is ``beam_score + s``; over the ``N * V`` scores of a prompt, the ``K`` best
+    (``do_sample=False``) or ``K`` drawn without replacement from their softmax (``do_sample=True``, as a
+    Gumbel-top-k: the ``K`` largest ``score - log(-log u)``), returned ordered by score, descending.
+
+    Parameters
+    ----------
+    logits : Tensor ``[B * N, V]``, fp32 / fp16 / bf16, last dim contiguous. Row ``b * N + n`` is beam ``n`` of
+        prompt ``b``.
+    beam_scores : fp32 ``[B * N]`` (or ``[B, N]``) running beam scores on the logits' device. Hugging Face starts
+        with ``0`` for beam 0 and ``-1e9`` for the others, so the first step expands one beam.
+    num_beams : ``N >= 1``.
+    num_candidates : ``K`` in ``[1, N * V]`` (at most 256); default ``2 * N`` (Hugging Face keeps
+        ``max(2, 1 + number of stop ids) * N``, so that ``N`` continue even when the best ``N`` all stop).
+    do_sample : False: top ``K``. True: sampled without replacement.
+    temperature, top_k, top_p, repetition_penalty : Python scalars. Hugging Face applies temperature, top-k and
+        top-p only when sampling; pass the defaults (``1.0, 0, 1.0``) for beam search.
+    token_counts : int ``[B * N, V]`` how often each token occurs in each beam (prompt included); only
+        ``count > 0`` matters (the penalty applies once per token).
+    min_tokens_to_keep : at least this many tokens survive top-k / top-p per row (Hugging Face: 1 + the number
+        of stop ids, at least 2).
+    seed : int, int64 ``[B]`` per-prompt seeds, or None (drawn from torch's generator); only for sampling.
+    backend : ``"auto"`` (CUDA -> Triton kernel, CPU -> PyTorch path), ``"triton"`` or ``"torch"``.
+
+    Returns
+    -------
+    tokens : int64 ``[B, K]`` token ids, beams : int64 ``[B, K]`` the beam (``0..N-1``) each continues,
+    scores : fp32 ``[B, K]`` the accumulated scores, descending. A prompt whose rows hold fewer than ``K`` kept
+    tokens (NaN or all ``-inf`` logits) pads with token ``-1``, beam ``-1``, score ``-inf``.
+
+    Notes
+    -----
+    The Triton kernel reads each row a few times (log-sum-exp, the row statistics, a threshold search with 16
+    pivots per pass for top-k / top-p, the selection) and never sorts the vocabulary; only ``[B, K]`` results
+    leave it. Ties among scores: lowest ``n * V + token`` first on the kernel, ``torch.topk``'s order on the
+    PyTorch path (the order Hugging Face gets). Sampling is deterministic for a seed on each path; the kernel
+    draws Philox uniforms (``tl.rand``), the PyTorch path counter-based hashes, so the two give equally
+    distributed, not identical, candidates. No host synchronization on the kernel path (CUDA-graph safe with a
+    tensor seed); under ``torch.compile`` the op is one opaque node.
+
+    Example
+    -------
+    >>> logits = torch.randn(2 * 3, 100)
+    >>> scores = torch.tensor([0.0, -1e9, -1e9] * 2)
+    >>> tok, beam, sc = beam_candidates(logits, scores, 3)
+    >>> tok.shape, beam.shape, sc.shape
+    (torch.Size([2, 6]), torch.Size([2, 6]), torch.Size([2, 6]))
+    """
+    op = "beam_candidates"
+    logits = _check_logits(logits, op)
+    R, V = logits.shape
+    dev = logits.device
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int):
+        raise TypeError(f"{op}: num_beams must be an int, got {type(num_beams).__name__}")
+    if num_beams < 1:
+        raise ValueError(f"{op}: num_beams must be >= 1, got {num_beams}")
+    if R % num_beams:
+        raise ValueError(f"{op}: logits has {R} rows, not a multiple of num_beams={num_beams}")
+    B = R // num_beams
+    K = 2 * num_beams if num_candidates is None else num_candidates
+    if isinstance(K, bool) or not isinstance(K, int):
+        raise TypeError(f"{op}: num_candidates must be an int, got {type(K).__name__}")
+    if not 1 <= K <= min(num_beams * V, _BEAM_MAX_CANDIDATES):
+        raise ValueError(f"{op}: num_candidates must be in [1, min(num_beams * V, {_BEAM_MAX_CANDIDATES})] = "
+                         f"[1, {min(num_beams * V, _BEAM_MAX_CANDIDATES)}], got {K}")
+    check_tensor("beam_scores", beam_scores, dtypes=(torch.float32,), device=dev, op=op)
+    if beam_scores.numel() != R or beam_scores.dim() not in (1, 2) or (
+            beam_scores.dim() == 2 and tuple(beam_scores.shape) != (B, num_beams)):
+        raise ValueError(f"{op}: beam_scores must be [B * N] = [{R}] or [B, N] = [{B}, {num_beams}], "
+                         f"got {tuple(beam_scores.shape)}")
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"{op}: do_sample must be a bool, got {type(do_sample).__name__}")
+    temperature = _beam_scalar("temperature", temperature, op, lo=0.0, lo_open=True)
+    top_k = _beam_scalar("top_k", top_k, op, integer=True, lo=0)
+    top_p = _beam_scalar("top_p", top_p, op, lo=0.0, lo_open=True, hi=1.0)
+    repetition_penalty = _beam_scalar("repetition_penalty", repetition_penalty, op, lo=0.0, lo_open=True)
+    min_tokens_to_keep = _beam_scalar("min_tokens_to_keep", min_tokens_to_keep, op, integer=True, lo=1)
+    counts = _check_counts(token_counts, logits, op)
+    seed = _check_seed(seed, B, dev, op)
+    path = resolve_backend(backend, dev, op)
+    if R == 0:
+        empty = torch.empty(0, K, dtype=torch.int64, device=dev)
+        return empty, empty.clone(), torch.empty(0, K, dtype=torch.float32, device=dev)
+    seed = _draw_seed(seed, dev) if do_sample else 0
+    seed_t, seed_int = (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
+    return _beam_candidates_op(logits, beam_scores.reshape(R).contiguous(), counts, seed_t, seed_int, num_beams, K,
+                               temperature, top_k, top_p, repetition_penalty, min_tokens_to_keep, do_sample, path)

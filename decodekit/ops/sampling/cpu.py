@@ -539,3 +539,95 @@ def simple_batch_torch(logits: torch.Tensor, noise: Param, temp: Param, seed: Se
     win = key == best[rows]
     token = torch.full((B,), V, dtype=torch.int64, device=dev).scatter_reduce(0, rows[win], toks[win], "amin")
     return torch.where(bad | (token >= V), -1, token)
+
+
+# =========================================================================== beam candidates (issue 13)
+# The PyTorch path of ``decodekit.beam_candidates``: one step of Hugging Face beam search / beam sampling.
+
+
+def beam_logprobs_torch(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+    token_counts: torch.Tensor | None, min_tokens_to_keep: int,
+) -> torch.Tensor:
+    """fp32 ``[R, V]`` processed log-probabilities, ``-inf`` where filtered (see ``beam_logprobs_ref``).
+
+    Top-k ranks ``torch.topk`` values (a tie group at the k-th is kept whole); top-p runs on the sorted top-k
+    candidates, or on a sort of the whole row when top-k is off (this path's one vocabulary sort; the Triton
+    kernel searches a threshold instead).
+    """
+    s = torch.log_softmax(logits.float(), dim=-1)  # a fresh tensor: updated in place below
+    R, V = s.shape
+    if token_counts is not None and repetition_penalty != 1.0:
+        seen = token_counts > 0
+        pen = torch.where(s < 0, s * repetition_penalty, s / repetition_penalty)
+        s = torch.where(seen, pen, s)
+    if temperature != 1.0:
+        s.div_(temperature)
+    k = min(max(top_k, min_tokens_to_keep), V) if top_k > 0 else 0
+    p_on = 0.0 < top_p < 1.0
+    if k == 0 and not p_on:
+        return s
+    if 0 < k < V:
+        vals = torch.topk(s, k, dim=1).values  # [R, k] descending
+        kth = vals[:, k - 1 : k]
+        n_keep = int((s >= kth).sum(dim=1).max())  # tie groups crossing the k-th
+        if n_keep > k:
+            vals = torch.topk(s, n_keep, dim=1).values
+        vals = torch.where(vals >= kth, vals, _NEG_INF)
+    else:
+        kth = None
+        vals = torch.sort(s, dim=1, descending=True).values
+    if p_on:
+        probs = torch.softmax(vals, dim=1)  # renormalized over the top-k set (HF order)
+        before = _group_start_mass(vals, probs)
+        first = torch.ones_like(vals, dtype=torch.bool)
+        first[:, 1:] = vals[:, 1:] != vals[:, :-1]
+        rank = torch.arange(vals.shape[1], device=s.device).expand_as(vals)
+        start = torch.where(first, rank, -1).cummax(dim=1).values  # position of each value's tie group start
+        keep = (before < top_p) | (start < min_tokens_to_keep)
+        keep &= vals > _NEG_INF
+        cut = torch.where(keep, vals, _INF).amin(dim=1, keepdim=True)  # lowest kept value per row
+        kth = cut if kth is None else torch.maximum(cut, kth)
+    return s.masked_fill_(s < kth, _NEG_INF)
+
+
+def beam_candidates_torch(
+    logits: torch.Tensor, beam_scores: torch.Tensor, num_beams: int, num_candidates: int, temperature: float,
+    top_k: int, top_p: float, repetition_penalty: float, token_counts: torch.Tensor | None, min_tokens_to_keep: int,
+    do_sample: bool, seed: Seed,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens, beams, scores)`` int64 / int64 / fp32 ``[B, K]``, ordered by score, descending.
+
+    ``do_sample=False``: ``torch.topk`` of the ``N * V`` accumulated scores of each prompt (what Hugging Face
+    runs, so ties break alike). ``do_sample=True``: Gumbel-top-k, the ``K`` largest ``score + g`` with
+    ``g = -log(-log u)`` and ``u`` = :func:`counter_uniform` at ``seed`` and counter
+    ``((prompt * row_key_mult) << 40) + n * V + token``, drawn for the kept tokens only: ``K`` draws without
+    replacement from the softmax of the scores. A prompt with fewer than ``K`` kept tokens (bad rows) pads its
+    candidates with token ``-1``, beam ``-1``, score ``-inf``.
+    """
+    s = beam_logprobs_torch(logits, temperature, top_k, top_p, repetition_penalty, token_counts,
+                            min_tokens_to_keep)
+    R, V = s.shape
+    N, K = num_beams, num_candidates
+    B = R // N
+    acc = s.add_(beam_scores.to(torch.float32).reshape(R, 1)).reshape(B, N * V)
+    acc.nan_to_num_(nan=_NEG_INF)  # a NaN row has no candidates
+    if do_sample:
+        b, f = (acc > _NEG_INF).nonzero(as_tuple=True)
+        sd = seed.seed
+        sd = sd.to(acc.device)[b] if isinstance(sd, torch.Tensor) else torch.full_like(b, sd)
+        # the midpoint of the uniform's 2**-24 cell: u in (0, 1), so every kept token gets a finite key
+        u = counter_uniform(sd, ((b * seed.row_key_mult) << 40) + f).double() + 2.0**-25
+        keys = torch.full((B, N * V), _NEG_INF, dtype=torch.float64, device=acc.device)
+        keys[b, f] = acc[b, f].double() - torch.log(-torch.log(u))
+        kk, idx = torch.topk(keys, K, dim=1)
+        sc = acc.gather(1, idx)
+        sc = torch.where(kk > _NEG_INF, sc, _NEG_INF)
+        sc, order = torch.sort(sc, dim=1, descending=True, stable=True)
+        idx = idx.gather(1, order)
+    else:
+        sc, idx = torch.topk(acc, K, dim=1)
+    ok = sc > _NEG_INF
+    tokens = torch.where(ok, idx % V, -1)
+    beams = torch.where(ok, idx // V, -1)
+    return tokens, beams, sc

@@ -162,3 +162,83 @@ def sampler_simple_batch_ref(
         return logits.argmax(dim=-1, keepdim=True)
     u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
     return torch.argmax(logits / temp + u * noise, dim=-1, keepdim=True)
+
+
+# =========================================================================== beam candidates (issue 13)
+# Hugging Face beam search / beam sampling, one step: what ``decodekit.beam_candidates`` is tested against.
+
+
+def beam_logprobs_ref(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    token_counts: torch.Tensor | None = None,
+    min_tokens_to_keep: int = 2,
+) -> torch.Tensor:
+    """The processed log-probabilities of one beam-search step, fp32 ``[R, V]`` (``-inf`` where filtered).
+
+    ``log_softmax`` of the fp32 logits; the repetition penalty on those log-probabilities at every token with a
+    nonzero count (``s * r`` where ``s < 0``, ``s / r`` otherwise); ``s / temperature``; top-k with
+    ``k = max(top_k, min_tokens_to_keep)`` keeping every token tying the k-th; top-p keeping a token iff the
+    softmax mass of the strictly higher values is below ``top_p`` or fewer than ``min_tokens_to_keep`` tokens are
+    strictly higher (whole tie groups, where Hugging Face's sort keeps an arbitrary part of one).
+    """
+    s = torch.log_softmax(logits.float(), dim=-1)
+    R, V = s.shape
+    if token_counts is not None and repetition_penalty != 1.0:
+        seen = token_counts.to(s.device) > 0
+        s = torch.where(seen, torch.where(s < 0, s * repetition_penalty, s / repetition_penalty), s)
+    if temperature != 1.0:
+        s = s / temperature
+    keep = s > float("-inf")
+    if top_k > 0:
+        k = min(max(top_k, min_tokens_to_keep), V)
+        kth = torch.sort(s, dim=-1, descending=True).values[:, k - 1 : k]
+        keep &= s >= kth
+    if top_p < 1.0:
+        for r in range(R):
+            row = torch.where(keep[r], s[r], float("-inf"))
+            vals, order = torch.sort(row, descending=True)
+            probs = torch.softmax(vals, dim=-1)
+            excl = torch.cumsum(probs, dim=-1) - probs
+            start = torch.searchsorted(-vals, -vals, side="left")  # first position of each tie group
+            keep_sorted = (excl[start] < top_p) | (start < min_tokens_to_keep)
+            keep[r] &= torch.zeros_like(keep[r]).scatter(0, order, keep_sorted)
+    return torch.where(keep, s, float("-inf"))
+
+
+def beam_candidates_ref(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    num_beams: int,
+    num_candidates: int | None = None,
+    *,
+    do_sample: bool = False,
+    generator: torch.Generator | None = None,
+    **filters,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of Hugging Face's ``_beam_search``: ``(tokens, beams, scores)``, each ``[B, K]``.
+
+    ``logits`` ``[B * N, V]`` (prompt-major: row ``b * N + n`` is beam ``n`` of prompt ``b``), ``beam_scores``
+    ``[B * N]`` the running scores. Each candidate's score is ``beam_score + s`` with ``s`` from
+    :func:`beam_logprobs_ref`; over the ``N * V`` scores of a prompt, the ``K`` (default ``2N``) best (ties: the
+    lowest flat index ``n * V + token``), or ``K`` drawn without replacement from their softmax
+    (``torch.multinomial``), in both cases ordered by score, descending.
+    """
+    s = beam_logprobs_ref(logits, **filters)
+    R, V = s.shape
+    B, N = R // num_beams, num_beams
+    K = 2 * N if num_candidates is None else num_candidates
+    acc = (s + beam_scores.float().reshape(R, 1)).reshape(B, N * V)
+    if do_sample:
+        idx = torch.multinomial(torch.softmax(acc, dim=-1), K, generator=generator)
+        sc = acc.gather(1, idx)
+        sc, order = torch.sort(sc, dim=-1, descending=True, stable=True)
+        idx = idx.gather(1, order)
+    else:
+        sc, idx = torch.sort(acc, dim=-1, descending=True, stable=True)
+        sc, idx = sc[:, :K], idx[:, :K]
+    return idx % V, idx // V, sc
