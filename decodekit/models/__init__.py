@@ -2,8 +2,8 @@
 
 Public entry points (re-exported by ``decodekit``):
 
-* :func:`load_model` -- a llama2.c checkpoint file or a Hugging Face model directory -> :class:`Decoder`
-* :func:`load_tokenizer` -- a ``tok*.bin``/``tokenizer.json`` file, or a directory holding one
+* :func:`load_model` -- a llama2.c checkpoint file, a GGUF file or a Hugging Face model directory -> :class:`Decoder`
+* :func:`load_tokenizer` -- a ``tok*.bin``/``tokenizer.json``/GGUF file, or a directory holding one
 
 Example
 -------
@@ -42,13 +42,20 @@ __all__ = [
 
 
 def model_format(path: str | os.PathLike) -> str:
-    """``"hf"`` for a directory with ``config.json``, ``"llama2c"`` for a file; UsageError otherwise."""
+    """``"hf"`` for a directory with ``config.json``, ``"gguf"`` for a file that starts with the GGUF magic bytes,
+    ``"llama2c"`` for any other file; UsageError otherwise (also for a ``.gguf`` file that is not GGUF)."""
     path = Path(path)
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf"
         raise UsageError(f"{path} is a directory without config.json: not a Hugging Face model directory")
     if path.is_file():
+        from decodekit.models.gguf import is_gguf
+
+        if is_gguf(path):
+            return "gguf"
+        if path.suffix.lower() == ".gguf":
+            raise UsageError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
         return "llama2c"
     if os.path.lexists(path):
         raise UsageError(f"model {path} is not a regular file or directory (a device, pipe, socket or broken link)")
@@ -81,13 +88,14 @@ def load_model(
     max_seq_len: int | None = None,
     use_kernels: bool = False,
 ) -> Decoder:
-    """Load a decoder from a llama2.c checkpoint file or a Hugging Face model directory, offline.
+    """Load a decoder from a llama2.c checkpoint, a GGUF file or a Hugging Face model directory, offline.
 
     Parameters
     ----------
     path : path-like
-        A llama2.c ``.bin`` checkpoint, or a directory with ``config.json`` + ``model.safetensors``
-        (``GPT2LMHeadModel`` or ``LlamaForCausalLM``).
+        A llama2.c ``.bin`` checkpoint, a GGUF file of the ``llama`` architecture (F32/F16/Q8_0/Q4_0/Q4_1
+        tensors, dequantized; see :mod:`decodekit.models.gguf`), or a directory with ``config.json`` +
+        ``model.safetensors`` (``GPT2LMHeadModel`` or ``LlamaForCausalLM``).
     dtype, device
         Where the weights end up (loaded in fp32/checkpoint dtype, then converted).
     max_seq_len : int, optional
@@ -111,6 +119,10 @@ def load_model(
 
         read_hf_config_checked(path)  # a malformed config.json: one clear UsageError before any weight is read
         model = load_hf(path, dtype=dtype, device=device)
+    elif fmt == "gguf":
+        from decodekit.models.gguf import load_gguf
+
+        model = load_gguf(path, dtype=dtype, device=device)
     else:
         from decodekit.models.llama2c import load_llama2c
 

@@ -1,4 +1,5 @@
-"""Tokenizers: llama2.c's ``tok*.bin`` (encoded and decoded exactly as ``run.c`` does) and ``tokenizer.json``.
+"""Tokenizers: llama2.c's ``tok*.bin`` (encoded and decoded exactly as ``run.c`` does) and ``tokenizer.json``
+(also the one built from a GGUF file's vocabulary and merges, see :mod:`decodekit.models.gguf`), with chat templates.
 
 Both classes offer the same small interface used by the runtime:
 
@@ -17,6 +18,7 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 from decodekit.errors import UsageError
 
@@ -217,28 +219,67 @@ class HFTokenizer:
     """A ``tokenizer.json`` read with the ``tokenizers`` package (no network, no ``transformers``).
 
     ``bos_id`` / ``eos_id`` come from the arguments, else from a ``tokenizer_config.json`` or ``config.json``
-    beside the file. ``encode(..., bos=True)`` prepends BOS only when the tokenizer's own post-processor does not.
+    beside the file. ``encode(..., bos=True)`` prepends BOS only when ``add_bos`` (default True; GGUF files say
+    whether their model wants it) and the tokenizer's own post-processor does not.
+
+    ``chat_template`` (a jinja template, as in ``tokenizer_config.json`` or a GGUF file) enables
+    :meth:`apply_chat_template`; without an argument it is read from ``tokenizer_config.json`` beside the file.
     """
 
-    def __init__(self, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None, *,
+                 add_bos: bool = True, chat_template: str | None = None) -> None:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - optional dependency
             raise UsageError("reading tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from e
         self.path = Path(path)
         try:
-            self._tok = Tokenizer.from_file(str(self.path))
+            tok = Tokenizer.from_file(str(self.path))
         except Exception as e:
             raise UsageError(f"cannot read tokenizer {self.path}: {e}") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        ids = _special_ids_beside(self.path)
-        self.bos_id = bos_id if bos_id is not None else ids.get("bos")
-        self.eos_id = eos_id if eos_id is not None else ids.get("eos")
+        beside = _special_ids_beside(self.path)
+        if chat_template is None:
+            chat_template = beside.pop("chat_template", None)
+        self._setup(tok, bos_id if bos_id is not None else beside.get("bos"),
+                    eos_id if eos_id is not None else beside.get("eos"), add_bos, chat_template)
+
+    @classmethod
+    def from_str(cls, text: str, *, bos_id: int | None, eos_id: int | None, add_bos: bool = True,
+                 chat_template: str | None = None, source: Path | None = None) -> HFTokenizer:
+        """A tokenizer from ``tokenizer.json`` text (e.g. one built from a GGUF file); ``source`` names it."""
+        from tokenizers import Tokenizer
+
+        self = cls.__new__(cls)
+        self.path = source or Path("<tokenizer.json>")
+        self._setup(Tokenizer.from_str(text), bos_id, eos_id, add_bos, chat_template)
+        return self
+
+    def _setup(self, tok, bos_id: int | None, eos_id: int | None, add_bos: bool,  # noqa: ANN001
+               chat_template: str | None) -> None:
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_bos = bool(add_bos)
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise UsageError(f"the chat template of tokenizer {self.path} must be a string")
+        self.chat_template = chat_template
+
+    def to_str(self) -> str:
+        """The ``tokenizer.json`` text of this tokenizer."""
+        return self._tok.to_str()
+
+    def token(self, token_id: int | None) -> str | None:
+        """The text of a (special) token id, or None."""
+        return None if token_id is None else self._tok.id_to_token(int(token_id))
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) are matched whole.
+
+        ``bos=True`` prepends BOS when the tokenizer adds one (``add_bos``), and always to an empty text, so that a
+        generation has a first token."""
         _utf8(text)  # a lone surrogate: UsageError, as the llama2.c tokenizer
         ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-        if bos and self.bos_id is not None:
+        if bos and self.bos_id is not None and (self.add_bos or not ids):
             ids.insert(0, self.bos_id)
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
@@ -247,10 +288,80 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        """The prompt text of a conversation, rendered with the tokenizer's jinja chat template.
 
-def _special_ids_beside(path: Path) -> dict[str, int]:
-    """BOS/EOS ids from ``config.json`` next to a ``tokenizer.json`` (first id of a list)."""
-    found: dict[str, int] = {}
+        Rendered as transformers renders it (a sandboxed jinja environment with ``trim_blocks`` and
+        ``lstrip_blocks``, ``raise_exception``, ``strftime_now`` and a ``tojson`` filter), with ``messages``,
+        ``add_generation_prompt``, ``bos_token`` / ``eos_token`` and ``extra`` as variables. Encode the result
+        with ``encode(text, bos=False)``: the template writes every special token itself.
+
+        Raises :class:`UsageError` when the tokenizer has no chat template or the template rejects the messages,
+        ``TypeError`` when ``messages`` is not a list of ``{"role": str, "content": str}``.
+        """
+        if self.chat_template is None:
+            raise UsageError(f"tokenizer {self.path} has no chat template")
+        check_messages(messages)
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.token(self.bos_id) or "", eos_token=self.token(self.eos_id) or "",
+                                    **extra)
+
+
+def check_messages(messages: object) -> list[dict[str, str]]:
+    """A chat: a non-empty list of ``{"role": str, "content": str}`` (``TypeError`` / ``UsageError`` naming it)."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                        f"{type(messages).__name__}")
+    if not messages:
+        raise UsageError("messages is empty: give at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise TypeError(f"messages[{i}][{key!r}] must be a str, got {type(m.get(key)).__name__}")
+    return list(messages)
+
+
+def render_chat_template(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                         **variables: Any) -> str:
+    """Render a Hugging Face chat template (jinja) the way transformers does; ``UsageError`` on a template error."""
+    import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise UsageError(f"the chat template failed: {e}") from None
+
+
+def _special_ids_beside(path: Path) -> dict[str, Any]:
+    """BOS/EOS ids from ``config.json`` next to a ``tokenizer.json`` (first id of a list), and the chat template
+    of a ``tokenizer_config.json`` there (key ``chat_template``, a string)."""
+    found: dict[str, Any] = {}
+    tok_cfg = path.parent / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            template = json.loads(tok_cfg.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            template = None
+        if isinstance(template, str):
+            found["chat_template"] = template
     cfg = path.parent / "config.json"
     if cfg.is_file():
         try:
@@ -270,7 +381,8 @@ Tokenizer = Llama2cTokenizer | HFTokenizer
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Open a tokenizer: a llama2.c ``*.bin`` file, a ``tokenizer.json`` file, or a directory holding one.
+    """Open a tokenizer: a llama2.c ``*.bin`` file, a ``tokenizer.json`` file, a GGUF model file (its tokenizer),
+    or a directory holding one.
 
     A directory may be an export directory (``decodekit.json`` names the tokenizer file), a Hugging Face
     model directory (``tokenizer.json``), or a llama2.c directory with exactly one ``tok*.bin``.
@@ -286,6 +398,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         path = found
     if not path.is_file():
         raise UsageError(f"tokenizer {path} does not exist")
+    from decodekit.models.gguf import is_gguf
+
+    if is_gguf(path):
+        from decodekit.models.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     if path.suffix == ".json":
         return HFTokenizer(path)
     return Llama2cTokenizer(path)
@@ -312,7 +430,12 @@ def _tokenizer_of_export(meta_path: Path) -> Tokenizer:
     for k, v in ids.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise UsageError(f"{meta_path}: tokenizer.{k} must be a token id, got {v!r}")
-    return HFTokenizer(meta_path.parent / name, **ids)
+    add_bos, template = info.get("add_bos", True), info.get("chat_template")
+    if not isinstance(add_bos, bool):
+        raise UsageError(f"{meta_path}: tokenizer.add_bos must be true or false, got {add_bos!r}")
+    if template is not None and not isinstance(template, str):
+        raise UsageError(f"{meta_path}: tokenizer.chat_template must be a string or null, got {template!r:.40}")
+    return HFTokenizer(meta_path.parent / name, **ids, add_bos=add_bos, chat_template=template)
 
 
 def find_tokenizer_file(directory: Path, vocab_size: int | None = None) -> Path | None:
