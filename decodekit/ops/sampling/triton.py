@@ -670,3 +670,327 @@ def run(
     record_launch("sampling_finalize")
     _finalize_kernel[(B,)](race, race_idx, final, final_i, tokens, logprobs, C, CP2=CP2, num_warps=1)
     return tokens, logprobs
+
+
+# =========================================================================== beam candidates (issue 13)
+# One step of Hugging Face beam search / beam sampling (``decodekit.beam_candidates``), fused.
+#
+# Algorithm. ``_beam_row_kernel`` (grid ``B * N``: one program per beam row) reads its row of logits a few times and
+# writes only its ``K`` best candidates:
+#   1. an online log-sum-exp of the fp32 logits, so ``s = x - lse`` is the log-softmax without writing it;
+#   2. with top-k / top-p on, the row statistics of ``z = penalized(s) / T`` (max, sum of exp, min, count);
+#   3. the top-k cut, then the top-p cut on the mass renormalized over the top-k set, each by a *search over
+#      values* (the sampler's threshold search): a bracket ``(lo, hi]`` with ``Q(lo)`` false and ``Q(hi)`` true,
+#      ``Q(t) = #(z > t) < k`` (top-k) or ``mass(z > t) < p * S or #(z > t) < min_tokens_to_keep`` (top-p), both
+#      monotone in ``t``; each pass counts the tokens and mass above 16 pivots spread over the values left in the
+#      bracket and keeps the sub-interval where ``Q`` flips, with the min / max of the data inside it: >= 16x
+#      narrower per pass, finished when one distinct value is left, so a tie group at the cut stays whole;
+#   4. the selection: ``key = beam_score + z`` (``do_sample``: plus Gumbel noise ``-log(-log u)``, ``u`` Philox
+#      uniforms keyed by (seed, prompt, beam, token): Gumbel-top-k draws without replacement from the softmax of
+#      the scores) over the kept tokens, a running top-``K`` list in registers; a tile enters the list only where
+#      its max beats the list's worst entry, so after the first tiles most tiles cost one reduction.
+# ``_beam_merge_kernel`` (grid ``B``) merges the ``N`` lists of a prompt: the ``K`` best keys (ties: lowest
+# ``n * V + token``), written ordered by score.
+#
+# Why fast: no ``[B * N, V]`` intermediate is written and the vocabulary is never sorted; the row is streamed
+# (2 + search passes + 1) times, which for the beam workloads (V ~ 8k to 128k, a few beams) stays in L2 after the
+# first read; only ``[B, K]`` tokens, beams and scores leave. No host synchronization: CUDA-graph safe.
+
+BEAM_NP = 16  # pivots per search pass
+BEAM_MAX_PASS = 40  # search passes at most (distinct fp32 values are separated in <= 9; the cap bounds ties of NaN)
+
+
+@triton.jit
+def _beam_z(
+    logits_ptr, counts_ptr, row, stride_l, stride_c, offs, mask, lse, temp, rep, HAS_COUNTS: tl.constexpr,
+):
+    """Processed log-probabilities of one tile: ``(x - lse)``, repetition penalty on seen tokens, ``/ T``;
+    ``-inf`` outside the row and for NaN."""
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    s = x - lse
+    if HAS_COUNTS:
+        seen = tl.load(counts_ptr + row * stride_c + offs, mask=mask, other=0) > 0
+        s = tl.where(seen, tl.where(s < 0, s * rep, s / rep), s)
+    s = s / temp
+    return tl.where(mask & (s == s), s, float("-inf"))
+
+
+@triton.jit
+def _beam_cut(
+    logits_ptr, counts_ptr, row, stride_l, stride_c, V, lse, temp, rep, zmax,
+    lo, r0, r1, cnt_lo, mass_lo, k, p_mass, mtk, max_pass,
+    HAS_COUNTS: tl.constexpr, USE_K: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One cut search. Starts from ``lo`` (``Q(lo)`` false unless resolved at once), the data range ``[r0, r1]``
+    above it and the count / mass above it; returns the final ``(lo, r0, cnt_lo, mass_lo)``: keep ``z > lo``,
+    ``r0`` the lowest kept value. ``USE_K``: top-k test ``#(z > t) < k``; else the top-p test
+    ``mass(z > t) < p_mass or #(z > t) < mtk``."""
+    if USE_K:
+        done = cnt_lo < k
+    else:
+        done = (mass_lo < p_mass) | (cnt_lo < mtk)
+    done = done | (r0 >= r1)
+    hi = float("inf")
+    j = tl.arange(0, NP)
+    f = j.to(tl.float32) / NP
+    f_up = (j + 1).to(tl.float32) / NP
+    cols = tl.arange(0, BLOCK)
+    it = 0
+    while (it < max_pass) & (done == 0):
+        piv = r0 + (r1 - r0) * f  # [NP] non-decreasing (monotone rounding), piv[0] = r0
+        up = tl.where(j < NP - 1, r0 + (r1 - r0) * f_up, hi)  # upper end of each pivot's interval (bit-equal)
+        cnt = tl.zeros([NP], dtype=tl.int32)
+        mass = tl.zeros([NP], dtype=tl.float32)
+        imin = tl.full([NP], float("inf"), tl.float32)
+        imax = tl.full([NP], float("-inf"), tl.float32)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            z = _beam_z(logits_ptr, counts_ptr, row, stride_l, stride_c, offs, offs < V, lse, temp, rep,
+                        HAS_COUNTS)
+            e = tl.exp(z - zmax)
+            above = z[:, None] > piv[None, :]  # [BLOCK, NP]
+            cnt += tl.sum(above.to(tl.int32), axis=0)
+            mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
+            inside = above & (z[:, None] <= up[None, :])
+            imin = tl.minimum(imin, tl.min(tl.where(inside, z[:, None], float("inf")), axis=0))
+            imax = tl.maximum(imax, tl.max(tl.where(inside, z[:, None], float("-inf")), axis=0))
+        if USE_K:
+            q = cnt < k
+        else:
+            q = (mass < p_mass) | (cnt < mtk)
+        n_false = NP - tl.sum(q.to(tl.int32), axis=0)
+        jl = n_false - 1  # the last pivot where Q is false (q is monotone in j: the pivots are sorted)
+        sel = j == jl
+        all_true = n_false == 0
+        # Q true at every pivot: the cut is r0 itself (the lowest value left), lo stays
+        lo = tl.where(all_true, lo, tl.sum(tl.where(sel, piv, 0.0), axis=0))
+        cnt_lo = tl.where(all_true, cnt_lo, tl.sum(tl.where(sel, cnt, 0), axis=0))
+        mass_lo = tl.where(all_true, mass_lo, tl.sum(tl.where(sel, mass, 0.0), axis=0))
+        hi = tl.where(all_true, r0, tl.where(n_false < NP, tl.sum(tl.where(j == n_false, piv, 0.0), axis=0), hi))
+        n0 = tl.where(all_true, r0, tl.sum(tl.where(sel, imin, 0.0), axis=0))
+        n1 = tl.where(all_true, r0, tl.sum(tl.where(sel, imax, 0.0), axis=0))
+        r0 = n0
+        r1 = n1
+        done = (r0 >= r1) | all_true  # one distinct value (or none) left in the bracket
+        it += 1
+    return lo, r0, cnt_lo, mass_lo
+
+
+@triton.jit
+def _beam_row_kernel(
+    logits_ptr,  # [B * N, V] fp32/fp16/bf16 logits, row stride stride_l, unit column stride
+    counts_ptr,  # [B * N, V] int token counts (only read when HAS_COUNTS)
+    scores_ptr,  # [B * N] fp32 running beam scores
+    seeds_ptr,  # [B] int64 per-prompt seeds (only read when DO_SAMPLE)
+    key_ptr,  # [B * N, KP] fp32 out: the row's best keys (score, or score + Gumbel noise)
+    score_ptr,  # [B * N, KP] fp32 out: their scores
+    tok_ptr,  # [B * N, KP] int32 out: their tokens (-1: empty slot)
+    V, stride_l, stride_c, N,  # vocabulary, row strides of logits and counts, beams per prompt
+    temp, rep,  # temperature, repetition penalty
+    top_k, top_p, mtk,  # effective top-k (max(top_k, mtk)), top-p, min_tokens_to_keep
+    row_key_mult, max_pass,  # 1: a shared seed (prompts keyed by index), 0: per-prompt seeds; search pass cap
+    HAS_COUNTS: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, DO_SAMPLE: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    # 1. log-sum-exp of the logits (a NaN or +inf logit makes the row bad: no candidates)
+    m = float("-inf")
+    ssum = 0.0
+    nbad = 0
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(logits_ptr + row * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        bad = (x != x) | (x == float("inf"))
+        nbad += tl.sum(bad.to(tl.int32), axis=0)
+        x = tl.where(bad, float("-inf"), x)
+        new_m = tl.maximum(m, tl.max(x, axis=0))
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        ssum = ssum * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), axis=0)
+        m = new_m
+    lse = tl.where(nbad > 0, float("nan"), m + tl.log(ssum))
+    lo = float("-inf")
+    # 2. + 3. the top-k and top-p cuts
+    if HAS_TOPK or HAS_TOPP:
+        zmax = float("-inf")
+        zsum = 0.0
+        zmin = float("inf")
+        nfin = 0
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            z = _beam_z(logits_ptr, counts_ptr, row, stride_l, stride_c, offs, offs < V, lse, temp, rep,
+                        HAS_COUNTS)
+            fin = z > float("-inf")
+            nfin += tl.sum(fin.to(tl.int32), axis=0)
+            zmin = tl.minimum(zmin, tl.min(tl.where(fin, z, float("inf")), axis=0))
+            new_m = tl.maximum(zmax, tl.max(z, axis=0))
+            safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+            zsum = zsum * tl.exp(zmax - safe) + tl.sum(tl.where(fin, tl.exp(z - safe), 0.0), axis=0)
+            zmax = new_m
+        zmax_s = tl.where(zmax == float("-inf"), 0.0, zmax)
+        r0 = zmin
+        cnt_lo = nfin
+        mass_lo = zsum * tl.exp(zmax - zmax_s)  # mass relative to exp(zmax)
+        if HAS_TOPK:
+            lo, r0, cnt_lo, mass_lo = _beam_cut(
+                logits_ptr, counts_ptr, row, stride_l, stride_c, V, lse, temp, rep, zmax_s,
+                lo, r0, zmax, cnt_lo, mass_lo, top_k, 0.0, mtk, max_pass, HAS_COUNTS, True, NP, BLOCK)
+        if HAS_TOPP:
+            lo, r0, cnt_lo, mass_lo = _beam_cut(
+                logits_ptr, counts_ptr, row, stride_l, stride_c, V, lse, temp, rep, zmax_s,
+                lo, r0, zmax, cnt_lo, mass_lo, top_k, top_p * mass_lo, mtk, max_pass, HAS_COUNTS, False, NP,
+                BLOCK)
+    # 4. the row's K best keys over the kept tokens
+    bscore = tl.load(scores_ptr + row)
+    b = row // N
+    n = row - b * N
+    seed = 0
+    key_base = 0
+    if DO_SAMPLE:
+        seed = tl.load(seeds_ptr + b)
+        key_base = (((b * row_key_mult) << 40) + n * V).to(tl.int64)
+    slots = tl.arange(0, KP)
+    bk = tl.where(slots < K, float("-inf"), float("inf"))  # padding slots are never evicted
+    bs = tl.full([KP], float("-inf"), tl.float32)
+    bt = tl.full([KP], -1, tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        z = _beam_z(logits_ptr, counts_ptr, row, stride_l, stride_c, offs, offs < V, lse, temp, rep, HAS_COUNTS)
+        kept = (z > lo) & (z > float("-inf"))
+        score = bscore + z
+        key = tl.where(kept, score, float("-inf"))
+        if DO_SAMPLE:
+            if tl.max(kept.to(tl.int32), axis=0) > 0:  # Philox only for tiles holding a kept token
+                u = tl.maximum(tl.rand(seed, key_base + offs.to(tl.int64)), 2.9802322387695312e-08)  # u > 0
+                key = tl.where(kept, score - tl.log(-tl.log(u)), float("-inf"))
+        tmax = tl.max(key, axis=0)
+        worst = tl.min(bk, axis=0)
+        while tmax > worst:  # the tile's best beats the list's worst: insert it (strict: earlier tokens win ties)
+            a = tl.argmax(key, axis=0)
+            sc_a = tl.sum(tl.where(cols == a, score, 0.0), axis=0)
+            # evict the worst entry; among equal keys the highest token (the lowest priority)
+            slot = tl.argmax(tl.where(bk == worst, bt, -2), axis=0)
+            bk = tl.where(slots == slot, tmax, bk)
+            bs = tl.where(slots == slot, sc_a, bs)
+            bt = tl.where(slots == slot, start + a.to(tl.int32), bt)
+            key = tl.where(cols == a, float("-inf"), key)
+            tmax = tl.max(key, axis=0)
+            worst = tl.min(bk, axis=0)
+    out = row * KP + slots
+    tl.store(key_ptr + out, bk)
+    tl.store(score_ptr + out, bs)
+    tl.store(tok_ptr + out, bt)
+
+
+@triton.jit
+def _beam_merge_kernel(
+    key_ptr,  # [B * N, KP] fp32 the rows' best keys
+    score_ptr,  # [B * N, KP] fp32 their scores
+    tok_ptr,  # [B * N, KP] int32 their tokens (-1: empty)
+    out_tok_ptr,  # [B, K] int64 out: tokens, ordered by score
+    out_beam_ptr,  # [B, K] int64 out: the beam (0..N-1) each candidate continues (-1: none)
+    out_score_ptr,  # [B, K] fp32 out: scores, descending (-inf: none)
+    V, N,  # vocabulary, beams per prompt
+    K: tl.constexpr, KP: tl.constexpr, NKP: tl.constexpr, DO_SAMPLE: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, NKP)
+    valid = i < N * KP
+    base = b * N * KP
+    key = tl.load(key_ptr + base + i, mask=valid, other=float("-inf"))
+    sc = tl.load(score_ptr + base + i, mask=valid, other=float("-inf"))
+    tok = tl.load(tok_ptr + base + i, mask=valid, other=-1)
+    n = (i // KP).to(tl.int64)
+    real = valid & (tok >= 0)
+    flat = tl.where(real, n * V + tok, 1 << 62)  # tie order: the lowest n * V + token first
+    sc = tl.where(real, sc, float("-inf"))
+    if DO_SAMPLE:  # the K largest keys (the draw), then ordered by score below
+        chosen = i < 0
+        for _ in range(K):
+            cand = real & ~chosen
+            best = tl.max(tl.where(cand, key, float("-inf")), axis=0)
+            pick = tl.argmin(tl.where(cand & (key == best), flat, 1 << 62), axis=0)
+            chosen = chosen | ((i == pick) & cand)
+        avail = chosen
+    else:
+        avail = real
+    for k in range(K):
+        best = tl.max(tl.where(avail, sc, float("-inf")), axis=0)
+        hit = avail & (sc == best)
+        any_hit = tl.max(hit.to(tl.int32), axis=0) > 0
+        pick = tl.argmin(tl.where(hit, flat, 1 << 62), axis=0)
+        sel = (i == pick) & any_hit
+        t = tl.sum(tl.where(sel, tok, 0), axis=0)
+        nb = tl.sum(tl.where(sel, n, 0), axis=0)
+        tl.store(out_tok_ptr + b * K + k, tl.where(any_hit, t.to(tl.int64), -1))
+        tl.store(out_beam_ptr + b * K + k, tl.where(any_hit, nb, -1))
+        tl.store(out_score_ptr + b * K + k, tl.where(any_hit, best, float("-inf")))
+        avail = avail & ~sel
+
+
+def _beam_block(V: int, device: torch.device) -> int:
+    """Tile of the beam row kernel: 1024 on a GPU (a [1024, 16] pivot compare per tile), 2048 under the
+    interpreter (each tile costs a few numpy calls there)."""
+    return min(1024 if device.type == "cuda" else 2048, triton.next_power_of_2(V))
+
+
+def beam_run(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    counts: torch.Tensor | None,
+    seeds: torch.Tensor,
+    row_key_mult: int,
+    *,
+    num_beams: int,
+    num_candidates: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    min_tokens_to_keep: int,
+    do_sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the beam row kernel (grid ``B * N``) and the merge (grid ``B``); see the section comment.
+
+    ``logits`` ``[B * N, V]`` (unit column stride), ``beam_scores`` fp32 ``[B * N]``, ``counts`` int ``[B * N, V]``
+    or None, ``seeds`` int64 ``[B]``. Returns tokens, beams (int64) and scores (fp32), each ``[B, K]``.
+    """
+    R, V = logits.shape
+    N, K = num_beams, num_candidates
+    if R == 0 or R % N or not 1 <= K <= N * V:
+        raise ValueError(f"beam_run: bad sizes R={R}, V={V}, num_beams={N}, num_candidates={K}")
+    if beam_scores.shape != (R,) or beam_scores.dtype != torch.float32 or not beam_scores.is_contiguous():
+        raise ValueError(f"beam_run: beam_scores must be contiguous fp32 [{R}], got {tuple(beam_scores.shape)}")
+    if V > 1 and logits.stride(1) != 1:
+        raise ValueError("beam_run: logits must have a unit column stride")
+    B = R // N
+    if seeds.shape != (B,) or seeds.dtype != torch.int64:
+        raise ValueError(f"beam_run: seeds must be int64 [{B}], got {tuple(seeds.shape)} {seeds.dtype}")
+    dev = logits.device
+    KP = triton.next_power_of_2(K)
+    NKP = triton.next_power_of_2(N * KP)
+    keys = torch.empty(R, KP, device=dev, dtype=torch.float32)
+    part_scores = torch.empty(R, KP, device=dev, dtype=torch.float32)
+    part_toks = torch.empty(R, KP, device=dev, dtype=torch.int32)
+    tokens = torch.empty(B, K, device=dev, dtype=torch.int64)
+    beams = torch.empty(B, K, device=dev, dtype=torch.int64)
+    scores = torch.empty(B, K, device=dev, dtype=torch.float32)
+    has_counts = counts is not None and repetition_penalty != 1.0
+    k_eff = min(max(top_k, min_tokens_to_keep), V) if top_k > 0 else 0
+    block = _beam_block(V, dev)
+    record_launch("beam_rows")
+    _beam_row_kernel[(R,)](
+        logits, counts if has_counts else logits, beam_scores, seeds, keys, part_scores, part_toks,
+        V, logits.stride(0), counts.stride(0) if has_counts else 0, N,
+        float(temperature), float(repetition_penalty), k_eff, float(top_p), min_tokens_to_keep,
+        row_key_mult, BEAM_MAX_PASS,
+        HAS_COUNTS=has_counts, HAS_TOPK=0 < k_eff < V, HAS_TOPP=0.0 < top_p < 1.0, DO_SAMPLE=do_sample,
+        K=K, KP=KP, NP=BEAM_NP, BLOCK=block, num_warps=4 if dev.type == "cuda" else 1,
+    )
+    record_launch("beam_merge")
+    _beam_merge_kernel[(B,)](
+        keys, part_scores, part_toks, tokens, beams, scores, V, N, K=K, KP=KP, NKP=NKP, DO_SAMPLE=do_sample,
+        num_warps=4 if dev.type == "cuda" else 1,
+    )
+    return tokens, beams, scores
