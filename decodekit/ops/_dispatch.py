@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterable, Iterator
@@ -34,13 +33,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a fact of the process: torch.compile reads it once, without tracing it
 def triton_available() -> bool:
-    """True when ``triton`` imports (it is a dependency on Linux only)."""
-    try:  # find_spec, not import: Triton is imported only by the ops/<family>/triton.py modules, on first launch
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):  # pragma: no cover - depends on the platform
-        return False
+    """True when ``triton`` imports (it is a dependency on Linux only). Looked up once per process."""
+    if not _TRITON_FOUND:
+        try:  # find_spec, not import: Triton is imported only by the ops/<family>/triton.py modules, on first launch
+            _TRITON_FOUND.append(importlib.util.find_spec("triton") is not None)
+        except (ImportError, ValueError):  # pragma: no cover - depends on the platform
+            _TRITON_FOUND.append(False)
+    return _TRITON_FOUND[0]
+
+
+_TRITON_FOUND: list[bool] = []  # the cache of triton_available (not functools.cache: Dynamo warns on its wrapper)
 
 
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:

@@ -8,12 +8,14 @@ of :mod:`decodekit.ops.norm_linear.triton` (with its autograd Function) or the u
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, resolve_backend
+from decodekit.ops._library import custom_op
 from decodekit.ops.norm_linear import cpu
 
 if TYPE_CHECKING:
@@ -44,13 +46,120 @@ def _nothing_to_launch(weight: torch.Tensor) -> bool:
     return weight.shape[0] == 0
 
 
-def _run(x, norm_weight, norm_bias, weight, bias, *args) -> torch.Tensor:
-    from decodekit.ops.norm_linear import triton as kernels  # Triton on first use
+def _config_list(config: BlockConfig | None) -> list[int]:
+    """A forced block configuration in the op schema's form (``[]``: autotune)."""
+    if config is None:
+        return []
+    return [config.block_m, config.block_n, config.block_k, config.group_m, config.num_warps, config.num_stages]
 
-    # strided norm weights / biases (a slice of a fused parameter, a view with stride != 1) are accepted by
-    # validation and by the PyTorch path, so they are made dense here rather than refused by the kernel launcher
-    x, norm_weight, norm_bias, bias = (_unit_stride(t) for t in (x, norm_weight, norm_bias, bias))
-    return kernels.run(x, norm_weight, norm_bias, weight, bias, *args)
+
+def _forward(
+    norm: str | None, x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
+    weight: torch.Tensor, bias: torch.Tensor | None, eps: float, prologue: str, epilogue: str, config: list[int],
+    save: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The implementation of the three ops: ``(y [..., N], preact [M, N], mean [M], rstd [M])``, the last three
+    stored for the backward only when ``save`` (and needed), else empty."""
+    n, k = weight.shape
+    pro, epi = prologue or None, epilogue or None
+    if backend == "triton":
+        from decodekit.ops.norm_linear import triton as kernels  # Triton on first use
+
+        # strided norm weights / biases (a slice of a fused parameter, a view with stride != 1) are accepted by
+        # validation and by the PyTorch path, so they are made dense here rather than refused by the launcher
+        x_u, norm_weight, norm_bias, bias = (_unit_stride(t) for t in (x, norm_weight, norm_bias, bias))
+        y, preact, mean, rstd = kernels.norm_linear_fwd(
+            x_u.reshape(-1, k), norm_weight, norm_bias, weight, bias, eps=eps, norm=kernels._NORM_CODE[norm],
+            pro_act=kernels._ACT_CODE[pro], epi_act=kernels._ACT_CODE[epi], store_preact=save and epi is not None,
+            store_stats=save, config=kernels.BlockConfig(*config) if config else None,
+        )
+        y = y.reshape(*x.shape[:-1], n)
+    else:
+        if norm == "layer":
+            z = cpu.layer_norm_linear(x, norm_weight, norm_bias, weight, bias, eps, None)
+        elif norm == "rms":
+            z = cpu.rms_norm_linear(x, norm_weight, weight, bias, eps, None)
+        else:
+            z = cpu.gelu_linear(x, weight, bias, "tanh" if pro == "gelu_tanh" else "none")
+        y = cpu.activation(z, epi)
+        preact = z.reshape(-1, n) if save and epi is not None else None
+        mean, rstd = cpu.norm_stats(x.reshape(-1, k), norm, eps) if save else (None, None)
+    empty = x.new_empty(0)
+    return y, empty if preact is None else preact, _or_empty(mean, empty), _or_empty(rstd, empty)
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0, dtype=torch.float32) if t is None else t
+
+
+def _fake(norm: str | None, x, norm_weight, norm_bias, weight, bias, eps, prologue, epilogue, config, save, backend):
+    n = weight.shape[0]
+    m = math.prod(x.shape[:-1])
+    f32 = torch.float32
+    return (
+        x.new_empty((*x.shape[:-1], n)),
+        x.new_empty((m, n)) if save and epilogue else x.new_empty(0),
+        x.new_empty((m,), dtype=f32) if save and norm == "layer" else x.new_empty(0, dtype=f32),
+        x.new_empty((m,), dtype=f32) if save and norm is not None else x.new_empty(0, dtype=f32),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, norm_weight, norm_bias, weight, bias, eps, prologue, epilogue, _config, save, _backend = inputs
+    _y, preact, mean, rstd = output
+    recompute = not save and bool(epilogue)  # the bias is read only to recompute an unsaved pre-activation
+    ctx.save_for_backward(x, norm_weight, norm_bias, weight, bias if recompute else None, mean, rstd, preact)
+    ctx.eps, ctx.prologue, ctx.epilogue, ctx.saved = eps, prologue or None, epilogue or None, save
+
+
+def _define(name: str, norm: str | None):
+    """Register ``torch.ops.decodekit.<name>`` (one schema for the three ops) with its fake and its backward."""
+
+    def forward(
+        x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None, weight: torch.Tensor,
+        bias: torch.Tensor | None, eps: float, prologue: str, epilogue: str, config: list[int], save: bool,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(norm, x, norm_weight, norm_bias, weight, bias, eps, prologue, epilogue, config, save, backend)
+
+    forward.__name__ = name
+    forward.__doc__ = (f"``torch.ops.decodekit.{name}``: ``(y, preact, mean, rstd)``; the public function returns "
+                       "``y``, the others are what the backward reads (empty unless ``save``).")
+
+    def backward(ctx, dy, _dpreact, _dmean, _drstd):  # noqa: ANN001
+        x, norm_weight, norm_bias, weight, bias, mean, rstd, preact = ctx.saved_tensors
+        n, k = weight.shape
+        saved = ctx.saved
+        d_x, d_nw, d_nb, d_w, d_b = cpu.norm_linear_backward(
+            dy.reshape(-1, n), x.reshape(-1, k), norm_weight, norm_bias, weight, bias,
+            mean if saved and norm == "layer" else None, rstd if saved and norm is not None else None,
+            preact if saved and ctx.epilogue is not None else None, eps=ctx.eps, norm=norm, prologue=ctx.prologue,
+            epilogue=ctx.epilogue, need=tuple(ctx.needs_input_grad[:5]),
+        )
+        return (None if d_x is None else d_x.reshape(x.shape), d_nw, d_nb, d_w, d_b) + (None,) * 6
+
+    op = custom_op(name)(forward)
+    op.register_fake(functools.partial(_fake, norm))
+    op.register_autograd(backward, setup_context=_setup_context)
+    return op
+
+
+_layer_norm_linear_op = _define("layer_norm_linear", "layer")
+_rms_norm_linear_op = _define("rms_norm_linear", "rms")
+_gelu_linear_op = _define("gelu_linear", None)
+
+
+def _call(op, x, norm_weight, norm_bias, weight, bias, eps, prologue, epilogue, config, path) -> torch.Tensor:  # noqa: ANN001
+    """Run ``torch.ops.decodekit.<op>`` on validated arguments; the statistics for the backward are stored only when
+    a gradient can be asked for (known at trace time under ``torch.compile``)."""
+    if _nothing_to_launch(weight):
+        path = "torch"
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, norm_weight, norm_bias, weight, bias)
+    )
+    fn = getattr(torch.ops.decodekit, op)
+    return fn(x, norm_weight, norm_bias, weight, bias, float(eps), prologue or "", epilogue or "",
+              _config_list(config), save, path)[0]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -170,9 +279,8 @@ def layer_norm_linear(
     """
     op = "layer_norm_linear"
     _validate(op, x, norm_weight, norm_bias, weight, bias, eps, activation)
-    if resolve_backend(backend, x.device, op) == "torch" or _nothing_to_launch(weight):
-        return cpu.layer_norm_linear(x, norm_weight, norm_bias, weight, bias, eps, activation)
-    return _run(x, norm_weight, norm_bias, weight, bias, eps, "layer", None, activation, config)
+    path = resolve_backend(backend, x.device, op)
+    return _call(op, x, norm_weight, norm_bias, weight, bias, eps, None, activation, config, path)
 
 
 def rms_norm_linear(
@@ -202,9 +310,8 @@ def rms_norm_linear(
     """
     op = "rms_norm_linear"
     _validate(op, x, norm_weight, None, weight, bias, eps, activation)
-    if resolve_backend(backend, x.device, op) == "torch" or _nothing_to_launch(weight):
-        return cpu.rms_norm_linear(x, norm_weight, weight, bias, eps, activation)
-    return _run(x, norm_weight, None, weight, bias, eps, "rms", None, activation, config)
+    path = resolve_backend(backend, x.device, op)
+    return _call(op, x, norm_weight, None, weight, bias, eps, None, activation, config, path)
 
 
 def gelu_linear(
@@ -232,6 +339,6 @@ def gelu_linear(
     _validate(op, x, None, None, weight, bias, 0.0, None)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
-    if resolve_backend(backend, x.device, op) == "torch" or _nothing_to_launch(weight):
-        return cpu.gelu_linear(x, weight, bias, approximate)
-    return _run(x, None, None, weight, bias, 0.0, None, "gelu" if approximate == "none" else "gelu_tanh", None, config)
+    path = resolve_backend(backend, x.device, op)
+    return _call(op, x, None, None, weight, bias, 0.0, "gelu" if approximate == "none" else "gelu_tanh", None, config,
+                 path)

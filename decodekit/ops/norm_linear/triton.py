@@ -20,18 +20,20 @@ autotuned configs with a small ``BLOCK_M`` (16/32/64, the smallest tensor-core t
 so that enough programs stream the weight in parallel; prefill shapes get large compute-bound tiles with
 grouped (L2-friendly) program ordering.
 
-Autograd. The backward does not keep the normalized activations: the forward saves ``x``, the fp32 row
-statistics (and the pre-activation output when an epilogue activation is used, exactly what an unfused
-activation would keep), and re-creates ``h`` in the backward, where the GEMMs run through ``torch.matmul``.
+Autograd (registered on the ``torch.ops.decodekit.*_norm_linear`` custom ops in ``__init__.py``). The backward
+does not keep the normalized activations: the forward stores ``x``'s fp32 row statistics (``STORE_STATS``) and
+the pre-activation output when an epilogue activation is used (``STORE_PREACT``, exactly what an unfused
+activation would keep), and :func:`decodekit.ops.norm_linear.cpu.norm_linear_backward` re-creates ``h`` from
+them, with the GEMMs in ``torch.matmul``.
 """
 
 from __future__ import annotations
 
 import functools
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -235,13 +237,29 @@ def m_bucket(m: int) -> int:
     return min(max(16, triton.next_power_of_2(m) if triton is not None else 1 << (m - 1).bit_length()), 16384)
 
 
-def block_configs(m: int, n: int, k: int, *, interpreter: bool) -> list[BlockConfig]:
-    """The one block-size helper: candidate configs for an ``[m, k] @ [k, n]`` problem.
+# Per-thread register budget of a tile, in 32-bit values: the A tile counts twice (the loaded tile and its fp32
+# norm / activation prologue result are live together), plus the fp32 accumulator. Over 192, ptxas runs out of
+# the 255 registers and spills to local memory (measured on every config: the sm_90 / sm_100 compiles in
+# tests/ops/test_compile_sm90.py read each compiled kernel's registers and spills).
+REGISTER_TILE_BUDGET = 192
+
+
+def register_tile(c: BlockConfig) -> int:
+    """32-bit values per thread that config ``c`` keeps live in registers (2 x A tile + accumulator)."""
+    return (2 * c.block_m * c.block_k + c.block_m * c.block_n) // (32 * c.num_warps)
+
+
+def block_configs(
+    m: int, n: int, k: int, *, interpreter: bool, dtype: torch.dtype = torch.bfloat16
+) -> list[BlockConfig]:
+    """The one block-size helper: candidate configs for an ``[m, k] @ [k, n]`` problem in ``dtype``.
 
     * Decode (``m <= 64``): the op streams the weight; ``BLOCK_M`` is the smallest tensor-core tile that
       covers the rows (16/32/64), ``BLOCK_N`` stays narrow (32..128) so ``n / BLOCK_N`` programs keep every
       SM loading, and ``BLOCK_K`` is long with deep pipelining to keep many weight bytes in flight.
     * Prefill: compute-bound tensor-core tiles (the Triton matmul-tutorial family), grouped ordering.
+    * fp32 operands take half the ``BLOCK_K`` (the same bytes per pipeline stage as 16-bit; the full tiles do
+      not fit in shared memory), and configs over :data:`REGISTER_TILE_BUDGET` are dropped (they spill).
     * Under the interpreter: exactly one config (nothing is benchmarked); tiles are large because every
       program and loop iteration costs Python/numpy overhead there, while still leaving several programs
       and K iterations for realistic sizes.
@@ -252,7 +270,7 @@ def block_configs(m: int, n: int, k: int, *, interpreter: bool) -> list[BlockCon
         return [BlockConfig(bm, 64 if n <= 64 else 128, 128, group_m=4, num_warps=4, num_stages=1)]
     if m <= DECODE_MAX_M:
         bm = max(16, triton.next_power_of_2(m))
-        return [
+        configs = [
             BlockConfig(bm, bn, bk, group_m=1, num_warps=w, num_stages=s)
             for bn, bk, w, s in (
                 (32, 128, 4, 4),
@@ -264,24 +282,28 @@ def block_configs(m: int, n: int, k: int, *, interpreter: bool) -> list[BlockCon
                 (64, 64, 4, 5),
             )
         ]
-    return [
-        BlockConfig(bm, bn, bk, group_m=8, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 8, 3),
-            (128, 128, 64, 4, 4),
-            (64, 256, 64, 8, 3),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-        )
-    ]
+    else:
+        configs = [
+            BlockConfig(bm, bn, bk, group_m=8, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in (
+                (128, 256, 64, 8, 3),
+                (128, 128, 64, 8, 3),
+                (128, 128, 64, 4, 4),
+                (64, 256, 64, 8, 3),
+                (128, 64, 64, 4, 4),
+                (64, 128, 64, 4, 4),
+            )
+        ]
+    if dtype == torch.float32:
+        configs = [dataclasses.replace(c, block_k=c.block_k // 2) for c in configs]
+    return [c for c in configs if register_tile(c) <= REGISTER_TILE_BUDGET]
 
 
 @functools.cache
-def _autotuned_kernel(decode_bm: int):
+def _autotuned_kernel(decode_bm: int, dtype: torch.dtype):
     """An autotuner over the decode configs of one ``BLOCK_M`` (16/32/64), or over the prefill configs (0)."""
     m = decode_bm if decode_bm else DECODE_MAX_M + 1
-    configs = [c.to_triton() for c in block_configs(m, 4096, 4096, interpreter=False)]
+    configs = [c.to_triton() for c in block_configs(m, 4096, 4096, interpreter=False, dtype=dtype)]
     return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(_norm_linear_fwd_kernel)
 
 
@@ -365,7 +387,7 @@ def norm_linear_fwd(
         INTERP_BF16=interpreter_enabled() and x2d.dtype == torch.bfloat16,
     )
     if config is None and interpreter_enabled():
-        config = block_configs(m, n, k, interpreter=True)[0]
+        config = block_configs(m, n, k, interpreter=True, dtype=x2d.dtype)[0]
     record_launch("norm_linear_fwd")
     if config is not None:
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
@@ -380,141 +402,11 @@ def norm_linear_fwd(
             num_stages=config.num_stages,
         )
     else:
-        kernel = _autotuned_kernel(max(16, triton.next_power_of_2(m)) if m <= DECODE_MAX_M else 0)
+        wide = torch.float32 if x2d.dtype == torch.float32 else torch.bfloat16  # the 16-bit configs are shared
+        kernel = _autotuned_kernel(max(16, triton.next_power_of_2(m)) if m <= DECODE_MAX_M else 0, wide)
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         kernel[grid](*args, **flags)
     return y, preact, mean, rstd
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-def _act_backward(grad: torch.Tensor, z: torch.Tensor, act: int) -> torch.Tensor:
-    """d act(z) / dz * grad, in fp32."""
-    if act == 1:
-        return torch.ops.aten.gelu_backward(grad, z, approximate="none")
-    if act == 2:
-        return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
-    if act == 3:
-        return torch.ops.aten.silu_backward(grad, z)
-    return grad
-
-
-class _NormLinearFn(torch.autograd.Function):
-    """Autograd wrapper of the fused kernel on 2-D inputs.
-
-    Saved for the backward: ``x`` [M, K] (the input the caller already holds), fp32 ``mean``/``rstd`` [M]
-    (LayerNorm) or ``rstd`` (RMSNorm), references to the parameters, and the pre-activation output
-    [M, N] only when an epilogue activation is used (an unfused activation saves the same tensor). An unfused
-    ``norm`` + ``Linear`` additionally keeps the normalized ``h`` [M, K] alive for ``Linear``'s weight
-    gradient; here ``h`` is recomputed in the backward from ``x`` and the statistics.
-    """
-
-    @staticmethod
-    def forward(ctx, x2d, norm_weight, norm_bias, weight, bias, eps, norm, pro_act, epi_act, config):
-        needs_grad = any(ctx.needs_input_grad[:5])
-        y, preact, mean, rstd = norm_linear_fwd(
-            x2d,
-            norm_weight,
-            norm_bias,
-            weight,
-            bias,
-            eps=eps,
-            norm=norm,
-            pro_act=pro_act,
-            epi_act=epi_act,
-            store_preact=needs_grad and epi_act != 0,
-            store_stats=needs_grad,
-            config=config,
-        )
-        ctx.norm, ctx.pro_act, ctx.epi_act = norm, pro_act, epi_act
-        ctx.has_norm_weight, ctx.has_norm_bias, ctx.has_bias = (
-            norm_weight is not None,
-            norm_bias is not None,
-            bias is not None,
-        )
-        if needs_grad:
-            ctx.save_for_backward(x2d, norm_weight, norm_bias, weight, mean, rstd, preact)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, norm_weight, norm_bias, weight, mean, rstd, preact = ctx.saved_tensors
-        dtype = x2d.dtype
-        # dz: gradient at the pre-activation output, rounded to the GEMM dtype like an unfused Linear's input
-        dz32 = _act_backward(dy.float(), preact.float(), ctx.epi_act) if ctx.epi_act else dy.float()
-        dz = dz32.to(dtype)
-        # recompute h (the GEMM input) from x and the saved statistics: the normalized activations were never kept
-        x32 = x2d.float()
-        if ctx.norm == _NORM_LAYER:
-            xhat = (x32 - mean[:, None]) * rstd[:, None]
-        elif ctx.norm == _NORM_RMS:
-            xhat = x32 * rstd[:, None]
-        else:
-            xhat = x32
-        nw32 = norm_weight.float() if norm_weight is not None else None
-        h32 = xhat * nw32 if nw32 is not None else xhat
-        if norm_bias is not None:
-            h32 = h32 + norm_bias.float()
-        pre32 = h32  # input of the prologue activation (GELU + Linear)
-        if ctx.pro_act == 1:
-            h32 = F.gelu(pre32)
-        elif ctx.pro_act == 2:
-            h32 = F.gelu(pre32, approximate="tanh")
-        need = ctx.needs_input_grad
-        d_weight = (dz.t() @ h32.to(dtype)) if need[3] else None  # [N, K]
-        d_bias = dz32.sum(0).to(dtype) if ctx.has_bias and need[4] else None
-        d_x = d_nw = d_nb = None
-        if need[0] or need[1] or need[2]:
-            dh = (dz @ weight).float()  # [M, K]
-            if ctx.pro_act:
-                dh = _act_backward(dh, pre32, ctx.pro_act)
-            if ctx.has_norm_bias and need[2]:
-                d_nb = dh.sum(0).to(norm_bias.dtype)
-            if ctx.has_norm_weight and need[1]:
-                d_nw = (dh * xhat).sum(0).to(norm_weight.dtype)
-            if need[0]:
-                dxhat = dh * nw32 if nw32 is not None else dh
-                if ctx.norm == _NORM_LAYER:
-                    proj = (dxhat * xhat).mean(-1, keepdim=True)
-                    d_x = (dxhat - dxhat.mean(-1, keepdim=True) - xhat * proj) * rstd[:, None]
-                elif ctx.norm == _NORM_RMS:
-                    d_x = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd[:, None]
-                else:
-                    d_x = dxhat
-                d_x = d_x.to(dtype)
-        return d_x, d_nw, d_nb, d_weight, d_bias, None, None, None, None, None
-
-
-def _flatten(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[..., K] -> [M, K] keeping row strides when possible (a copy only if the last dim is strided)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x.reshape(-1, k)
-
-
-def run(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    norm: str | None,
-    prologue: str | None,
-    epilogue: str | None,
-    config: BlockConfig | None,
-) -> torch.Tensor:
-    """The fused op on validated ``x [..., K]`` -> ``[..., N]`` (autograd included).
-
-    ``norm``: ``"layer"``, ``"rms"`` or None; ``prologue``: the GELU applied to the input (``"gelu"`` /
-    ``"gelu_tanh"``) or None; ``epilogue``: one of the activations or None.
-    """
-    n, k = weight.shape
-    norm, pro_act, epi_act = _NORM_CODE[norm], _ACT_CODE[prologue], _ACT_CODE[epilogue]
-    x2d = _flatten(x, k)
-    y = _NormLinearFn.apply(x2d, norm_weight, norm_bias, weight, bias, eps, norm, pro_act, epi_act, config)
-    return y.reshape(*x.shape[:-1], n)

@@ -15,6 +15,7 @@ import math
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, resolve_backend
+from decodekit.ops._library import custom_op, fake_rows, join_params, split_params
 from decodekit.ops.sampling import cpu as _st
 
 __all__ = ["sample", "sampling_probs", "sample_logits", "sampler_simple_batch"]
@@ -37,11 +38,12 @@ def _row_param(
     name: str, value: Param, B: int, device: torch.device, op: str, *, integer: bool = False,
     lo: float | None = None, lo_open: bool = False, hi: float | None = None,
 ) -> float | int | torch.Tensor:
-    """Validate a scalar or per-row [B] parameter: a Python scalar is checked in Python and returned as a
-    Python number (int for ``integer``), a tensor is returned as fp32 [B] on ``device``.
+    """Validate a scalar or per-row [B] parameter at trace time: a Python scalar is checked in Python and returned
+    as a Python number (int for ``integer``); a tensor is checked for shape, dtype and device and returned as is.
 
-    Python scalars are range-checked always; CPU tensors too; device tensors are not read (that would
-    synchronize), so out-of-range values there are the caller's responsibility.
+    The values of a parameter tensor are checked (CPU tensors only: reading a device tensor would synchronize)
+    and converted by :func:`_row_tensor` inside the custom op's implementation, so that the same ``ValueError``
+    is raised in eager and in compiled code without a Python branch on tensor data in the traced region.
     """
     if isinstance(value, torch.Tensor):
         t = value
@@ -53,18 +55,7 @@ def _row_param(
             raise TypeError(f"{op}: {name} must be a float tensor, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but logits are on {device}")
-        if t.device.type == "cpu" and t.numel():
-            vals = t.to(torch.float64)
-            if not bool(torch.isfinite(vals).all()):
-                raise ValueError(f"{op}: {name} must be finite")
-            if lo is not None and (bool((vals <= lo).any()) if lo_open else bool((vals < lo).any())):
-                raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {_show(vals)}")
-            if hi is not None and bool((vals > hi).any()):
-                raise ValueError(f"{op}: {name} must be <= {hi}, got {_show(vals)}")
-        t32 = t.to(torch.float32)
-        if not integer:  # a positive value must stay positive in fp32 (a top_p of 1e-46 is not "off")
-            t32 = torch.where((t > 0) & (t32 == 0), _FP32_TINY, t32)
-        return t32.reshape(-1).expand(B)
+        return t
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         want = "an int" if integer else "a float"
         raise TypeError(f"{op}: {name} must be {want} or a [B] tensor, got {type(value).__name__}")
@@ -78,6 +69,30 @@ def _row_param(
     if integer:
         return int(value)
     return _FP32_TINY if 0 < v < _FP32_TINY else v
+
+
+def _row_tensor(
+    name: str, value: float | int | torch.Tensor, B: int, op: str, *, integer: bool = False,
+    lo: float | None = None, lo_open: bool = False, hi: float | None = None,
+) -> float | int | torch.Tensor:
+    """Inside a custom op: range-check a parameter tensor that lives on the CPU (device tensors are not read: that
+    would synchronize, so out-of-range values there are the caller's responsibility) and return it as fp32 [B].
+    Python scalars (checked by :func:`_row_param`) pass through."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    t = value
+    if t.device.type == "cpu" and t.numel():
+        vals = t.to(torch.float64)
+        if not bool(torch.isfinite(vals).all()):
+            raise ValueError(f"{op}: {name} must be finite")
+        if lo is not None and (bool((vals <= lo).any()) if lo_open else bool((vals < lo).any())):
+            raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {_show(vals)}")
+        if hi is not None and bool((vals > hi).any()):
+            raise ValueError(f"{op}: {name} must be <= {hi}, got {_show(vals)}")
+    t32 = t.to(torch.float32)
+    if not integer:  # a positive value must stay positive in fp32 (a top_p of 1e-46 is not "off")
+        t32 = torch.where((t > 0) & (t32 == 0), _FP32_TINY, t32)
+    return t32.reshape(-1).expand(B)
 
 
 _FP32_TINY = float(torch.finfo(torch.float32).smallest_normal)  # positive parameters are at least this in fp32
@@ -188,7 +203,23 @@ _PASSES_PER_PHASE = 8
 
 
 _PARAM_ORDER = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                "frequency_penalty")  # the packed kernel columns P_TEMP .. P_FREQ
+                "frequency_penalty")  # the packed kernel columns P_TEMP .. P_FREQ; the op schemas' parameter slots
+
+_BOUNDS: dict[str, dict[str, bool | float]] = {  # the valid range of every per-row parameter
+    "temperature": dict(lo=0.0),
+    "top_k": dict(integer=True, lo=0.0),
+    "top_p": dict(lo=0.0, lo_open=True, hi=1.0),
+    "min_p": dict(lo=0.0, hi=1.0),
+    "repetition_penalty": dict(lo=0.0, lo_open=True),
+    "presence_penalty": {},
+    "frequency_penalty": {},
+    "noise": dict(lo=0.0),
+    "temp": dict(lo=0.0),
+}
+
+
+def _bounds(name: str, tts: bool) -> dict[str, bool | float]:
+    return {} if tts and name == "top_p" else _BOUNDS[name]  # the TTS sampler: top_p <= 0 or >= 1 is "off"
 
 
 def _filter_setup(
@@ -196,23 +227,35 @@ def _filter_setup(
     repetition_penalty: Param, presence_penalty: Param, frequency_penalty: Param, token_counts: object,
     *, tts: bool,
 ) -> tuple[torch.Tensor, dict[str, float | int | torch.Tensor], torch.Tensor | None]:
-    """Validate everything; return (logits, checked parameters by name, token_counts)."""
+    """Validate everything that is known at trace time; return (logits, parameters by name, token_counts)."""
     logits = _check_logits(logits, op)
     B, _ = logits.shape
     dev = logits.device
-    prm = {
-        "temperature": _row_param("temperature", temperature, B, dev, op, lo=0.0),
-        "top_k": _row_param("top_k", top_k, B, dev, op, integer=True, lo=0.0),
-        "top_p": _row_param("top_p", top_p, B, dev, op) if tts else _row_param("top_p", top_p, B, dev, op, lo=0.0,
-                                                                                lo_open=True, hi=1.0),
-        "min_p": _row_param("min_p", min_p, B, dev, op, lo=0.0, hi=1.0),
-        "repetition_penalty": _row_param("repetition_penalty", repetition_penalty, B, dev, op, lo=0.0,
-                                         lo_open=True),
-        "presence_penalty": _row_param("presence_penalty", presence_penalty, B, dev, op),
-        "frequency_penalty": _row_param("frequency_penalty", frequency_penalty, B, dev, op),
-    }
+    given = (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
+    prm = {name: _row_param(name, v, B, dev, op, **_bounds(name, tts)) for name, v in zip(_PARAM_ORDER, given)}
     counts = _check_counts(token_counts, logits, op)
     return logits, prm, counts
+
+
+def _op_params(prm: dict[str, float | int | torch.Tensor], names: tuple[str, ...] = _PARAM_ORDER):
+    """The checked parameters in an op schema's form: ``(scalars, tensors)`` (see :func:`split_params`)."""
+    return split_params([prm[n] for n in names])
+
+
+def _finish_params(
+    scalars: list[float], tensors: list[torch.Tensor | None], B: int, op: str, *, tts: bool,
+    names: tuple[str, ...] = _PARAM_ORDER,
+) -> dict[str, float | int | torch.Tensor]:
+    """Inside an op: the parameters by name, per-row tensors range-checked (CPU) and made fp32 [B]."""
+    vals = join_params(scalars, tensors, [bool(_bounds(n, tts).get("integer")) for n in names])
+    return {n: _row_tensor(n, v, B, op, **_bounds(n, tts)) for n, v in zip(names, vals)}
+
+
+def _seed_args(seed: int | torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """A checked seed in an op schema's form ``(tensor or None, int)``. ``None`` draws the seed here, from torch's
+    default generator on the device (no synchronization; under ``torch.compile`` a random op of the graph)."""
+    seed = _draw_seed(seed, device)
+    return (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
 
 
 def _pack(prm: dict[str, float | int | torch.Tensor], B: int, device: torch.device) -> torch.Tensor:
@@ -232,6 +275,142 @@ def _row_params(
         presence_penalty=prm["presence_penalty"], frequency_penalty=prm["frequency_penalty"], token_counts=counts,
         tts=tts, greedy_top1=greedy_top1,
     )
+
+
+# --------------------------------------------------------------------------- custom ops
+# torch.ops.decodekit.*: the public functions below validate (at trace time under torch.compile) and call these;
+# the implementations run the Triton kernels or the PyTorch path and do every check that reads tensor values.
+
+
+def _checked_seed(seed: torch.Tensor | None, seed_int: int) -> int | torch.Tensor:
+    return seed if seed is not None else seed_int
+
+
+@custom_op("sample")
+def _sample_op(
+    logits: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None], token_counts: torch.Tensor | None,
+    seed: torch.Tensor | None, seed_int: int, npass: int, return_logprobs: bool, check: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.decodekit.sample``: tokens int64 [B] and logprobs fp32 [B] (``[0]`` unless asked for)."""
+    op = "sample"
+    B, _ = logits.shape
+    dev = logits.device
+    prm = _finish_params(scalars, tensors, B, op, tts=False)
+    sd = _checked_seed(seed, seed_int)
+    if backend == "triton":
+        seeds, mult = _seeds(sd, B, dev)
+        tokens, logprobs = _kernels().run(logits, _pack(prm, B, dev), seeds, mult, token_counts, tts=False,
+                                          greedy_top1=True, npass=npass, mode="sample")
+    else:
+        tokens, logprobs = _st.sample_torch(logits, _row_params(prm, token_counts, tts=False, greedy_top1=True),
+                                            _torch_seed(sd, B, dev), logprobs=return_logprobs)
+    if check:
+        bad = (tokens < 0).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{op}: logits rows {bad} are all -inf or contain NaN/+inf")
+    if not return_logprobs or logprobs is None:
+        logprobs = torch.empty(0, dtype=torch.float32, device=dev)
+    return tokens, logprobs
+
+
+@_sample_op.register_fake
+def _(logits, scalars, tensors, token_counts, seed, seed_int, npass, return_logprobs, check, backend):
+    tokens, logprobs = fake_rows(logits, torch.int64, torch.float32)
+    return tokens, (logprobs if return_logprobs else logits.new_empty(0, dtype=torch.float32))
+
+
+@custom_op("sampling_probs")
+def _sampling_probs_op(
+    logits: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None], token_counts: torch.Tensor | None,
+    npass: int, backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.sampling_probs``: fp32 [B, V]."""
+    B, _ = logits.shape
+    prm = _finish_params(scalars, tensors, B, "sampling_probs", tts=False)
+    if backend == "triton":
+        params = _pack(prm, B, logits.device)
+        return _kernels().run(logits, params, params[:, 0].to(torch.int64), 0, token_counts, tts=False,
+                              greedy_top1=True, npass=npass, mode="probs")
+    return _st.sampling_probs_torch(logits, _row_params(prm, token_counts, tts=False, greedy_top1=True))
+
+
+@_sampling_probs_op.register_fake
+def _(logits, scalars, tensors, token_counts, npass, backend):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _tts_impl(logits, scalars, tensors, seed, seed_int, npass, backend, *, probs: bool) -> torch.Tensor:
+    op = "sample_logits"
+    B, _ = logits.shape
+    dev = logits.device
+    prm = _finish_params(scalars, tensors, B, op, tts=True)
+    if backend == "triton":
+        seeds, mult = _seeds(_checked_seed(seed, seed_int), B, dev)
+        out = _kernels().run(logits, _pack(prm, B, dev), seeds, mult, None, tts=True, greedy_top1=False, npass=npass,
+                             mode="probs" if probs else "sample")
+        return out if probs else out[0]
+    rp = _row_params(prm, None, tts=True, greedy_top1=False)
+    if probs:
+        return _st.sampling_probs_torch(logits, rp)
+    return _st.sample_torch(logits, rp, _torch_seed(_checked_seed(seed, seed_int), B, dev), logprobs=False)[0]
+
+
+@custom_op("sample_logits")
+def _sample_logits_op(
+    logits: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None], seed: torch.Tensor | None,
+    seed_int: int, npass: int, backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.sample_logits``: tokens int64 [B] (the public function adds the trailing dim)."""
+    return _tts_impl(logits, scalars, tensors, seed, seed_int, npass, backend, probs=False)
+
+
+@_sample_logits_op.register_fake
+def _(logits, scalars, tensors, seed, seed_int, npass, backend):
+    return fake_rows(logits, torch.int64)[0]
+
+
+@custom_op("sample_logits_probs")
+def _sample_logits_probs_op(
+    logits: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None], npass: int, backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.sample_logits_probs``: fp32 [B, V]."""
+    return _tts_impl(logits, scalars, tensors, None, 0, npass, backend, probs=True)
+
+
+@_sample_logits_probs_op.register_fake
+def _(logits, scalars, tensors, npass, backend):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+_SIMPLE_PARAMS = ("noise", "temp")
+
+
+@custom_op("sampler_simple_batch")
+def _sampler_simple_batch_op(
+    logits: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None], seed: torch.Tensor | None,
+    seed_int: int, backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.sampler_simple_batch``: tokens int64 [B]."""
+    B, _ = logits.shape
+    dev = logits.device
+    prm = _finish_params(scalars, tensors, B, "sampler_simple_batch", tts=False, names=_SIMPLE_PARAMS)
+    noise_v, temp_v = prm["noise"], prm["temp"]
+    sd = _checked_seed(seed, seed_int)
+    if backend == "triton":
+        seeds, mult = _seeds(sd, B, dev)
+        noise_t, temp_t = _column(noise_v, B, dev), _column(temp_v, B, dev)
+        zeros = torch.zeros(B, dtype=torch.float32, device=dev)
+        ones = torch.ones(B, dtype=torch.float32, device=dev)
+        params = torch.stack([temp_t, zeros, ones, zeros, ones, zeros, zeros, noise_t], dim=1).contiguous()
+        tokens, _ = _kernels().run(logits, params, seeds, mult, None, tts=True, greedy_top1=False, npass=0,
+                                   mode="simple")
+        return tokens
+    return _st.simple_batch_torch(logits, noise_v, temp_v, _torch_seed(sd, B, dev))
+
+
+@_sampler_simple_batch_op.register_fake
+def _(logits, scalars, tensors, seed, seed_int, backend):
+    return fake_rows(logits, torch.int64)[0]
 
 
 # --------------------------------------------------------------------------- public API
@@ -308,20 +487,13 @@ def sample(
     dev = logits.device
     seed = _check_seed(seed, B, dev, op)
     path = resolve_backend(backend, dev, op)
+    return_logprobs = bool(return_logprobs)
     if B == 0:
         tokens, logprobs = torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, device=dev)
-    elif path == "triton":
-        npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True)
-        seeds, mult = _seeds(seed, B, dev)
-        tokens, logprobs = _kernels().run(logits, _pack(prm, B, dev), seeds, mult, counts, tts=False, greedy_top1=True,
-                                       npass=npass, mode="sample")
     else:
-        tokens, logprobs = _st.sample_torch(logits, _row_params(prm, counts, tts=False, greedy_top1=True),
-                                            _torch_seed(seed, B, dev), logprobs=return_logprobs)
-    if check:
-        bad = (tokens < 0).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"{op}: logits rows {bad} are all -inf or contain NaN/+inf")
+        npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True) if path == "triton" else 0
+        tokens, logprobs = torch.ops.decodekit.sample(logits, *_op_params(prm), counts, *_seed_args(seed, dev), npass,
+                                                      return_logprobs, bool(check), path)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -353,15 +525,10 @@ def sampling_probs(
     logits, prm, counts = _filter_setup(op, logits, temperature, top_k, top_p, min_p, repetition_penalty,
                                         presence_penalty, frequency_penalty, token_counts, tts=False)
     path = resolve_backend(backend, logits.device, op)
-    B = logits.shape[0]
-    if B == 0:
+    if logits.shape[0] == 0:
         return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    if path == "triton":
-        npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True)
-        params = _pack(prm, B, logits.device)
-        return _kernels().run(logits, params, params[:, 0].to(torch.int64), 0, counts, tts=False, greedy_top1=True,
-                           npass=npass, mode="probs")
-    return _st.sampling_probs_torch(logits, _row_params(prm, counts, tts=False, greedy_top1=True))
+    npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True) if path == "triton" else 0
+    return torch.ops.decodekit.sampling_probs(logits, *_op_params(prm), counts, npass, path)
 
 
 def _sample_logits_impl(
@@ -377,16 +544,10 @@ def _sample_logits_impl(
     if B == 0:
         return torch.empty((0, logits.shape[1]) if probs else (0, 1), device=dev,
                            dtype=torch.float32 if probs else torch.int64)
-    if path == "triton":
-        npass = _npass(temperature, top_k, top_p, tts=True, greedy_top1=False)
-        seeds, mult = _seeds(seed, B, dev)
-        out = _kernels().run(logits, _pack(prm, B, dev), seeds, mult, None, tts=True, greedy_top1=False, npass=npass,
-                          mode="probs" if probs else "sample")
-        return out if probs else out[0][:, None]
-    rp = _row_params(prm, None, tts=True, greedy_top1=False)
+    npass = _npass(temperature, top_k, top_p, tts=True, greedy_top1=False) if path == "triton" else 0
     if probs:
-        return _st.sampling_probs_torch(logits, rp)
-    return _st.sample_torch(logits, rp, _torch_seed(seed, B, dev), logprobs=False)[0][:, None]
+        return torch.ops.decodekit.sample_logits_probs(logits, *_op_params(prm), npass, path)
+    return torch.ops.decodekit.sample_logits(logits, *_op_params(prm), *_seed_args(seed, dev), npass, path)[:, None]
 
 
 def sample_logits(
@@ -446,22 +607,14 @@ def sampler_simple_batch(
     logits = _check_logits(logits, op)
     B, V = logits.shape
     dev = logits.device
-    noise_v = _row_param("noise", noise, B, dev, op, lo=0.0)
-    temp_v = _row_param("temp", temp, B, dev, op, lo=0.0)
+    prm = {"noise": _row_param("noise", noise, B, dev, op, **_BOUNDS["noise"]),
+           "temp": _row_param("temp", temp, B, dev, op, **_BOUNDS["temp"])}
     seed = _check_seed(seed, B, dev, op)
     path = resolve_backend(backend, dev, op)
     if B == 0:
         return torch.empty(0, 1, dtype=torch.int64, device=dev)
-    if path == "triton":
-        seeds, mult = _seeds(seed, B, dev)
-        noise_t, temp_t = _column(noise_v, B, dev), _column(temp_v, B, dev)
-        zeros = torch.zeros(B, dtype=torch.float32, device=dev)
-        ones = torch.ones(B, dtype=torch.float32, device=dev)
-        params = torch.stack([temp_t, zeros, ones, zeros, ones, zeros, zeros, noise_t], dim=1).contiguous()
-        tokens, _ = _kernels().run(logits, params, seeds, mult, None, tts=True, greedy_top1=False, npass=0,
-                                mode="simple")
-        return tokens[:, None]
-    return _st.simple_batch_torch(logits, noise_v, temp_v, _torch_seed(seed, B, dev))[:, None]
+    return torch.ops.decodekit.sampler_simple_batch(logits, *_op_params(prm, _SIMPLE_PARAMS), *_seed_args(seed, dev),
+                                                    path)[:, None]
 
 
 # =========================================================================== beam candidates (issue 13)
@@ -628,3 +781,415 @@ def beam_candidates(
     seed_t, seed_int = (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
     return _beam_candidates_op(logits, beam_scores.reshape(R).contiguous(), counts, seed_t, seed_int, num_beams, K,
                                temperature, top_k, top_p, repetition_penalty, min_tokens_to_keep, do_sample, path)
+
+
+# =========================================================================== issue 14: diffusion-LM block sampling,
+# position selection and the rwkv package's sampler
+
+__all__ += ["sample_block", "select_positions", "transfer_schedule", "rwkv_sample_logits", "rwkv_sampling_probs"]
+
+BLOCK_ORDERS = ("top_k_first", "top_p_first")
+BLOCK_CONFIDENCES = ("prob", "raw_prob", "margin", "neg_entropy", "random")
+_GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 as an int64: spreads the batch rows' seeds
+
+
+def _block_seeds(seed: int | torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[B]``: one seed per batch row. A shared seed is mixed with the row index (``seed + b * golden``,
+    wrapping); per-row seeds are used as given (a row's draws do not depend on the batch)."""
+    seed = _draw_seed(seed, device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() == 0 or (seed.shape[0] == 1 and B != 1):
+            return seed.reshape(1) + torch.arange(B, device=device, dtype=torch.int64) * _GOLDEN
+        return seed.contiguous()
+    s = seed - 2**64 if seed >= 2**63 else seed
+    return torch.full((B,), s, dtype=torch.int64, device=device) + torch.arange(B, device=device) * _GOLDEN
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...], op: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{op}: {name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _block_impl(
+    logits: torch.Tensor, masked: torch.Tensor, input_ids: torch.Tensor | None, temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor, top_p: float | torch.Tensor, seeds: torch.Tensor, confidence: str, topp_first: bool,
+    post_temp: bool, path: str, want_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The validated op: tensors and scalars only (the shape a ``torch.library.custom_op`` wraps)."""
+    B, L, V = logits.shape
+    dev = logits.device
+    if path == "triton":
+        params = torch.stack([_column(temperature, B, dev), _column(top_p, B, dev)], dim=1).contiguous()
+        topk = _column(top_k, B, dev).clamp(0, 2**31 - 1).to(torch.int32)
+        tokens, conf, kept = _kernels().block_run(
+            logits, masked, input_ids, params, topk, seeds, confidence="none" if confidence is None else confidence,
+            topp_first=topp_first, post_temp=post_temp, want_kept=want_probs)
+        probs = None
+        if want_probs:  # the kernel's kept set (z > lo) and mass, expanded to the distribution for tests
+            z = logits.float() / torch.where(params[:, 0] == 0, 1.0, params[:, 0])[:, None, None] if not post_temp \
+                else logits.float()
+            lo, m, w = kept[..., 0:1], kept[..., 1:2], kept[..., 2:3]
+            d = z - m
+            if post_temp:
+                d = torch.where(d == 0, 0.0, d * (1.0 / params[:, 0])[:, None, None])
+            probs = torch.where((z > lo) & (z > float("-inf")), d.exp() / w, 0.0)
+            ok = masked & (tokens >= 0)
+            if not post_temp:  # greedy positions drew the argmax
+                g = ok & (params[:, 0] == 0)[:, None]
+                probs = torch.where(g[..., None], torch.nn.functional.one_hot(tokens.clamp(min=0), V).float(), probs)
+            probs = torch.where(ok[..., None], probs, 0.0)
+        return tokens, conf, probs
+    return _st.block_torch(logits, masked, input_ids, temperature, top_k, top_p, seeds,
+                           confidence="none" if confidence is None else confidence, topp_first=topp_first,
+                           post_temp=post_temp, want_probs=want_probs)
+
+
+def _block_setup(
+    op: str, logits: object, masked: object, input_ids: object, temperature: Param, top_k: Param, top_p: Param,
+    order: object, confidence: object, seed: object,
+) -> tuple:
+    check_tensor("logits", logits, ndim=3, dtypes=FLOAT_DTYPES, op=op)
+    assert isinstance(logits, torch.Tensor)
+    B, L, V = logits.shape
+    dev = logits.device
+    if V < 1:
+        raise ValueError(f"{op}: logits must have at least one column, got shape {tuple(logits.shape)}")
+    if V >= 2**31:
+        raise ValueError(f"{op}: logits has V={V} columns; token ids must fit int32 (V < 2**31)")
+    if L >= 2**31:
+        raise ValueError(f"{op}: logits has L={L} positions; at most 2**31 - 1")
+    if V > 1 and logits.stride(2) != 1:
+        raise ValueError(f"{op}: logits must have a contiguous last dim (stride 1), got strides {logits.stride()}")
+    check_tensor("masked", masked, ndim=2, dtypes=(torch.bool,), device=dev, op=op)
+    assert isinstance(masked, torch.Tensor)
+    if tuple(masked.shape) != (B, L):
+        raise ValueError(f"{op}: masked must have shape [B, L] = {(B, L)}, got {tuple(masked.shape)}")
+    if input_ids is not None:
+        check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64,), device=dev, op=op)
+        assert isinstance(input_ids, torch.Tensor)
+        if tuple(input_ids.shape) != (B, L):
+            raise ValueError(f"{op}: input_ids must have shape [B, L] = {(B, L)}, got {tuple(input_ids.shape)}")
+    t = _row_param("temperature", temperature, B, dev, op, lo=0.0)
+    k = _row_param("top_k", top_k, B, dev, op, integer=True, lo=0.0)
+    p = _row_param("top_p", top_p, B, dev, op, lo=0.0, lo_open=True, hi=1.0)
+    order = _choice("order", order, BLOCK_ORDERS, op)
+    confidence = _choice("confidence", confidence, BLOCK_CONFIDENCES, op)
+    seed = _check_seed(seed, B, dev, op)
+    return logits, masked, input_ids, t, k, p, order, confidence, seed
+
+
+def sample_block(
+    logits: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    temperature: Param = 1.0,
+    top_k: Param = 0,
+    top_p: Param = 1.0,
+    order: str = "top_k_first",
+    confidence: str = "prob",
+    seed: int | torch.Tensor | None = None,
+    check: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample every masked position of a diffusion LM's block and return each one's confidence.
+
+    Parameters
+    ----------
+    logits : Tensor ``[B, L, V]``, fp32 / fp16 / bf16, last dim contiguous (any batch / position strides: a slice
+        of a model's all-position logits, e.g. an IO-bound ONNX Runtime output, is read in place).
+    masked : bool ``[B, L]``: the positions to sample (the mask tokens of the current step).
+    input_ids : int64 ``[B, L]`` or None: the tokens that unmasked positions keep (``-1`` there without them).
+    temperature, top_k, top_p : Python scalars or per-batch-row ``[B]`` tensors; ``sample``'s filters on each
+        position's row: top-k keeps every token tying the k-th largest, top-p in ``(0, 1]`` keeps a token iff the
+        mass of the strictly higher tokens is below ``top_p`` (a tie group kept or dropped whole).
+        ``temperature == 0`` is greedy: the argmax (lowest index on ties), its confidence taken on the filtered
+        distribution at temperature 1 (Dream's rule).
+    order : ``"top_k_first"`` (top-p on the distribution renormalized over the top-k set: Hugging Face, SDAR,
+        llama.cpp) or ``"top_p_first"`` (top-p on the full distribution, then top-k: Dream).
+    confidence : ``"prob"`` (the token's probability under the filtered distribution), ``"raw_prob"`` (under
+        ``softmax(logits)``, no temperature or filter: LLaDA's ``low_confidence``), ``"margin"`` (top-1 minus top-2
+        probability of the filtered distribution), ``"neg_entropy"`` (``sum p log p`` of it; larger is more
+        confident, Dream's sign) or ``"random"`` (a uniform draw: LLaDA's ``random`` remasking).
+    seed : int, int64 ``[B]`` tensor or None, as in :func:`sample`. Position ``l`` of row ``b`` draws from a stream
+        keyed by the row's seed (an int seed is mixed with ``b``; a ``[B]`` tensor is per row, so a row's tokens do
+        not depend on the batch) and ``l``.
+    check : raise ``ValueError`` naming the masked positions whose logits hold a NaN or ``+inf`` or are all
+        ``-inf`` (it reads the result on the host).
+    backend : ``"auto"``, ``"triton"`` or ``"torch"`` as in :func:`sample`.
+
+    Returns
+    -------
+    tokens : int64 ``[B, L]``: drawn at masked positions, ``input_ids`` (or ``-1``) elsewhere, ``-1`` at a bad one.
+    confidence : fp32 ``[B, L]``: ``-inf`` at unmasked positions (never selected), NaN at a bad masked one.
+
+    Notes
+    -----
+    The Triton kernel runs one program per position and reads a masked position's logits once per pass (stats,
+    the unresolved threshold-search passes, the race); unmasked positions are not read, and no ``[B * L, V]``
+    intermediate is written. No host synchronization (CUDA-graph safe with a tensor seed). The two backends keep
+    the same sets with the same probabilities and agree exactly at ``temperature == 0``; at ``temperature > 0``
+    they draw from the same distribution with different random streams (Philox race on the GPU, an inverse-CDF
+    draw on the CPU). Deterministic for a given seed on each backend. ``logits / T`` overflowing is the limit
+    ``T -> 0``: the argmax, prob and margin 1, neg_entropy 0.
+
+    Example
+    -------
+    >>> logits = torch.randn(2, 32, 1000)
+    >>> masked = torch.ones(2, 32, dtype=torch.bool)
+    >>> tok, conf = sample_block(logits, masked, temperature=0.0, confidence="raw_prob")
+    >>> tok.shape, conf.dtype
+    (torch.Size([2, 32]), torch.float32)
+    """
+    op = "sample_block"
+    logits, masked, input_ids, t, k, p, order, confidence, seed = _block_setup(
+        op, logits, masked, input_ids, temperature, top_k, top_p, order, confidence, seed)
+    B = logits.shape[0]
+    dev = logits.device
+    path = resolve_backend(backend, dev, op)
+    tokens, conf, _ = _block_impl(logits, masked, input_ids, t, k, p, _block_seeds(seed, B, dev), confidence,
+                                  order == "top_p_first", False, path)
+    if check:
+        bad = (masked & (tokens < 0)).nonzero().tolist()
+        if bad:
+            raise ValueError(f"{op}: logits at masked positions {bad[:8]} are all -inf or contain NaN/+inf")
+    return tokens, conf
+
+
+def block_probs(
+    logits: torch.Tensor, masked: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
+    order: str = "top_k_first", backend: str = "auto",
+) -> torch.Tensor:
+    """The distribution each masked position of :func:`sample_block` draws from: fp32 ``[B, L, V]`` (a one-hot at
+    the argmax for greedy rows; zeros at unmasked and bad positions). For tests: it writes ``[B, L, V]``."""
+    op = "block_probs"
+    logits, masked, _, t, k, p, order, _, _ = _block_setup(
+        op, logits, masked, None, temperature, top_k, top_p, order, "prob", 0)
+    path = resolve_backend(backend, logits.device, op)
+    seeds = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    return _block_impl(logits, masked, None, t, k, p, seeds, "prob", order == "top_p_first", False, path,
+                       want_probs=True)[2]
+
+
+def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's schedule: how many positions each of ``steps`` steps commits, int64 ``[B, steps]``.
+
+    ``masked`` is bool ``[B, L]`` (the mask tokens of the block) or int ``[B]`` counts ``M``; step ``i`` commits
+    ``M // steps + (i < M % steps)``, so the counts sum to ``M``.
+
+    Example
+    -------
+    >>> transfer_schedule(torch.tensor([10, 3]), 4)
+    tensor([[3, 3, 2, 2],
+            [1, 1, 1, 0]])
+    """
+    op = "transfer_schedule"
+    if not isinstance(masked, torch.Tensor):
+        raise TypeError(f"{op}: masked must be a bool [B, L] or an int [B] tensor, got {type(masked).__name__}")
+    if masked.dtype == torch.bool and masked.dim() == 2:
+        M = masked.sum(dim=1)
+    elif masked.dim() == 1 and masked.dtype in _INT_DTYPES + (torch.int8,):
+        M = masked.to(torch.int64)
+        if masked.device.type == "cpu" and bool((M < 0).any()):
+            raise ValueError(f"{op}: masked counts must be >= 0")
+    else:
+        raise TypeError(f"{op}: masked must be a bool [B, L] or an int [B] tensor, got {masked.dtype} "
+                        f"{tuple(masked.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"{op}: steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"{op}: steps must be >= 1, got {steps}")
+    i = torch.arange(steps, device=M.device)
+    return (M // steps)[:, None] + (i[None, :] < (M % steps)[:, None]).to(torch.int64)
+
+
+def select_positions(
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    k: int | torch.Tensor | None = None,
+    threshold: float | None = None,
+    entropy_bound: float | None = None,
+    block: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Which masked positions a diffusion step commits: bool ``[B, L]``. Exactly one rule is given.
+
+    Candidates are the masked positions (inside ``block = (start, end)`` when given: positions outside the current
+    block are never chosen) whose confidence is not NaN, ranked by confidence, highest first (the lower position
+    first on ties).
+
+    Parameters
+    ----------
+    confidence : float ``[B, L]`` (:func:`sample_block`'s confidences).
+    masked : bool ``[B, L]``.
+    k : int or int ``[B]`` tensor: the ``k`` best candidates of each row (all of them if fewer); LLaDA's rule with
+        :func:`transfer_schedule`'s counts.
+    threshold : every candidate with confidence ``>= threshold``, and the best one always (Fast-dLLM).
+    entropy_bound : with ``confidence="neg_entropy"`` (entropy = ``-confidence``): the candidates in ascending
+        entropy, the longest prefix whose cumulative entropy is ``<= entropy_bound``, at least one (SDAR).
+    block : ``(start, end)`` with ``0 <= start <= end <= L``.
+
+    Notes
+    -----
+    Vectorized (two stable sorts of ``[B, L]``), no host synchronization: runs on the confidences' device.
+
+    Example
+    -------
+    >>> conf = torch.tensor([[0.9, 0.2, 0.7, float("-inf")]])
+    >>> select_positions(conf, torch.tensor([[True, True, True, False]]), k=2)
+    tensor([[ True, False,  True, False]])
+    """
+    op = "select_positions"
+    check_tensor("confidence", confidence, ndim=2, dtypes=(torch.float32, torch.float64, torch.float16,
+                                                           torch.bfloat16), op=op)
+    assert isinstance(confidence, torch.Tensor)
+    B, L = confidence.shape
+    dev = confidence.device
+    check_tensor("masked", masked, ndim=2, dtypes=(torch.bool,), device=dev, op=op)
+    assert isinstance(masked, torch.Tensor)
+    if tuple(masked.shape) != (B, L):
+        raise ValueError(f"{op}: masked must have the shape of confidence {(B, L)}, got {tuple(masked.shape)}")
+    given = [name for name, v in (("k", k), ("threshold", threshold), ("entropy_bound", entropy_bound))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"{op}: give exactly one of k, threshold, entropy_bound (got {given or 'none'})")
+    if k is not None:
+        if isinstance(k, torch.Tensor):
+            if k.dtype not in _INT_DTYPES + (torch.int8,):
+                raise TypeError(f"{op}: k must be an int or an int [B] tensor, got {k.dtype}")
+            if tuple(k.shape) != (B,):
+                raise ValueError(f"{op}: k must be an int or an int [B] tensor with B={B}, got {tuple(k.shape)}")
+            if k.device != dev:
+                raise ValueError(f"{op}: k is on {k.device} but confidence is on {dev}")
+            if k.device.type == "cpu" and bool((k < 0).any()):
+                raise ValueError(f"{op}: k must be >= 0")
+            kk = k.to(torch.int64)
+        elif isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"{op}: k must be an int or an int [B] tensor, got {type(k).__name__}")
+        elif k < 0:
+            raise ValueError(f"{op}: k must be >= 0, got {k}")
+        else:
+            kk = torch.full((B,), k, dtype=torch.int64, device=dev)
+    for name, v in (("threshold", threshold), ("entropy_bound", entropy_bound)):
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
+            if math.isnan(v):
+                raise ValueError(f"{op}: {name} must not be NaN")
+    elig = masked & ~torch.isnan(confidence)
+    if block is not None:
+        if (not isinstance(block, (tuple, list)) or len(block) != 2
+                or not all(isinstance(e, int) and not isinstance(e, bool) for e in block)):
+            raise TypeError(f"{op}: block must be a (start, end) pair of ints, got {block!r}")
+        s, e = block
+        if not 0 <= s <= e <= L:
+            raise ValueError(f"{op}: block must satisfy 0 <= start <= end <= L={L}, got {tuple(block)}")
+        pos = torch.arange(L, device=dev)
+        elig &= ((pos >= s) & (pos < e))[None, :]
+    c = confidence.double()
+    # rank: candidates first, by confidence descending, the lower position first (two stable sorts)
+    o1 = torch.sort(torch.where(elig, c, float("-inf")), dim=1, descending=True, stable=True).indices
+    o2 = torch.sort((~elig.gather(1, o1)).to(torch.int8), dim=1, stable=True).indices
+    order = o1.gather(1, o2)  # [B, L] positions in rank order
+    e_sorted = elig.gather(1, order)
+    first = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    first[:, :1] = True
+    if k is not None:
+        take = torch.arange(L, device=dev)[None, :] < kk[:, None]
+    elif threshold is not None:
+        take = (c.gather(1, order) >= threshold) | first
+    else:
+        ent = torch.where(e_sorted, -c.gather(1, order), 0.0)
+        ok = (ent.cumsum(dim=1) <= entropy_bound).to(torch.int8).cummin(dim=1).values.bool()  # a prefix
+        take = ok | first
+    return torch.zeros(B, L, dtype=torch.bool, device=dev).scatter_(1, order, take & e_sorted)
+
+
+def _rwkv_setup(op: str, logits: object, temperature: Param, top_p: Param, top_k: Param) -> tuple:
+    check_tensor("logits", logits, ndim=(1, 2), dtypes=FLOAT_DTYPES, op=op)
+    assert isinstance(logits, torch.Tensor)
+    x = logits[None] if logits.dim() == 1 else logits
+    x = _check_logits(x, op)
+    B = x.shape[0]
+    dev = x.device
+    t = _row_param("temperature", temperature, B, dev, op, lo=0.0)
+    p = _row_param("top_p", top_p, B, dev, op, lo=0.0, hi=1.0)
+    k = _row_param("top_k", top_k, B, dev, op, integer=True, lo=0.0)
+    # temperature == 0 means T = 1, top_p = 0: the argmax's tie group
+    if isinstance(t, torch.Tensor):
+        zero = t == 0
+        p = torch.where(zero, 0.0, _column(p, B, dev))
+        t = torch.where(zero, 1.0, t)
+    elif t == 0.0:
+        t, p = 1.0, 0.0
+    return x, t, p, k
+
+
+def rwkv_sample_logits(
+    logits: torch.Tensor,
+    temperature: Param = 1.0,
+    top_p: Param = 0.85,
+    top_k: Param = 0,
+    *,
+    seed: int | torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The rwkv package's ``sample_logits`` (what RWKV-TTS calls): the same kept set and distribution.
+
+    Steps (see :func:`decodekit.ops.sampling.reference.rwkv_probs_ref`): ``p = softmax(logits)``; top-p keeps the
+    tokens down to the first where the descending cumulative sum reaches ``top_p``, with every token tying it
+    (equivalently: a token is kept iff the mass strictly above it is below ``top_p``, the argmax's group always);
+    top-k (``0 < top_k < V``) keeps the ``top_k`` largest, a tie group at the k-th kept whole; then the
+    *temperature after the truncation*: the kept ``p ** (1 / T)``, renormalized. ``temperature == 0`` means
+    ``T = 1, top_p = 0``: a uniform draw from the argmax's tie group (the argmax itself without ties).
+    ``top_p`` is in ``[0, 1]`` (``1`` keeps everything).
+
+    Parameters
+    ----------
+    logits : ``[V]`` or ``[B, V]``, fp32 / fp16 / bf16, last dim contiguous (a slice such as RWKV-TTS's
+        ``logits[0:4096]`` is read in place).
+    temperature, top_p, top_k : Python scalars or per-row ``[B]`` tensors.
+    seed, backend : as in :func:`sample`.
+
+    Returns
+    -------
+    int64 token ids: a 0-dim tensor for ``[V]`` logits (``int(...)`` gives the package's int), ``[B]`` for
+    ``[B, V]``; ``-1`` for a row with NaN / ``+inf`` or all ``-inf``.
+
+    Example
+    -------
+    >>> logits = torch.randn(8193)
+    >>> int(rwkv_sample_logits(logits[0:4096], temperature=1.0, top_p=0.95, top_k=20, seed=0)) < 4096
+    True
+    """
+    op = "rwkv_sample_logits"
+    one_row = isinstance(logits, torch.Tensor) and logits.dim() == 1
+    x, t, p, k = _rwkv_setup(op, logits, temperature, top_p, top_k)
+    B = x.shape[0]
+    dev = x.device
+    seed = _check_seed(seed, B, dev, op)
+    path = resolve_backend(backend, dev, op)
+    masked = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    tokens, _, _ = _block_impl(x[:, None, :], masked, None, t, k, p, _block_seeds(seed, B, dev), None, True, True,
+                               path)
+    return tokens[0, 0] if one_row else tokens[:, 0]
+
+
+def rwkv_sampling_probs(
+    logits: torch.Tensor, temperature: Param = 1.0, top_p: Param = 0.85, top_k: Param = 0, *, backend: str = "auto"
+) -> torch.Tensor:
+    """The distribution :func:`rwkv_sample_logits` draws from: fp32, the shape of ``logits`` (zeros for a bad row).
+    It writes a ``[B, V]`` tensor: for tests and log-probabilities."""
+    op = "rwkv_sampling_probs"
+    one_row = isinstance(logits, torch.Tensor) and logits.dim() == 1
+    x, t, p, k = _rwkv_setup(op, logits, temperature, top_p, top_k)
+    B = x.shape[0]
+    dev = x.device
+    path = resolve_backend(backend, dev, op)
+    masked = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    seeds = torch.zeros(B, dtype=torch.int64, device=dev)
+    probs = _block_impl(x[:, None, :], masked, None, t, k, p, seeds, None, True, True, path, want_probs=True)[2]
+    return probs[0, 0] if one_row else probs[:, 0]
