@@ -631,3 +631,139 @@ def beam_candidates_torch(
     tokens = torch.where(ok, idx % V, -1)
     beams = torch.where(ok, idx // V, -1)
     return tokens, beams, sc
+
+
+# =========================================================================== issue 14: block sampling for
+# diffusion LMs and the rwkv package's sampler (the PyTorch path)
+#
+# The masked positions of ``[B, L, V]`` logits are gathered into ``[R, V]`` rows; the kept set of each is a value
+# threshold found as on the rows above (``torch.topk`` for the k-th value, the mass histogram of
+# :func:`_topp_threshold` for top-p: no sort of the vocabulary), then one inverse-CDF draw per position with a
+# counter-based uniform keyed by the position, and the confidences from the kept weights.
+
+_CONF_FILTERED = ("prob", "margin", "neg_entropy")  # confidences taken on the filtered distribution
+
+
+def _per_position(v: Param, rb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A scalar or per-batch-row ``[B]`` parameter as a ``[R]`` column for the gathered positions ``rb``."""
+    if isinstance(v, torch.Tensor):
+        return v.to(rb.device, dtype)[rb]
+    return torch.full((rb.shape[0],), v, dtype=dtype, device=rb.device)
+
+
+def _block_kept(z: torch.Tensor, lw: torch.Tensor, k: torch.Tensor, p: torch.Tensor, nfin: torch.Tensor,
+                topp_first: bool) -> torch.Tensor:
+    """Bool ``[R, V]`` kept set of each row: top-k (ties of the k-th value kept) and top-p (strictly higher mass
+    below ``p``, on the full distribution when ``topp_first``, else renormalized over the top-k set)."""
+    keep = z > _NEG_INF
+    k_on = (k > 0) & (k < nfin)
+    if bool(k_on.any()):
+        kk = torch.where(k_on, k, 1)
+        kmax = int(kk.max())
+        kth = torch.topk(z, kmax, dim=1).values.gather(1, (kk - 1)[:, None])  # [R, 1] the k-th value
+        keep &= (z >= kth) | ~k_on[:, None]
+    p_on = p < 1.0
+    if bool(p_on.any()):
+        base = lw if topp_first else torch.where(keep, lw, _NEG_INF)
+        thr = _topp_threshold(base, base.exp(), torch.where(p_on, p, 1.0)[:, None], tts=False)
+        keep &= (base >= thr) | (base == 0.0) | ~p_on[:, None]  # the max's group always stays (top_p = 0: rwkv)
+    return keep
+
+
+def block_torch(
+    logits: torch.Tensor,
+    masked: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    temperature: Param,
+    top_k: Param,
+    top_p: Param,
+    seeds: torch.Tensor,
+    *,
+    confidence: str,
+    topp_first: bool,
+    post_temp: bool,
+    want_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The PyTorch path of ``sample_block`` (and, with ``post_temp``, of ``rwkv_sample_logits``).
+
+    ``logits [B, L, V]``, ``masked`` bool ``[B, L]``, ``input_ids`` int64 ``[B, L]`` or None; parameters are Python
+    scalars or per-batch-row ``[B]`` tensors (validated); ``seeds`` int64 ``[B]`` per batch row (row keys mixed in).
+    ``post_temp``: the rwkv rule (filters on the untempered distribution, the kept weights then raised to ``1 / T``).
+    Returns tokens int64 ``[B, L]``, fp32 confidences ``[B, L]`` and, with ``want_probs``, the fp32 ``[B, L, V]``
+    distribution each masked position drew from (zeros for bad and unmasked positions).
+    """
+    B, L, V = logits.shape
+    dev = logits.device
+    tokens = input_ids.clone() if input_ids is not None else torch.full((B, L), -1, dtype=torch.int64, device=dev)
+    conf = torch.full((B, L), _NEG_INF, dtype=torch.float32, device=dev)
+    probs = torch.zeros(B, L, V, dtype=torch.float32, device=dev) if want_probs else None
+    rb, rl = masked.nonzero(as_tuple=True)
+    R = rb.shape[0]
+    if R == 0:
+        return tokens, conf, probs
+    x = logits[rb, rl].float()  # [R, V]
+    T = _per_position(temperature, rb, torch.float32)
+    P = _per_position(top_p, rb, torch.float32)
+    K = _per_position(top_k, rb, torch.int64)
+    greedy = T == 0.0
+    one = torch.ones_like(T)
+    t_eff = one if post_temp else torch.where(greedy, one, T)
+    z = x / t_eff[:, None] if bool((t_eff != 1.0).any()) else x
+    xmax, xarg = x.amax(dim=1), x.argmax(dim=1)  # argmax: the first maximal index
+    zmax = z.amax(dim=1)
+    bad = torch.isnan(x).any(dim=1) | (x == _INF).any(dim=1) | (xmax == _NEG_INF)
+    onehot = (zmax == _INF) & ~bad  # logits / T overflows: the T -> 0 limit
+    nfin = torch.isfinite(z).sum(dim=1)
+    bad |= (nfin == 0) & ~onehot
+    use = ~bad & ~onehot
+    if confidence not in _CONF_FILTERED:
+        use &= ~greedy
+    tok = torch.where(greedy | onehot, xarg, -1)
+    tok_lw = torch.zeros(R, device=dev)
+    w_sum = torch.ones(R, device=dev)
+    e_sum = torch.zeros(R, device=dev)
+    w2 = torch.zeros(R, device=dev)
+    f = use.nonzero().flatten()
+    if f.numel():
+        zf = z[f]
+        lw = zf - zmax[f][:, None]
+        keep = _block_kept(zf, lw, K[f], P[f], nfin[f], topp_first)
+        if post_temp:
+            inv = (1.0 / T[f])[:, None]
+            lw = torch.where(lw == 0.0, 0.0, lw * inv)  # no 0 * inf at the max when 1 / T overflows
+        lw = torch.where(keep, lw, _NEG_INF)
+        w = lw.exp()
+        ws = w.sum(dim=1)
+        w_sum[f] = ws
+        e_sum[f] = torch.where(w > 0, w * lw, 0.0).sum(dim=1)
+        w2[f] = torch.topk(w, 2, dim=1).values[:, 1] if V > 1 else 0.0
+        draw = ~greedy[f]
+        if bool(draw.any()):
+            d = draw.nonzero().flatten()
+            cdf = w[d].double().cumsum_(dim=1)
+            u = counter_uniform(seeds[rb[f[d]]], rl[f[d]] << 32).double()[:, None]
+            pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1)
+            tok[f[d]] = pick[:, 0]
+            tok_lw[f[d]] = lw[d].gather(1, pick)[:, 0]
+        if probs is not None and bool(draw.any()):
+            d = draw.nonzero().flatten()
+            probs[rb[f[d]], rl[f[d]]] = w[d] / ws[d][:, None]
+    if probs is not None:
+        oh = ((onehot | greedy) & ~bad).nonzero().flatten()
+        probs[rb[oh], rl[oh], xarg[oh]] = 1.0
+    if confidence == "prob":
+        c = torch.where(onehot, 1.0, tok_lw.exp() / w_sum)
+    elif confidence == "margin":
+        c = torch.where(onehot, 1.0, (1.0 - w2) / w_sum)
+    elif confidence == "neg_entropy":
+        c = torch.where(onehot, 0.0, e_sum / w_sum - w_sum.log())
+    elif confidence == "raw_prob":
+        xs = (x - xmax[:, None]).exp_().sum(dim=1)
+        c = (x.gather(1, tok.clamp(min=0)[:, None])[:, 0] - xmax).exp() / xs
+    elif confidence == "random":
+        c = counter_uniform(seeds[rb], (rl << 32) + 0xFFFFFFFE)
+    else:
+        c = torch.zeros(R, device=dev)
+    tokens[rb, rl] = torch.where(bad, -1, tok)
+    conf[rb, rl] = torch.where(bad, float("nan"), c.float())
+    return tokens, conf, probs

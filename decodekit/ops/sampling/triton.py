@@ -672,6 +672,322 @@ def run(
     return tokens, logprobs
 
 
+# =========================================================================== issue 14: block sampling for
+# diffusion LMs and the rwkv package's sampler
+#
+# ``_block_kernel`` samples every masked position of ``[B, L, V]`` logits (one program per position; an unmasked
+# position's program reads nothing) and writes its token and a confidence. Per position, in one program:
+#
+# 1. a stats pass: the row max / argmax and the online sum of ``exp`` of the raw logits (for ``raw_prob``) and of
+#    the filter values ``z = logits / T`` (``T = 1`` for a greedy step and for the rwkv sampler, which filters the
+#    untempered distribution), the finite and NaN / ``+inf`` counts;
+# 2. the threshold search of the sampler above, inside the program: each pass places ``NP`` pivots in the value
+#    range of the bracket ``(lo, hi]`` and counts the tokens and the mass above every pivot; the bracket shrinks
+#    >= 17x a pass and to the data's min / max, and a resolved position stops reading. Top-k and top-p are one
+#    joint search on the full distribution (``TOPP_FIRST``: Dream, the rwkv package) or two (top-k, then top-p
+#    renormalized over the top-k set: Hugging Face, SDAR, llama.cpp);
+# 3. the race pass: an exponential race over the kept tokens (Philox uniforms keyed by the position and the token
+#    index), and in the same pass the kept mass, ``sum w log w`` (the entropy), the two largest kept weights (the
+#    margin) and the winner's raw logit (``raw_prob``).
+# Every pass streams the position's logits once; nothing of size ``[B * L, V]`` is written. The position's
+# confidence comes out of the sums of the race pass: prob = ``w_tok / W``, margin = ``(w_1 - w_2) / W``,
+# neg_entropy = ``sum w log w / W - log W``, raw_prob = ``exp(x_tok - max x) / sum exp(x - max x)``.
+
+BLK_NPASS = 10  # search passes per phase (each narrows the bracket >= 17x in value and to the data inside it)
+CONF_MODES = ("prob", "raw_prob", "margin", "neg_entropy", "random", "none")  # the CONF constexpr's values
+
+
+@triton.jit
+def _blk_search(
+    x_ptr,  # [V] logits of the position (unit stride)
+    V, t_eff, m, zmin,  # vocabulary size, the divisor of the filter values, their max and finite min
+    lo, cnt_lo, mass_lo,  # the starting bracket (lo, +inf]: count and mass above lo
+    k, use_k, p_s, use_p,  # top-k, flag (int32), top-p mass bound (p * reference mass), flag (int32)
+    active,  # bool: search at all (False: return the starting bracket)
+    NPASS: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Threshold of one position: the largest pivot value ``lo`` where ``Q`` fails, so that the kept set is
+    ``z > lo``. ``Q(t) = (#(z > t) < k or no top-k) and (mass(z > t) < p_s or no top-p)``."""
+    j = tl.arange(0, NP)
+    fj = j.to(tl.float32) / NP
+    cols = tl.arange(0, BLOCK)
+    fk = k.to(tl.float32) * 0.0  # a finite 0.0 scalar (m, lo may be infinite on rows that do not search)
+    hi = fk + float("inf")
+    cnt_hi = 0 * cnt_lo
+    mass_hi = fk
+    done = (~active) | (cnt_lo <= 1) | ((use_k == 0) & (use_p == 0))
+    r0 = tl.where(done, fk, tl.maximum(lo, zmin))  # pivots stay finite on every row (NaN-free reductions)
+    r1 = tl.where(done, fk, m)
+    for _ in range(NPASS):
+        piv = r0 * (1.0 - fj) + r1 * fj  # [NP] uniform in the bracket's data range
+        cnt = tl.zeros([NP], dtype=tl.int32)
+        mass = tl.zeros([NP], dtype=tl.float32)
+        bmin = float("inf")
+        bmax = float("-inf")
+        end = tl.where(done, 0, V)  # a resolved position reads nothing
+        for start in range(0, end, BLOCK):
+            offs = start + cols
+            msk = offs < V
+            x = tl.load(x_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
+            z = tl.where(msk, x / t_eff, float("-inf"))
+            e = tl.exp(z - m)
+            above = z[:, None] > piv[None, :]  # [BLOCK, NP]
+            cnt += tl.sum(above.to(tl.int32), axis=0)
+            mass += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
+            inside = (z > lo) & (z <= hi)
+            bmin = tl.minimum(bmin, tl.min(tl.where(inside, z, float("inf")), axis=0))
+            bmax = tl.maximum(bmax, tl.max(tl.where(inside, z, float("-inf")), axis=0))
+        # scalar flags enter through where() on the bound, not `block | flag` (interpreter: see _row_state)
+        q = (cnt < tl.where(use_k != 0, k, 2147483647)) & (mass < tl.where(use_p != 0, p_s, float("inf")))
+        n_false = NP - tl.sum(q.to(tl.int32), axis=0)
+        # by value, not position: rounded pivots may repeat or be non-monotone; Q is monotone in the value
+        jl = tl.argmax(tl.where(q, float("-inf"), piv), axis=0)
+        jh = tl.argmin(tl.where(q, piv, float("inf")), axis=0)
+        n_lo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, piv, 0.0), axis=0), lo)
+        n_clo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, cnt, 0), axis=0), cnt_lo)
+        n_mlo = tl.where(n_false > 0, tl.sum(tl.where(j == jl, mass, 0.0), axis=0), mass_lo)
+        n_hi = tl.where(n_false < NP, tl.sum(tl.where(j == jh, piv, 0.0), axis=0), hi)
+        n_chi = tl.where(n_false < NP, tl.sum(tl.where(j == jh, cnt, 0), axis=0), cnt_hi)
+        n_mhi = tl.where(n_false < NP, tl.sum(tl.where(j == jh, mass, 0.0), axis=0), mass_hi)
+        n_r0 = tl.maximum(n_lo, bmin)
+        n_r1 = tl.minimum(n_hi, bmax)
+        fin = (n_clo - n_chi <= 1) | (bmin >= bmax) | (n_r0 >= n_r1)
+        lo = tl.where(done, lo, n_lo)
+        cnt_lo = tl.where(done, cnt_lo, n_clo)
+        mass_lo = tl.where(done, mass_lo, n_mlo)
+        hi = tl.where(done, hi, n_hi)
+        cnt_hi = tl.where(done, cnt_hi, n_chi)
+        mass_hi = tl.where(done, mass_hi, n_mhi)
+        r0 = tl.where(done, r0, n_r0)
+        r1 = tl.where(done, r1, n_r1)
+        done = done | fin
+    return lo, cnt_lo, mass_lo
+
+
+@triton.jit
+def _block_kernel(
+    logits_ptr,  # [B, L, V] fp32/fp16/bf16 logits, strides (stride_b, stride_l, 1)
+    masked_ptr,  # [B, L] int8, contiguous: 1 = a position to sample
+    ids_ptr,  # [B, L] int64, contiguous: the tokens kept at unmasked positions (read when HAS_IDS)
+    params_ptr,  # [B, 2] fp32 per batch row: temperature, top_p
+    topk_ptr,  # [B] int32 per batch row: top-k (0 = off)
+    seeds_ptr,  # [B] int64 per batch row: Philox seed (the launcher mixed the row key in)
+    tokens_ptr,  # [B, L] int64 out: the token (-1: a bad position, or an unmasked one without ids)
+    conf_ptr,  # [B, L] fp32 out: the confidence (-inf unmasked, NaN bad)
+    kept_ptr,  # [B * L, 3] fp32 out (HAS_KEPT): lo (kept: logits / T_eff > lo), max of logits / T_eff, kept mass
+    L, V, stride_b, stride_l,  # positions per row, vocabulary size, strides of logits
+    HAS_IDS: tl.constexpr, HAS_KEPT: tl.constexpr, CONF: tl.constexpr, TOPP_FIRST: tl.constexpr,
+    POST_TEMP: tl.constexpr, NPASS: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    pos = row % L
+    x_ptr = logits_ptr + b * stride_b + pos * stride_l
+    live = tl.load(masked_ptr + row) != 0
+    temp = tl.load(params_ptr + b * 2)
+    top_p = tl.load(params_ptr + b * 2 + 1)
+    k = tl.load(topk_ptr + b)
+    seed = tl.load(seeds_ptr + b)
+    greedy = temp == 0.0
+    if POST_TEMP:  # rwkv: filter the untempered distribution, temper the kept weights
+        t_eff = 0.0 * temp + 1.0
+        inv_post = 1.0 / tl.where(greedy, 1.0, temp)
+    else:  # a greedy step's confidences use the untempered filtered distribution (Dream)
+        t_eff = tl.where(greedy, 1.0, temp)
+        inv_post = 0.0 * temp + 1.0
+    cols = tl.arange(0, BLOCK)
+    # ---- pass 1: stats of the raw logits and of the filter values
+    xmax = float("-inf")
+    xarg = 0
+    xs = 0.0
+    zmax = float("-inf")
+    zs = 0.0
+    zmin = float("inf")
+    nfin = 0
+    nbad = 0
+    end = tl.where(live, V, 0)
+    for start in range(0, end, BLOCK):
+        offs = start + cols
+        msk = offs < V
+        x = tl.load(x_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
+        z = x / t_eff
+        nbad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
+        zfin = (z > float("-inf")) & (z < float("inf"))
+        nfin += tl.sum(zfin.to(tl.int32), axis=0)
+        zmin = tl.minimum(zmin, tl.min(tl.where(zfin, z, float("inf")), axis=0))
+        tmax = tl.max(x, axis=0)
+        targ = tl.argmax(x, axis=0)
+        xarg = tl.where(tmax > xmax, start + targ, xarg)  # strict: the earlier tile keeps ties (lowest index)
+        m_new = tl.maximum(xmax, tmax)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        xs = xs * tl.exp(xmax - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+        xmax = m_new
+        zt = tl.max(z, axis=0)
+        zm_new = tl.maximum(zmax, zt)
+        zm_safe = tl.where(zm_new == float("-inf"), 0.0, zm_new)
+        zs = zs * tl.exp(zmax - zm_safe) + tl.sum(tl.exp(z - zm_safe), axis=0)
+        zmax = zm_new
+    bad = (nbad > 0) | (xmax == float("-inf"))
+    onehot = (zmax == float("inf")) & ~bad  # logits / T overflows: the T -> 0 limit, a one-hot at the argmax
+    bad = bad | ((nfin == 0) & ~onehot)
+    m = zmax
+    if CONF == 0 or CONF == 2 or CONF == 3:  # the confidence needs the filtered distribution
+        use_filter = live & ~bad & ~onehot
+    else:
+        use_filter = live & ~bad & ~onehot & ~greedy
+    # ---- the kept set: one joint search, or top-k then top-p renormalized over the top-k set
+    k_on = (k > 0) & (k < nfin)
+    p_on = top_p < 1.0
+    uk = k_on.to(tl.int32)
+    ninf = 0.0 * temp + float("-inf")
+    if TOPP_FIRST:
+        lo, cnt_lo, mass_lo = _blk_search(x_ptr, V, t_eff, m, zmin, ninf, nfin, zs, k, uk,
+                                          top_p * zs, p_on.to(tl.int32), use_filter, NPASS, NP, BLOCK_S)
+    else:
+        lo1, cnt1, mass1 = _blk_search(x_ptr, V, t_eff, m, zmin, ninf, nfin, zs, k, uk,
+                                       top_p * zs, (p_on & ~k_on).to(tl.int32), use_filter, NPASS, NP, BLOCK_S)
+        lo, cnt_lo, mass_lo = _blk_search(x_ptr, V, t_eff, m, zmin, lo1, cnt1, mass1, k, 0 * uk, top_p * mass1,
+                                          p_on.to(tl.int32), use_filter & k_on & p_on, NPASS, NP, BLOCK_S)
+    # ---- pass 3: the race over the kept tokens, the kept mass, entropy and top-2 sums
+    w_sum = 0.0
+    e_sum = 0.0
+    v1 = float("-inf")
+    v2 = float("-inf")
+    best = float("-inf")
+    best_i = -1
+    best_lw = 0.0
+    best_x = 0.0
+    key_base = pos << 32
+    end = tl.where(use_filter, V, 0)
+    for start in range(0, end, BLOCK):
+        offs = start + cols
+        msk = offs < V
+        x = tl.load(x_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
+        z = tl.where(msk, x / t_eff, float("-inf"))
+        kept = (z > lo) & (z > float("-inf"))
+        d = z - m
+        if POST_TEMP:
+            lw = tl.where(d == 0.0, 0.0, d * inv_post)  # no 0 * inf at the max when 1 / T overflows
+        else:
+            lw = d
+        lw = tl.where(kept, lw, float("-inf"))
+        w = tl.exp(lw)
+        w_sum += tl.sum(w, axis=0)
+        e_sum += tl.sum(w * tl.where(w > 0.0, lw, 0.0), axis=0)  # 0 log 0 = 0 (no 0 * -inf)
+        t1 = tl.max(lw, axis=0)
+        a1 = tl.argmax(lw, axis=0)
+        t2 = tl.max(tl.where(cols == a1, float("-inf"), lw), axis=0)
+        v2 = tl.maximum(tl.maximum(v2, t2), tl.minimum(v1, t1))
+        v1 = tl.maximum(v1, t1)
+        if tl.max(kept.to(tl.int32), axis=0) > 0:  # Philox only for tiles holding a kept token
+            u = tl.rand(seed, key_base + offs.to(tl.int64))
+            key = tl.maximum(lw - tl.log(-tl.log(u)), -3.0e38)
+            key = tl.where(kept, key, float("-inf"))
+            key = tl.where(greedy, float("-inf"), key)  # a greedy step takes the argmax, drawing nothing
+            t_best = tl.max(key, axis=0)
+            t_arg = tl.argmax(key, axis=0)
+            upd = t_best > best  # strict: the earlier tile keeps ties
+            best_i = tl.where(upd, start + t_arg, best_i)
+            best_lw = tl.where(upd, tl.sum(tl.where(cols == t_arg, lw, 0.0), axis=0), best_lw)
+            best_x = tl.where(upd, tl.sum(tl.where(cols == t_arg, x, 0.0), axis=0), best_x)
+            best = tl.maximum(best, t_best)
+    # ---- the token and its confidence
+    take_max = greedy | onehot
+    tok = tl.where(take_max, xarg, best_i).to(tl.int64)
+    tok_lw = tl.where(take_max, 0.0, best_lw)  # the argmax is always kept, at weight exp(0) = 1
+    xmax_safe = tl.where(bad, 0.0, xmax)
+    dx_tok = tl.where(take_max | bad, 0.0, best_x - xmax_safe)  # raw logit of the token minus the max
+    w_div = tl.where(w_sum > 0.0, w_sum, 1.0)
+    if CONF == 0:
+        conf = tl.where(onehot, 1.0, tl.exp(tok_lw) / w_div)
+    elif CONF == 1:
+        conf = tl.exp(dx_tok) / tl.where(xs > 0.0, xs, 1.0)
+    elif CONF == 2:
+        conf = tl.where(onehot, 1.0, (1.0 - tl.exp(v2)) / w_div)
+    elif CONF == 3:
+        conf = tl.where(onehot, 0.0, e_sum / w_div - tl.log(w_div))
+    elif CONF == 4:
+        two = tl.arange(0, 2)
+        u2 = tl.rand(seed, key_base + 0xFFFFFFFE + two.to(tl.int64))  # past every token index of the position
+        conf = tl.sum(tl.where(two == 0, u2, 0.0), axis=0)
+    else:
+        conf = 0.0 * temp
+    tok = tl.where(bad, -1, tok)
+    conf = tl.where(bad, float("nan"), conf)
+    if HAS_IDS:
+        keep_tok = tl.load(ids_ptr + row)
+    else:
+        keep_tok = -1 + 0 * tok
+    tok = tl.where(live, tok, keep_tok)
+    conf = tl.where(live, conf, float("-inf"))
+    tl.store(tokens_ptr + row, tok)
+    tl.store(conf_ptr + row, conf)
+    if HAS_KEPT:
+        tl.store(kept_ptr + row * 3, lo)
+        tl.store(kept_ptr + row * 3 + 1, m)
+        tl.store(kept_ptr + row * 3 + 2, w_sum)
+
+
+def _block_config(V: int, device: torch.device) -> tuple[int, int, int]:
+    """Tiles of the block kernel: (race / stats tile, search tile ([BLOCK_S, NPIV] compares), num_warps); big
+    tiles under the interpreter, where each tile costs a few NumPy calls."""
+    if device.type == "cuda":
+        return min(1024, triton.next_power_of_2(V)), min(256, triton.next_power_of_2(V)), 4
+    block = min(2048, triton.next_power_of_2(V))
+    return block, block, 1
+
+
+def block_run(
+    logits: torch.Tensor,
+    masked: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    params: torch.Tensor,
+    topk: torch.Tensor,
+    seeds: torch.Tensor,
+    *,
+    confidence: str,
+    topp_first: bool,
+    post_temp: bool,
+    want_kept: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch ``_block_kernel`` over every position of ``logits [B, L, V]``.
+
+    ``masked`` bool ``[B, L]``; ``input_ids`` int64 ``[B, L]`` or None; ``params`` fp32 ``[B, 2]`` (temperature,
+    top_p), ``topk`` int32 ``[B]``, ``seeds`` int64 ``[B]`` (row keys mixed in); all on the logits' device and
+    validated by the public op. Returns tokens int64 ``[B, L]``, confidences fp32 ``[B, L]`` and, with
+    ``want_kept``, fp32 ``[B, L, 3]`` (threshold, max and kept mass of each position, for the probabilities).
+    """
+    B, L, V = logits.shape
+    dev = logits.device
+    if logits.stride(2) != 1 and V > 1:
+        raise ValueError("block_run: logits must have a contiguous last dim")
+    for name, t, shape, dtype in (("masked", masked, (B, L), torch.bool), ("params", params, (B, 2), torch.float32),
+                                  ("topk", topk, (B,), torch.int32), ("seeds", seeds, (B,), torch.int64)):
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != dev:
+            raise ValueError(f"block_run: {name} must be {dtype} {shape} on {dev}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if input_ids is not None and (tuple(input_ids.shape) != (B, L) or input_ids.dtype != torch.int64):
+        raise ValueError("block_run: input_ids must be int64 [B, L]")
+    if confidence not in CONF_MODES:
+        raise ValueError(f"block_run: confidence must be one of {CONF_MODES}, got {confidence!r}")
+    block, block_s, num_warps = _block_config(V, dev)
+    tokens = torch.empty(B, L, dtype=torch.int64, device=dev)
+    conf = torch.empty(B, L, dtype=torch.float32, device=dev)
+    kept = torch.empty(B, L, 3, dtype=torch.float32, device=dev) if want_kept else conf
+    mask_i8 = masked.contiguous().view(torch.int8)
+    ids = input_ids.contiguous() if input_ids is not None else tokens
+    if B * L:
+        record_launch("block_sample")
+        _block_kernel[(B * L,)](
+            logits, mask_i8, ids, params.contiguous(), topk.contiguous(), seeds.contiguous(), tokens, conf, kept,
+            L, V, logits.stride(0), logits.stride(1),
+            HAS_IDS=input_ids is not None, HAS_KEPT=want_kept, CONF=CONF_MODES.index(confidence),
+            TOPP_FIRST=topp_first, POST_TEMP=post_temp, NPASS=BLK_NPASS, NP=NPIV, BLOCK=block, BLOCK_S=block_s,
+            num_warps=num_warps,
+        )
+    return tokens, conf, (kept if want_kept else None)
+
+
 # =========================================================================== beam candidates (issue 13)
 # One step of Hugging Face beam search / beam sampling (``decodekit.beam_candidates``), fused.
 #
