@@ -33,7 +33,7 @@ never needs a 4-D mask.
       "external_data": null | "model.onnx.data",  # weights file beside model.onnx (large models)
       "opset": 18,
       "architecture": "llama" | "gpt2",
-      "source": {"format": "llama2c" | "hf" | "module", "path": str | null},
+      "source": {"format": "llama2c" | "gguf" | "hf" | "module", "path": str | null},
       "config": {...},                          # DecoderConfig.to_dict(): the full architecture
       "dtype": "float32" | "float16",           # weights, logits and KV cache
       "inputs":  ["input_ids", "position_ids", "attention_mask", "past_key_values.0.key", ...],
@@ -49,7 +49,10 @@ never needs a 4-D mask.
       "max_seq_len": int,                       # P + S must stay <= this
       "vocab_size": V,
       "bos_id": int, "eos_id": int, "stop_ids": [int, ...],   # generation ends on any stop id
-      "tokenizer": null | {"file": "tok512.bin", "type": "llama2c" | "hf", "bos_id": int, "eos_id": int},
+      "tokenizer": null | {"file": "tok512.bin", "type": "llama2c" | "hf", "bos_id": int, "eos_id": int,
+                           "add_bos": bool, "chat_template": str | null},   # the last two: optional
+      "weights": {"format": "fp32" | "fp16"} | {"format": "int4", "op": "com.microsoft::MatMulNBits", "bits": 4,
+                  "block_size": 32, "matrices": int, "gguf_types": {...}, "float_matrices": [...]},
       "validation": null | {"max_abs_diff": {name: float}, "atol": float, "rtol": float, "provider": str,
                             "steps": int, "prompt_lengths": [int, int]},
       "timings_s": {step: seconds}
@@ -287,6 +290,10 @@ def _preflight(model_path: Path, fmt: str) -> None:
         from decodekit.models.llama2c import read_llama2c_config
 
         read_llama2c_config(model_path)
+    elif fmt == "gguf":
+        from decodekit.models.gguf import read_gguf_config
+
+        read_gguf_config(model_path)  # architecture, tensor types, metadata: one line naming what is unsupported
     else:
         from decodekit.models import read_hf_config_checked
 
@@ -303,8 +310,8 @@ def _find_tokenizer(model_path: Path | None, fmt: str, tokenizer: str | os.PathL
         if not path.is_file():
             raise UsageError(f"tokenizer {path} is not a file")
         return path
-    if model_path is None:
-        return None
+    if model_path is None or fmt == "gguf":
+        return None  # a GGUF file carries its own tokenizer (see _gguf_tokenizer_entry)
     directory = model_path if fmt == "hf" else model_path.parent
     found = find_tokenizer_file(directory, vocab)
     if fmt == "hf" and found is not None and found.suffix != ".json":
@@ -322,6 +329,16 @@ def _tokenizer_entry(path: Path, cfg: Any) -> dict[str, Any]:
     if tok.vocab_size > cfg.vocab_size:
         raise UsageError(f"tokenizer {path} has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
     return {"file": path.name, "type": kind, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+
+
+def _gguf_tokenizer_entry(model_path: Path, cfg: Any) -> tuple[str, dict[str, Any]]:
+    """``(tokenizer.json text, decodekit.json entry)`` of the tokenizer a GGUF file describes."""
+    from decodekit.models.gguf import gguf_tokenizer_json
+
+    text, info = gguf_tokenizer_json(model_path)
+    entry = {"file": "tokenizer.json", "type": "hf", "bos_id": info["bos_id"], "eos_id": info["eos_id"],
+             "add_bos": info["add_bos"], "chat_template": info["chat_template"]}
+    return text, entry
 
 
 def _metadata(model: Decoder, *, dtype: torch.dtype, opset: int, all_logits: bool, source: dict[str, Any],
@@ -383,13 +400,15 @@ def export_decoder(
     all_logits: bool = False,
     tokenizer: str | os.PathLike | None = None,
     progress: bool | Progress = True,
+    weights: str = "fp32",
 ) -> ExportResult:
     """Export a decoder to ``out_dir/model.onnx`` + ``out_dir/decodekit.json`` (+ its tokenizer).
 
     Parameters
     ----------
     model : path or Decoder
-        A llama2.c checkpoint file, a Hugging Face model directory, or an in-memory :class:`Decoder`.
+        A llama2.c checkpoint file, a GGUF file (its tensors dequantized; its tokenizer and chat template go into
+        the export), a Hugging Face model directory, or an in-memory :class:`Decoder`.
     out_dir : path
         Created (with parents); must not exist or be empty unless ``force``; never a symbolic link, never the
         source or a folder above it (see "What an export may replace" above).
@@ -401,7 +420,8 @@ def export_decoder(
         Override the context length recorded for the runtime.
     atol, rtol : float, optional
         Validation tolerance: every output element must satisfy ``|ort - eager| <= atol + rtol * |eager|``
-        (defaults: atol 1e-4 and rtol 0 for fp32; atol 1e-2 and rtol 4e-3 for fp16).
+        (defaults: atol 1e-4 and rtol 0 for fp32; atol 1e-2 and rtol 4e-3 for fp16; atol 1e-3 and rtol 0
+        for ``weights="int4"``, against the dequantized fp32 model).
     validate : bool
         Compare ONNX Runtime against eager PyTorch before committing ``out_dir`` (see
         :mod:`decodekit.export.validate`).
@@ -415,6 +435,10 @@ def export_decoder(
         ``tokenizer.bin`` / the only ``tok*.bin`` beside a llama2.c checkpoint.
     progress : bool or Progress
         Print the steps and their timings on stderr.
+    weights : {"fp32", "int4"}
+        ``"int4"`` (GGUF sources, ``dtype="fp32"``): keep the file's Q4_0/Q4_1 matrices as 4-bit blocks in ONNX
+        Runtime's ``com.microsoft::MatMulNBits`` (block size 32), everything else dequantized; see
+        :mod:`decodekit.export.int4`. ``decodekit.json`` records them under ``"weights"``.
 
     Returns
     -------
@@ -438,6 +462,12 @@ def export_decoder(
     prog = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    from decodekit.export.int4 import INT4_ATOL, INT4_RTOL, WEIGHTS
+
+    if weights not in WEIGHTS:
+        raise UsageError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    if weights == "int4" and dtype != "fp32":
+        raise UsageError(f"weights='int4' needs dtype='fp32' (the float parts and the KV cache), got {dtype!r}")
     if opset is not None:
         if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
             raise UsageError(f"opset must be an int >= {MIN_OPSET} for the dynamo exporter, got {opset!r}")
@@ -445,9 +475,9 @@ def export_decoder(
             raise UsageError(f"opset {opset} is not supported here: ONNX Runtime and onnx know opsets {MIN_OPSET} "
                              f"to {max_opset()}")
     if atol is None:
-        atol = DEFAULT_ATOL[dtype]
+        atol = INT4_ATOL if weights == "int4" else DEFAULT_ATOL[dtype]
     if rtol is None:
-        rtol = DEFAULT_RTOL[dtype]
+        rtol = INT4_RTOL if weights == "int4" else DEFAULT_RTOL[dtype]
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol > 0):
         raise UsageError(f"atol must be a finite number > 0, got {atol!r}")
     if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
@@ -485,6 +515,16 @@ def export_decoder(
     cfg = decoder.config
     tok_path = _find_tokenizer(model_path, fmt, tokenizer, cfg.vocab_size)
     tok_entry = _tokenizer_entry(tok_path, cfg) if tok_path is not None else None
+    tok_text = None
+    if fmt == "gguf" and tok_path is None:
+        assert model_path is not None
+        with prog.step("building the tokenizer from the GGUF vocabulary and merges"):
+            tok_text, tok_entry = _gguf_tokenizer_entry(model_path, cfg)
+    int4 = None
+    if weights == "int4":
+        from decodekit.export.int4 import int4_blocks_for
+
+        int4 = int4_blocks_for(model_path, fmt, decoder)
     if tok_entry is None:
         prog.info("no tokenizer found: decodekit.json records none")
     # .eval() must not change the caller's module for good: its modes come back when the export is done
@@ -511,7 +551,7 @@ def export_decoder(
                 os.mkdir(tmp)  # mode 0o777 & ~umask, as any mkdir
                 meta, report = _write_export(decoder, tmp, prog, opset=opset, all_logits=all_logits, source=source,
                                              tok_path=tok_path, tok_entry=tok_entry, validate=validate, atol=atol,
-                                             rtol=rtol)
+                                             rtol=rtol, tok_text=tok_text, int4=int4)
                 _outdir.commit(tmp, out)
             except BaseException as e:
                 if not isinstance(e, FileExistsError) or str(e.filename) != str(tmp):
@@ -542,17 +582,32 @@ def _under(path: Path, folder: Path) -> bool:
 
 def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | None, all_logits: bool,
                   source: dict[str, Any], tok_path: Path | None, tok_entry: dict[str, Any] | None, validate: bool,
-                  atol: float, rtol: float) -> tuple[dict[str, Any], Any]:
-    """Write ``model.onnx``, ``decodekit.json`` and the tokenizer into ``tmp``; validate them when asked."""
+                  atol: float, rtol: float, tok_text: str | None = None,
+                  int4: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """Write ``model.onnx``, ``decodekit.json`` and the tokenizer into ``tmp``; validate them when asked.
+
+    ``tok_text``: the ``tokenizer.json`` text to write as ``tok_entry["file"]`` (a GGUF file's tokenizer), instead of
+    copying ``tok_path``. ``int4``: 4-bit blocks by parameter name, packed into the graph as MatMulNBits."""
     with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
         program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)
     opset_used = int(program.model.opset_imports.get("", opset or 0))
     if opset is not None and opset_used != opset:
         raise UsageError(f"the exporter wrote opset {opset_used} instead of the requested {opset}; nothing written")
+    del program  # the fp32 graph in memory: the int4 rewrite loads the saved file
     external = (tmp / (MODEL_FILE + ".data")).exists()
+    weights_entry = {"format": "fp32" if decoder.tok_embeddings.weight.dtype == torch.float32 else "fp16"}
+    if int4 is not None:
+        from decodekit.export.int4 import pack_matmul_nbits
+
+        with prog.step(f"packing {len(int4)} GGUF 4-bit matrices as MatMulNBits (block size 32)"):
+            weights_entry = pack_matmul_nbits(tmp / MODEL_FILE, decoder, int4,
+                                              external_data=MODEL_FILE + ".data" if external else None)
     meta = _metadata(decoder, dtype=decoder.tok_embeddings.weight.dtype, opset=opset_used, all_logits=all_logits,
                      source=source, tokenizer=tok_entry, external=external)
-    if tok_path is not None:
+    meta["weights"] = weights_entry
+    if tok_text is not None and tok_entry is not None:
+        (tmp / tok_entry["file"]).write_text(tok_text, encoding="utf-8")
+    elif tok_path is not None:
         shutil.copyfile(tok_path, tmp / tok_path.name)
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     report = None
@@ -560,7 +615,8 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
         from decodekit.export.validate import validate_export
 
         tol = f"atol {atol:g}" + (f", rtol {rtol:g}" if rtol else "")
-        with prog.step(f"validating with ONNX Runtime against eager PyTorch ({tol})"):
+        against = "the dequantized fp32 model" if int4 is not None else "eager PyTorch"
+        with prog.step(f"validating with ONNX Runtime against {against} ({tol})"):
             report = validate_export(decoder, tmp, atol=atol, rtol=rtol, report_line=prog.info)
         meta["validation"] = report.to_dict()
     meta["timings_s"] = {k: round(v, 3) for k, v in prog.timings.items()}

@@ -11,7 +11,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to ``decodekit``'s argparse subparsers."""
     p = subparsers.add_parser(
         "export",
-        help="export a llama2.c checkpoint or Hugging Face directory to ONNX (with KV cache), then validate it",
+        help="export a llama2.c checkpoint, GGUF file or Hugging Face directory to ONNX (KV cache), then validate it",
         description=(
             "Export a decoder to OUT_DIR/model.onnx + OUT_DIR/decodekit.json (+ the tokenizer), with explicit "
             "KV-cache inputs/outputs and dynamic batch/sequence/past lengths, then check ONNX Runtime against "
@@ -20,9 +20,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             "Exit codes: 0 ok, 1 validation failed, 2 any other error (one line on stderr), 130 interrupted."
         ),
     )
-    p.add_argument("model", help="llama2.c checkpoint (.bin) or Hugging Face model directory")
+    p.add_argument("model", help="llama2.c checkpoint (.bin), GGUF file (.gguf) or Hugging Face model directory")
     p.add_argument("-o", "--out", dest="out_dir", required=True, metavar="OUT_DIR", help="output directory")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights/KV/logits dtype (fp32)")
+    p.add_argument("--weights", choices=("fp32", "int4"), default="fp32",
+                   help="int4: keep a GGUF file's Q4_0/Q4_1 matrices as 4-bit MatMulNBits blocks (ONNX Runtime), "
+                        "validated against the dequantized fp32 model (default: fp32, every weight dequantized)")
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help="ONNX opset, 18 up to what onnx and ONNX Runtime know (default: the exporter's)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="override the context length")
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.out_dir, dtype=args.dtype, opset=args.opset, max_seq_len=args.max_seq_len,
         atol=args.atol, rtol=args.rtol,
         validate=args.validate, force=args.force, all_logits=args.all_logits, tokenizer=args.tokenizer,
-        progress=not args.quiet,
+        progress=not args.quiet, weights=args.weights,
     )
     line = f"exported {args.model} -> {result.out_dir}"
     if result.validation is not None:

@@ -1,0 +1,163 @@
+"""4-bit weight-only exports: GGUF Q4_0 / Q4_1 blocks kept as ONNX Runtime's ``com.microsoft::MatMulNBits``.
+
+How it works
+------------
+The decoder is exported as usual with every weight dequantized to float32 (so the graph, its names and its KV
+cache are exactly the fp32 export's), then each projection whose GGUF tensor was Q4_0 or Q4_1 is swapped in the
+saved graph: the ``MatMul(x, W^T)`` that reads the dequantized matrix becomes ::
+
+    MatMulNBits(x, B, scales[, zero_points])   K = in features, N = out features, bits = 4, block_size = 32
+
+which ONNX Runtime computes as ``x @ dequant(B)^T`` with ``dequant(B)[n, k] = (code - zero_point) * scale`` per
+block of 32 codes along ``K`` (codes packed two to a byte, low nibble first). The GGUF blocks map exactly:
+
+* Q4_0 (``w = (code - 8) * d``): ``scales = d`` and no zero point (the operator's default is 8);
+* Q4_1 (``w = code * d + m``): ``scales = d`` and the float zero point ``-m / d`` (the block's minimum).
+
+Only the nibble order is rearranged (GGUF keeps codes ``j`` and ``j + 16`` in one byte, MatMulNBits ``2j`` and
+``2j + 1``) and, for q/k, the rows are un-permuted as the fp32 loader does (see :mod:`decodekit.models.gguf`).
+Other tensors (norms, the Q8_0 embedding that is also the tied classifier) stay dequantized float32.
+
+Each MatMul is found by the content of its weight initializer: the bytes of ``W^T`` of the dequantized parameter
+(the exporter folds the transpose into the initializer exactly). Every 4-bit matrix must be found, else the export
+fails loudly (nothing is written).
+
+Accuracy
+--------
+The int4 graph computes the same function as the dequantized fp32 model: the only differences are the float
+rounding of ``(code - (-m/d)) * d`` against ``code * d + m`` and ONNX Runtime's summation order, so the export is
+validated against the dequantized fp32 model with :data:`INT4_ATOL` / :data:`INT4_RTOL` (it is NOT compared with
+an unquantized model: the GGUF file holds none). ``accuracy_level`` is left at 0 (activations stay float32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from decodekit.errors import UsageError
+from decodekit.models.decoder import Decoder
+
+MS_DOMAIN = "com.microsoft"
+#: validation tolerance of an int4 export against the dequantized fp32 model: |ort - eager| <= atol + rtol*|eager|
+INT4_ATOL = 1e-3
+INT4_RTOL = 0.0
+WEIGHTS = ("fp32", "int4")
+
+
+def _digest(a: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest()
+
+
+def pack_matmul_nbits(onnx_path: str | os.PathLike, decoder: Decoder, blocks: dict[str, Any],
+                      *, external_data: str | None = None) -> dict[str, Any]:
+    """Replace, in the saved graph ``onnx_path``, the MatMul of every matrix in ``blocks`` by MatMulNBits.
+
+    Parameters
+    ----------
+    onnx_path : path
+        A graph written by :func:`decodekit.export._export_onnx` from ``decoder`` (rewritten in place).
+    decoder : Decoder
+        The dequantized float32 model that was exported (its parameters identify the initializers).
+    blocks : dict of str -> :class:`decodekit.models.gguf.Int4Blocks`
+        Decoder parameter name -> the matrix's 4-bit blocks.
+    external_data : str, optional
+        Save the weights into this file beside the graph (large models).
+
+    Returns
+    -------
+    dict
+        ``{"format": "int4", "op": "com.microsoft::MatMulNBits", "bits": 4, "block_size": 32, "matrices": n,
+        "gguf_types": {type: count}, "float_matrices": [names kept dequantized]}``, for ``decodekit.json``.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from decodekit.models.gguf import INT4_BLOCK
+
+    path = Path(onnx_path)
+    model = onnx.load(str(path))
+    graph = model.graph
+    params = dict(decoder.named_parameters(remove_duplicate=False))
+    wanted: dict[tuple[int, int, bytes], list[str]] = {}
+    for name in blocks:
+        w = params[name].detach().float().cpu().numpy()  # [N, K]
+        wanted.setdefault((w.shape[1], w.shape[0], _digest(w.T)), []).append(name)
+    shapes = {(k, n) for k, n, _ in wanted}
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for x in node.input:
+            uses[x] = uses.get(x, 0) + 1
+
+    found: dict[str, int] = {}  # parameter name -> index of its MatMul in graph.node
+    for idx, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        init = inits.get(node.input[1])
+        if init is None or init.data_type != TensorProto.FLOAT or tuple(init.dims) not in shapes:
+            continue
+        key = (int(init.dims[0]), int(init.dims[1]), _digest(numpy_helper.to_array(init)))
+        names = wanted.get(key)
+        if names:
+            found[names.pop(0)] = idx  # identical matrices (rare) are interchangeable: their blocks are too
+    missing = sorted(set(blocks) - set(found))
+    if missing:
+        raise RuntimeError(f"int4 export: the MatMul of {len(missing)} matrices was not found in the exported graph "
+                           f"(e.g. {missing[0]}); the exporter's graph changed")
+
+    new_inits, dropped = [], set()
+    for name, idx in found.items():
+        node, b = graph.node[idx], blocks[name]
+        n, k = b.shape
+        stem = name.removesuffix(".weight")
+        inputs = [node.input[0], f"{stem}.qweight", f"{stem}.scales"]
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(b.packed, dtype=np.uint8), inputs[1]),
+                      numpy_helper.from_array(b.scales.astype(np.float32).reshape(-1), inputs[2])]
+        if b.zero_points is not None:
+            inputs.append(f"{stem}.zero_points")
+            new_inits.append(numpy_helper.from_array(b.zero_points.astype(np.float32).reshape(-1), inputs[3]))
+        nbits = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{stem}.MatMulNBits",
+                                 domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=INT4_BLOCK)
+        uses[node.input[1]] -= 1
+        if uses[node.input[1]] == 0:
+            dropped.add(node.input[1])
+        graph.node[idx].CopyFrom(nbits)  # same position: the node order stays topological
+    kept = [i for i in graph.initializer if i.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+    tmp = path.with_name(path.name + ".int4")
+    if external_data:
+        data = path.with_name(external_data)
+        data.unlink(missing_ok=True)  # onnx.load read it into memory; a save would append to it
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+    types: dict[str, int] = {}
+    for b in blocks.values():
+        types[b.gguf_type] = types.get(b.gguf_type, 0) + 1
+    return {"format": "int4", "op": f"{MS_DOMAIN}::MatMulNBits", "bits": 4, "block_size": INT4_BLOCK,
+            "matrices": len(found), "gguf_types": types,
+            "float_matrices": sorted(n for n, p in params.items() if p.dim() == 2 and n not in found)}
+
+
+def int4_blocks_for(model_path: Path | None, fmt: str, decoder: Decoder) -> dict[str, Any]:
+    """The 4-bit blocks of a GGUF source (``UsageError`` for another source or a file without Q4_0/Q4_1)."""
+    if model_path is None or fmt != "gguf":
+        raise UsageError("weights='int4' keeps a GGUF file's Q4_0/Q4_1 blocks: the model must be a GGUF file "
+                         f"(got {'an in-memory Decoder' if model_path is None else f'a {fmt} checkpoint'})")
+    from decodekit.models.gguf import read_int4_blocks
+
+    blocks = read_int4_blocks(model_path, decoder.config)
+    if not blocks:
+        raise UsageError(f"weights='int4': {model_path} has no Q4_0/Q4_1 projection matrices to keep as 4-bit blocks")
+    return blocks
