@@ -15,6 +15,7 @@ import numbers
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, interpreter_enabled, resolve_backend
+from decodekit.ops._library import compiling, custom_op
 from decodekit.ops.attention import cpu
 
 __all__ = ["attention", "decode_attention", "decoder_attention", "left_padding_starts", "MAX_DECODE_QUERIES"]
@@ -67,6 +68,97 @@ def _check_kv_start(kv_start: object, batch: int, device: torch.device, op: str)
             f"{op}: kv_start must have shape [{batch}] (one start per batch row), got {tuple(kv_start.shape)}"
         )
     return kv_start.contiguous()
+
+
+# --------------------------------------------------------------------------- custom ops
+# torch.ops.decodekit.attention / decode_attention: the public functions validate (at trace time under
+# torch.compile) and call these; the implementations launch the kernels or run the PyTorch path.
+
+
+def _optional(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0, dtype=torch.float32) if t is None else t
+
+
+@custom_op("attention")
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, q_offset: int,
+    kv_start: torch.Tensor | None, store_lse: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.decodekit.attention``: ``(out [B, H, S_q, D], lse fp32 [B, H, S_q])``; ``lse`` is empty unless
+    ``store_lse`` (asked for, or kept for the Triton backward)."""
+    if backend == "triton":
+        out, lse = _kernels()._attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=store_lse)
+        return out, _optional(lse, q)
+    if store_lse:
+        return cpu.attention(q, k, v, causal, scale, q_offset, kv_start, True)
+    return cpu.attention(q, k, v, causal, scale, q_offset, kv_start, False), q.new_empty(0, dtype=torch.float32)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale, q_offset, kv_start, store_lse, backend):
+    B, H, S_q, _ = q.shape
+    lse_shape = (B, H, S_q) if store_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@custom_op("attention_backward")
+def _attention_backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float, q_offset: int, kv_start: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.decodekit.attention_backward``: the FlashAttention-2 recompute backward kernels -> (dq, dk, dv)."""
+    return _kernels()._attention_bwd(dout.contiguous(), q, k, v, out, lse, causal, scale, q_offset, kv_start)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, causal, scale, q_offset, kv_start):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    q, k, v, causal, scale, q_offset, kv_start, store_lse, backend = inputs
+    out, lse = output
+    triton_bwd = backend == "triton" and store_lse
+    ctx.save_for_backward(q, k, v, out if triton_bwd else None, lse if triton_bwd else None, kv_start)
+    ctx.causal, ctx.scale, ctx.q_offset, ctx.triton_bwd = causal, scale, q_offset, triton_bwd
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):  # noqa: ANN001
+    q, k, v, out, lse, kv_start = ctx.saved_tensors
+    if ctx.triton_bwd:
+        dq, dk, dv = torch.ops.decodekit.attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale,
+                                                            ctx.q_offset, kv_start)
+    else:  # the PyTorch path (or a Triton forward that kept no lse): plain ops, traced by torch.compile
+        dq, dk, dv = cpu.attention_backward(dout, q, k, v, ctx.causal, ctx.scale, ctx.q_offset, kv_start)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@custom_op("decode_attention")
+def _decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float,
+    kv_start: torch.Tensor | None, num_splits: int, validate_lengths: bool, backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.decode_attention``: ``[B, H, S_q, D]`` (``num_splits`` 0: the default plan). The
+    ``validate_lengths`` check reads the lengths here, at run time, so it raises the same ``ValueError`` in eager
+    and in compiled code (a host synchronization: not for CUDA-graph capture)."""
+    S_max = k_cache.shape[2]
+    if validate_lengths and cache_seqlens.numel():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > S_max:
+            raise ValueError(f"decode_attention: cache_seqlens must lie in [0, S_max={S_max}], got values in "
+                             f"[{lo}, {hi}]")
+    if backend == "torch":
+        return cpu.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start)
+    return _kernels().decode(q, k_cache, v_cache, cache_seqlens, scale, kv_start, num_splits or None)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, kv_start, num_splits, validate_lengths, backend):
+    return q.new_empty(q.shape)
 
 
 # --------------------------------------------------------------------------- public ops
@@ -136,9 +228,12 @@ def attention(
         raise ValueError(f"{op}: q_offset must be in (-2**30, 2**30), got {q_offset}")
     kv_start = _check_kv_start(kv_start, q.shape[0], q.device, op)
     causal = bool(causal)
-    if resolve_backend(backend, q.device, op) == "torch":
-        return cpu.attention(q, k, v, causal, scale, q_offset, kv_start, return_lse)
-    out, lse = _kernels().attention(q, k, v, causal, scale, q_offset, kv_start, return_lse)
+    path = resolve_backend(backend, q.device, op)
+    return_lse = bool(return_lse)
+    # the Triton backward reads lse: keep it whenever a gradient can be asked for (known at trace time)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out, lse = torch.ops.decodekit.attention(q, k, v, causal, scale, q_offset, kv_start,
+                                             return_lse or (grad and path == "triton"), path)
     return (out, lse) if return_lse else out
 
 
@@ -200,7 +295,6 @@ def decode_attention(
     op = "decode_attention"
     _check_qkv(q, k_cache, v_cache, op, "k_cache", "v_cache")
     B, H, S_q, D = q.shape
-    S_max = k_cache.shape[2]
     if not 1 <= S_q <= MAX_DECODE_QUERIES:
         raise ValueError(f"{op}: q must hold 1..{MAX_DECODE_QUERIES} new queries per row (dim 2), got {S_q}")
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=q.device, op=op)
@@ -210,18 +304,13 @@ def decode_attention(
         )
     if validate_lengths is None:
         validate_lengths = cache_seqlens.device.type == "cpu"
-    if validate_lengths and B > 0:
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < 0 or hi > S_max:
-            raise ValueError(f"{op}: cache_seqlens must lie in [0, S_max={S_max}], got values in [{lo}, {hi}]")
     scale = _check_scale(scale, D, op)
     kv_start = _check_kv_start(kv_start, B, q.device, op)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
-    if resolve_backend(backend, q.device, op) == "torch":
-        return cpu.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start)
-
-    return _kernels().decode(q, k_cache, v_cache, cache_seqlens, scale, kv_start, num_splits)
+    path = resolve_backend(backend, q.device, op)
+    return torch.ops.decodekit.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start, num_splits or 0,
+                                                bool(validate_lengths), path)
 
 
 # --------------------------------------------------------------------------- decoder layout
@@ -253,7 +342,7 @@ def decoder_attention(
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (q.shape[0], t):
         raise ValueError(f"attention_mask must have shape [{q.shape[0]}, {t}], got {tuple(attention_mask.shape)}")
     kv_start = left_padding_starts(attention_mask)
-    if attention_mask.device.type == "cpu":
+    if attention_mask.device.type == "cpu" and not compiling():  # a host check: skipped in compiled code
         left_padded = torch.arange(t)[None, :] >= kv_start[:, None]
         if not torch.equal(attention_mask.bool(), left_padded):
             raise ValueError("attention_mask: use_kernels=True supports left padding only (zeros before the tokens)")

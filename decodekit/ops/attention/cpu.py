@@ -72,3 +72,33 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start):
     if kv_start is not None:
         visible = visible & (j >= kv_start.view(-1, 1, 1, 1))
     return _masked_sdpa(q, k_cache, v_cache, visible, scale).contiguous()
+
+
+def attention_backward(dout, q, k, v, causal, scale, q_offset, kv_start):
+    """Gradients ``(dq, dk, dv)`` of :func:`attention` in plain PyTorch ops (fp32, rounded to the inputs' dtype).
+
+    The probabilities are recomputed from ``q`` and ``k`` (nothing saved but the inputs); a query that sees no key
+    has zero output and zero gradients, as in the kernels. Grouped-query heads are summed into their kv head.
+    ``O(S_q * S_k)`` memory per head: the PyTorch path, for CPU tensors and tests.
+    """
+    B, H, s_q, D = q.shape
+    H_kv, s_k = k.shape[1], k.shape[2]
+    group = H // H_kv
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    qf, do = q.float(), dout.float()
+    j = torch.arange(s_k, device=q.device)
+    visible = torch.ones(1, 1, s_q, s_k, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = (j[None, :] <= torch.arange(s_q, device=q.device)[:, None] + q_offset)[None, None]
+    if kv_start is not None:
+        visible = visible & (j.view(1, 1, 1, -1) >= kv_start.view(-1, 1, 1, 1))
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.where(visible.any(dim=-1, keepdim=True), torch.softmax(s, dim=-1), 0.0)  # no key seen: zeros
+    dp = do @ vf.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = ((ds.transpose(-1, -2) @ qf) * scale).view(B, H_kv, group, s_k, D).sum(dim=2)
+    dv = (p.transpose(-1, -2) @ do).view(B, H_kv, group, s_k, D).sum(dim=2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -210,7 +210,8 @@ def _validate(
         _check_dtype("bias", bias, (x.dtype,), op)
         if bias.shape[0] != n:
             raise ValueError(f"{op}: bias must have shape ({n},) to match weight, got {tuple(bias.shape)}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or not math.isfinite(eps):
+    # comparisons, not math.isfinite: under torch.compile a module's float attribute may be a symbolic float
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
