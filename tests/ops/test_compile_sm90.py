@@ -171,6 +171,10 @@ launch(F16, 600, 1000, torch.int32, "probs", npass=8)  # sampling_probs()
 launch(BF16, 3, 5, torch.uint8, "probs", npass=8)  # tiny vocabulary (8-wide tiles)
 launch(BF16, 4, 32000, None, "sample", tts=True, npass=8)  # sample_logits()
 launch(F32, 2, 32000, None, "simple", tts=True, npass=0)  # sampler_simple_batch()
+# beam_candidates(): the IndexTTS2 beam-sampling step (penalty, top-k then top-p, Gumbel-top-k, merge)
+S.beam_run(torch.zeros(3, 8194), torch.zeros(3), torch.zeros(3, 8194, dtype=torch.int32),
+           torch.zeros(1, dtype=torch.int64), 1, num_beams=3, num_candidates=6, temperature=0.8, top_k=30,
+           top_p=0.8, repetition_penalty=10.0, min_tokens_to_keep=2, do_sample=True)
 compile_all(expected)
 """
 )
