@@ -26,6 +26,12 @@ _EXPORTS: dict[str, str] = {
     "sampling_probs": "decodekit.ops.sampling",
     "sample_logits": "decodekit.ops.sampling",
     "sampler_simple_batch": "decodekit.ops.sampling",
+    # diffusion-LM block sampling and the rwkv package's sampler (issue 14)
+    "sample_block": "decodekit.ops.sampling",
+    "select_positions": "decodekit.ops.sampling",
+    "transfer_schedule": "decodekit.ops.sampling",
+    "rwkv_sample_logits": "decodekit.ops.sampling",
+    "rwkv_sampling_probs": "decodekit.ops.sampling",
     # fused norm + linear (ops/norm_linear/)
     "layer_norm_linear": "decodekit.ops.norm_linear",
     "rms_norm_linear": "decodekit.ops.norm_linear",
@@ -42,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "export_decoder": "decodekit.export",
     "OnnxDecoder": "decodekit.runtime",
     "generate": "decodekit.runtime",
+    "chat": "decodekit.runtime",
     "GenerationConfig": "decodekit.runtime",
 }
 

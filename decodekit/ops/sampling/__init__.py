@@ -813,38 +813,133 @@ def _choice(name: str, value: object, choices: tuple[str, ...], op: str) -> str:
     return value
 
 
-def _block_impl(
+_BLOCK_PARAMS = ("temperature", "top_k", "top_p")
+_BLOCK_BOUNDS: dict[str, dict[str, bool | float]] = {
+    "temperature": dict(lo=0.0), "top_k": dict(integer=True, lo=0.0), "top_p": dict(lo=0.0, lo_open=True, hi=1.0)}
+_RWKV_BOUNDS = dict(_BLOCK_BOUNDS, top_p=dict(lo=0.0, hi=1.0))  # rwkv: top_p = 0 keeps the argmax's group
+
+
+def _block_params(scalars: list[float], tensors: list[torch.Tensor | None], B: int, op: str, *, rwkv: bool) -> tuple:
+    """Inside an op: (temperature, top_k, top_p) as Python numbers or fp32 [B], per-row CPU tensors range-checked.
+    rwkv: ``temperature == 0`` becomes ``T = 1, top_p = 0`` (the package's rule)."""
+    bounds = _RWKV_BOUNDS if rwkv else _BLOCK_BOUNDS
+    vals = join_params(scalars, tensors, [bool(bounds[n].get("integer")) for n in _BLOCK_PARAMS])
+    t, k, p = (_row_tensor(n, v, B, op, **bounds[n]) for n, v in zip(_BLOCK_PARAMS, vals))
+    if rwkv:
+        if isinstance(t, torch.Tensor):
+            zero = t == 0
+            p = torch.where(zero, 0.0, _column(p, B, t.device))
+            t = torch.where(zero, 1.0, t)
+        elif t == 0.0:
+            t, p = 1.0, 0.0
+    return t, k, p
+
+
+def _block_run(
     logits: torch.Tensor, masked: torch.Tensor, input_ids: torch.Tensor | None, temperature: float | torch.Tensor,
     top_k: int | torch.Tensor, top_p: float | torch.Tensor, seeds: torch.Tensor, confidence: str, topp_first: bool,
-    post_temp: bool, path: str, want_probs: bool = False,
+    post_temp: bool, backend: str, want_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The validated op: tensors and scalars only (the shape a ``torch.library.custom_op`` wraps)."""
+    """Inside an op: the Triton kernel or the PyTorch path on checked parameters (Python numbers or fp32 [B])."""
     B, L, V = logits.shape
     dev = logits.device
-    if path == "triton":
+    if backend == "triton":
         params = torch.stack([_column(temperature, B, dev), _column(top_p, B, dev)], dim=1).contiguous()
         topk = _column(top_k, B, dev).clamp(0, 2**31 - 1).to(torch.int32)
-        tokens, conf, kept = _kernels().block_run(
-            logits, masked, input_ids, params, topk, seeds, confidence="none" if confidence is None else confidence,
-            topp_first=topp_first, post_temp=post_temp, want_kept=want_probs)
+        tokens, conf, kept = _kernels().block_run(logits, masked, input_ids, params, topk, seeds,
+                                                  confidence=confidence, topp_first=topp_first,
+                                                  post_temp=post_temp, want_kept=want_probs)
         probs = None
-        if want_probs:  # the kernel's kept set (z > lo) and mass, expanded to the distribution for tests
-            z = logits.float() / torch.where(params[:, 0] == 0, 1.0, params[:, 0])[:, None, None] if not post_temp \
-                else logits.float()
+        if want_probs:  # the kernel's kept set (z > lo) and mass, expanded to the distribution (for tests)
+            temp = params[:, 0][:, None, None]
+            z = logits.float() if post_temp else logits.float() / torch.where(temp == 0, 1.0, temp)
             lo, m, w = kept[..., 0:1], kept[..., 1:2], kept[..., 2:3]
             d = z - m
             if post_temp:
-                d = torch.where(d == 0, 0.0, d * (1.0 / params[:, 0])[:, None, None])
+                d = torch.where(d == 0, 0.0, d * (1.0 / temp))
             probs = torch.where((z > lo) & (z > float("-inf")), d.exp() / w, 0.0)
             ok = masked & (tokens >= 0)
-            if not post_temp:  # greedy positions drew the argmax
-                g = ok & (params[:, 0] == 0)[:, None]
-                probs = torch.where(g[..., None], torch.nn.functional.one_hot(tokens.clamp(min=0), V).float(), probs)
+            if not post_temp:  # greedy positions take the argmax
+                g = (ok & (params[:, 0] == 0)[:, None])[..., None]
+                probs = torch.where(g, torch.nn.functional.one_hot(tokens.clamp(min=0), V).float(), probs)
             probs = torch.where(ok[..., None], probs, 0.0)
         return tokens, conf, probs
-    return _st.block_torch(logits, masked, input_ids, temperature, top_k, top_p, seeds,
-                           confidence="none" if confidence is None else confidence, topp_first=topp_first,
-                           post_temp=post_temp, want_probs=want_probs)
+    return _st.block_torch(logits, masked, input_ids, temperature, top_k, top_p, seeds, confidence=confidence,
+                           topp_first=topp_first, post_temp=post_temp, want_probs=want_probs)
+
+
+@custom_op("sample_block")
+def _sample_block_op(
+    logits: torch.Tensor, masked: torch.Tensor, input_ids: torch.Tensor | None, scalars: list[float],
+    tensors: list[torch.Tensor | None], seeds: torch.Tensor, confidence: str, topp_first: bool, check: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.decodekit.sample_block``: tokens int64 [B, L] and confidences fp32 [B, L]."""
+    op = "sample_block"
+    t, k, p = _block_params(scalars, tensors, logits.shape[0], op, rwkv=False)
+    tokens, conf, _ = _block_run(logits, masked, input_ids, t, k, p, seeds, confidence, topp_first, False, backend)
+    if check:
+        bad = (masked & (tokens < 0)).nonzero().tolist()
+        if bad:
+            raise ValueError(f"{op}: logits at masked positions {bad[:8]} (batch row, position) are all -inf or "
+                             "contain NaN/+inf")
+    return tokens, conf
+
+
+@_sample_block_op.register_fake
+def _(logits, masked, input_ids, scalars, tensors, seeds, confidence, topp_first, check, backend):
+    B, L, _ = logits.shape
+    return logits.new_empty((B, L), dtype=torch.int64), logits.new_empty((B, L), dtype=torch.float32)
+
+
+@custom_op("block_probs")
+def _block_probs_op(
+    logits: torch.Tensor, masked: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None],
+    topp_first: bool, backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.block_probs``: fp32 [B, L, V]."""
+    t, k, p = _block_params(scalars, tensors, logits.shape[0], "block_probs", rwkv=False)
+    seeds = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    return _block_run(logits, masked, None, t, k, p, seeds, "prob", topp_first, False, backend, want_probs=True)[2]
+
+
+@_block_probs_op.register_fake
+def _(logits, masked, scalars, tensors, topp_first, backend):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@custom_op("rwkv_sample_logits")
+def _rwkv_sample_logits_op(
+    logits: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None], seeds: torch.Tensor, backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.rwkv_sample_logits``: tokens int64 [B]."""
+    B = logits.shape[0]
+    t, k, p = _block_params(scalars, tensors, B, "rwkv_sample_logits", rwkv=True)
+    masked = torch.ones(B, 1, dtype=torch.bool, device=logits.device)
+    return _block_run(logits[:, None, :], masked, None, t, k, p, seeds, "none", True, True, backend)[0][:, 0]
+
+
+@_rwkv_sample_logits_op.register_fake
+def _(logits, scalars, tensors, seeds, backend):
+    return fake_rows(logits, torch.int64)[0]
+
+
+@custom_op("rwkv_sampling_probs")
+def _rwkv_sampling_probs_op(
+    logits: torch.Tensor, scalars: list[float], tensors: list[torch.Tensor | None], backend: str,
+) -> torch.Tensor:
+    """``torch.ops.decodekit.rwkv_sampling_probs``: fp32 [B, V]."""
+    B = logits.shape[0]
+    t, k, p = _block_params(scalars, tensors, B, "rwkv_sampling_probs", rwkv=True)
+    masked = torch.ones(B, 1, dtype=torch.bool, device=logits.device)
+    seeds = torch.zeros(B, dtype=torch.int64, device=logits.device)
+    return _block_run(logits[:, None, :], masked, None, t, k, p, seeds, "none", True, True, backend,
+                      want_probs=True)[2][:, 0]
+
+
+@_rwkv_sampling_probs_op.register_fake
+def _(logits, scalars, tensors, backend):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
 def _block_setup(
@@ -872,9 +967,8 @@ def _block_setup(
         assert isinstance(input_ids, torch.Tensor)
         if tuple(input_ids.shape) != (B, L):
             raise ValueError(f"{op}: input_ids must have shape [B, L] = {(B, L)}, got {tuple(input_ids.shape)}")
-    t = _row_param("temperature", temperature, B, dev, op, lo=0.0)
-    k = _row_param("top_k", top_k, B, dev, op, integer=True, lo=0.0)
-    p = _row_param("top_p", top_p, B, dev, op, lo=0.0, lo_open=True, hi=1.0)
+    t, k, p = (_row_param(n, v, B, dev, op, **_BLOCK_BOUNDS[n])
+               for n, v in zip(_BLOCK_PARAMS, (temperature, top_k, top_p)))
     order = _choice("order", order, BLOCK_ORDERS, op)
     confidence = _choice("confidence", confidence, BLOCK_CONFIDENCES, op)
     seed = _check_seed(seed, B, dev, op)
@@ -950,13 +1044,9 @@ def sample_block(
     B = logits.shape[0]
     dev = logits.device
     path = resolve_backend(backend, dev, op)
-    tokens, conf, _ = _block_impl(logits, masked, input_ids, t, k, p, _block_seeds(seed, B, dev), confidence,
-                                  order == "top_p_first", False, path)
-    if check:
-        bad = (masked & (tokens < 0)).nonzero().tolist()
-        if bad:
-            raise ValueError(f"{op}: logits at masked positions {bad[:8]} are all -inf or contain NaN/+inf")
-    return tokens, conf
+    scalars, tensors = split_params([t, k, p])
+    return _sample_block_op(logits, masked, input_ids, scalars, tensors, _block_seeds(seed, B, dev), confidence,
+                            order == "top_p_first", bool(check), path)
 
 
 def block_probs(
@@ -969,9 +1059,8 @@ def block_probs(
     logits, masked, _, t, k, p, order, _, _ = _block_setup(
         op, logits, masked, None, temperature, top_k, top_p, order, "prob", 0)
     path = resolve_backend(backend, logits.device, op)
-    seeds = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
-    return _block_impl(logits, masked, None, t, k, p, seeds, "prob", order == "top_p_first", False, path,
-                       want_probs=True)[2]
+    scalars, tensors = split_params([t, k, p])
+    return _block_probs_op(logits, masked, scalars, tensors, order == "top_p_first", path)
 
 
 def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -1115,17 +1204,9 @@ def _rwkv_setup(op: str, logits: object, temperature: Param, top_p: Param, top_k
     x = _check_logits(x, op)
     B = x.shape[0]
     dev = x.device
-    t = _row_param("temperature", temperature, B, dev, op, lo=0.0)
-    p = _row_param("top_p", top_p, B, dev, op, lo=0.0, hi=1.0)
-    k = _row_param("top_k", top_k, B, dev, op, integer=True, lo=0.0)
-    # temperature == 0 means T = 1, top_p = 0: the argmax's tie group
-    if isinstance(t, torch.Tensor):
-        zero = t == 0
-        p = torch.where(zero, 0.0, _column(p, B, dev))
-        t = torch.where(zero, 1.0, t)
-    elif t == 0.0:
-        t, p = 1.0, 0.0
-    return x, t, p, k
+    t, k, p = (_row_param(n, v, B, dev, op, **_RWKV_BOUNDS[n])
+               for n, v in zip(_BLOCK_PARAMS, (temperature, top_k, top_p)))
+    return x, split_params([t, k, p])
 
 
 def rwkv_sample_logits(
@@ -1167,15 +1248,13 @@ def rwkv_sample_logits(
     """
     op = "rwkv_sample_logits"
     one_row = isinstance(logits, torch.Tensor) and logits.dim() == 1
-    x, t, p, k = _rwkv_setup(op, logits, temperature, top_p, top_k)
+    x, (scalars, tensors) = _rwkv_setup(op, logits, temperature, top_p, top_k)
     B = x.shape[0]
     dev = x.device
     seed = _check_seed(seed, B, dev, op)
     path = resolve_backend(backend, dev, op)
-    masked = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    tokens, _, _ = _block_impl(x[:, None, :], masked, None, t, k, p, _block_seeds(seed, B, dev), None, True, True,
-                               path)
-    return tokens[0, 0] if one_row else tokens[:, 0]
+    tokens = _rwkv_sample_logits_op(x, scalars, tensors, _block_seeds(seed, B, dev), path)
+    return tokens[0] if one_row else tokens
 
 
 def rwkv_sampling_probs(
@@ -1185,11 +1264,6 @@ def rwkv_sampling_probs(
     It writes a ``[B, V]`` tensor: for tests and log-probabilities."""
     op = "rwkv_sampling_probs"
     one_row = isinstance(logits, torch.Tensor) and logits.dim() == 1
-    x, t, p, k = _rwkv_setup(op, logits, temperature, top_p, top_k)
-    B = x.shape[0]
-    dev = x.device
-    path = resolve_backend(backend, dev, op)
-    masked = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    seeds = torch.zeros(B, dtype=torch.int64, device=dev)
-    probs = _block_impl(x[:, None, :], masked, None, t, k, p, seeds, None, True, True, path, want_probs=True)[2]
-    return probs[0, 0] if one_row else probs[:, 0]
+    x, (scalars, tensors) = _rwkv_setup(op, logits, temperature, top_p, top_k)
+    probs = _rwkv_sampling_probs_op(x, scalars, tensors, resolve_backend(backend, x.device, op))
+    return probs[0] if one_row else probs
