@@ -272,6 +272,10 @@ class HFTokenizer:
         """The text of a (special) token id, or None."""
         return None if token_id is None else self._tok.id_to_token(int(token_id))
 
+    def token_id(self, token: str) -> int | None:
+        """The id of a token written as in the vocabulary (``"<|im_end|>"``), or None."""
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) are matched whole.
 

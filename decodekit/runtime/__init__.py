@@ -35,6 +35,8 @@ from decodekit.runtime.onnx import METADATA_FILE, OnnxDecoder, read_metadata
 
 __all__ = [
     "EagerDecoder",
+    "chat",
+    "chat_prompt",
     "GenerationConfig",
     "GenerationResult",
     "OnnxDecoder",
@@ -102,6 +104,10 @@ def _check_source(src: Path) -> None:
         raise UsageError(f"cannot read model {target}: {e.strerror or e}") from None
     if fmt == "hf":
         read_hf_config_checked(src)
+    elif fmt == "gguf":
+        from decodekit.models.gguf import read_gguf_config
+
+        read_gguf_config(src)  # architecture and tensor types supported: the metadata only
     else:
         read_llama2c_config(src)  # the header is plausible and the file has the size it implies
 
@@ -180,6 +186,11 @@ def load_backend(
         raise UsageError("device='cuda' but torch sees no CUDA device")
     model = load_model(src, device=device, max_seq_len=max_seq_len)
     dec = EagerDecoder(model, max_batch=max_batch, max_seq_len=max_seq_len)
+    from decodekit.models.gguf import is_gguf
+
+    if is_gguf(src):
+        dec.tokenizer = load_tokenizer(src)  # a GGUF file carries its tokenizer
+        return dec
     tok_file = find_tokenizer_file(src if src.is_dir() else src.parent, model.config.vocab_size)
     dec.tokenizer = load_tokenizer(tok_file) if tok_file is not None else None
     return dec
@@ -245,3 +256,112 @@ def generate(
     else:
         model = source
     return generate_on(model, prompts, config, stream=stream)
+
+
+#: end-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3, ...): a chat also stops on these
+#: when its template writes them and the vocabulary has them, even if the model's EOS is another token
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+def chat_prompt(tokenizer: Any, messages: str | list[dict[str, str]], *, system: str | None = None
+                ) -> tuple[list[int], list[int]]:
+    """``(prompt token ids, end-of-turn ids)`` of a conversation under ``tokenizer``'s chat template.
+
+    ``messages`` is one user message (a str) or a list of ``{"role": ..., "content": ...}``; ``system`` prepends a
+    system message. The template is rendered with ``add_generation_prompt=True`` and encoded without adding BOS
+    (the template writes its special tokens itself, as transformers' ``apply_chat_template`` encodes). The
+    end-of-turn ids: the tokenizer's EOS, plus the known end-of-turn tokens (:data:`END_OF_TURN_TOKENS`) that
+    the template writes.
+    """
+    from decodekit.models.tokenizer import check_messages
+
+    if tokenizer is None:
+        raise UsageError("chat needs the model's tokenizer and this model has none")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UsageError("this model's tokenizer has no chat template: use a text prompt instead of a chat")
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    messages = check_messages(messages)
+    if system is not None:
+        if not isinstance(system, str):
+            raise TypeError(f"system must be a str, got {type(system).__name__}")
+        messages = [{"role": "system", "content": system}, *messages]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(text, bos=False)
+    stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    for name in END_OF_TURN_TOKENS:
+        tid = tokenizer.token_id(name) if name in tokenizer.chat_template else None
+        if tid is not None and tid not in stops:
+            stops.append(tid)
+    return ids, stops
+
+
+@generation_params
+def chat(
+    source: str | os.PathLike | StepModel,
+    messages: str | list[dict[str, str]],
+    config: GenerationConfig | None = None,
+    *,
+    system: str | None = None,
+    stream: Callable[[int, int], None] | None = None,
+    backend: str = "onnx",
+    device: str = "cpu",
+    max_seq_len: int | None = None,
+    **params: Any,
+) -> GenerationResult:
+    """Answer a chat: apply the model's chat template, generate until the end of the turn.
+
+    Parameters
+    ----------
+    source : path-like or step model
+        As for :func:`generate` (an export directory, a GGUF file, a Hugging Face directory, or an opened
+        decoder); the tokenizer must have a chat template (GGUF files and ``tokenizer_config.json`` carry one).
+    messages : str or list of dict
+        One user message, or the conversation so far as ``[{"role": "user", "content": "..."}, ...]``.
+    config : GenerationConfig, optional
+        Parameters to start from; the keyword arguments below override its fields. When ``stop_ids`` is left
+        None, the answer stops at the end-of-turn token(s) (see :func:`chat_prompt`).
+    system : str, optional
+        A system message put first (the template may add its own default when there is none).
+    stream : callable(row, token_id), optional
+        Called for each token of the answer as soon as it is sampled (decode with ``model.tokenizer``).
+    backend, device, max_seq_len
+        As for :func:`generate`.
+    {generation_params}
+
+    Returns
+    -------
+    GenerationResult
+        One row: ``text[0]`` is the answer (special tokens removed), ``tokens[0]`` its ids (the end-of-turn token
+        included when it ended the turn), ``finish_reasons[0]`` ``"stop"`` or ``"length"``.
+
+    Raises
+    ------
+    TypeError
+        ``messages`` (or another argument) of the wrong type.
+    UsageError
+        No tokenizer or no chat template, an empty conversation, bad generation parameters.
+
+    Examples
+    --------
+    >>> res = chat("../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ...            "What is the capital of France?", temperature=0, max_new_tokens=48)  # doctest: +SKIP
+    >>> res.text[0]  # doctest: +SKIP
+    'The capital of France is Paris.'
+    """
+    import dataclasses
+
+    config = resolve_config(config, **params)
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    from decodekit.models.tokenizer import check_messages
+
+    check_messages(messages)  # before a model is loaded
+    if isinstance(source, (str, os.PathLike)):
+        model = load_backend(source, backend, device=device, max_batch=1, max_seq_len=max_seq_len)
+    else:
+        model = source
+    ids, stops = chat_prompt(getattr(model, "tokenizer", None), messages, system=system)
+    if config.stop_ids is None:
+        config = dataclasses.replace(config, stop_ids=tuple(dict.fromkeys([*model.default_stop_ids, *stops])))
+    return generate_on(model, [ids], config, stream=stream)

@@ -74,14 +74,17 @@ class GenerateArgs:
     backend: str = "onnx"
     device: str = "cpu"
     config: GenerationConfig = field(default_factory=GenerationConfig)
+    chat: str | None = None  # a user message: the model's chat template is applied, the answer streamed
+    system: str | None = None  # a system message for the chat
 
 
 class TextStream:
     """Prints one row's text as tokens arrive (decoding the whole sequence, printing what is new)."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], out=None) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer, prompt_ids: list[int], out=None, *, echo: bool = True) -> None:  # noqa: ANN001
         self.tok, self.ids, self.out = tokenizer, list(prompt_ids), out or sys.stdout
-        self.printed = ""  # the prompt is echoed with the first token, so an error prints nothing
+        # the prompt is echoed with the first token, so an error prints nothing; echo=False prints only new text
+        self.printed = "" if echo else tokenizer.decode(self.ids)
 
     def __call__(self, row: int, token_id: int) -> None:
         if row != 0:
@@ -111,9 +114,15 @@ def run_generate(args: GenerateArgs) -> int:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise UsageError(f"{args.model} has no tokenizer, so a text prompt cannot be encoded")
-    prompt_ids = encode_prompts(model, [args.prompt])[0]
-    stream = TextStream(tok, prompt_ids)
-    res = generate_on(model, [prompt_ids], args.config, stream=stream)
+    if args.chat is not None:
+        from decodekit.runtime import chat
+
+        res = chat(model, args.chat, args.config, system=args.system,
+                   stream=TextStream(tok, chat_prompt_ids(tok, args.chat, args.system), echo=False))
+    else:
+        prompt_ids = encode_prompts(model, [args.prompt])[0]
+        stream = TextStream(tok, prompt_ids)
+        res = generate_on(model, [prompt_ids], args.config, stream=stream)
     sys.stdout.write("\n")
     _progress(
         f"{args.backend} backend on {args.device} (loaded in {load_s:.2f} s): "
@@ -123,10 +132,21 @@ def run_generate(args: GenerateArgs) -> int:
     return 0
 
 
+def chat_prompt_ids(tok, message: str, system: str | None) -> list[int]:  # noqa: ANN001 - a decodekit tokenizer
+    """The prompt ids :func:`decodekit.runtime.chat` builds for one user message (for a stream that skips them)."""
+    from decodekit.runtime import chat_prompt
+
+    return chat_prompt(tok, message, system=system)[0]
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
     config = config_from_namespace(ns)
+    if ns.chat is not None and ns.prompt:
+        raise UsageError("give either --prompt or --chat, not both")
+    if ns.system is not None and ns.chat is None:
+        raise UsageError("--system goes with --chat")
     return run_generate(GenerateArgs(model=ns.model, prompt=ns.prompt, backend=ns.backend, device=ns.device,
-                                     config=config))
+                                     config=config, chat=ns.chat, system=ns.system))
 
 
 @dataclass
@@ -209,8 +229,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Generate text. A checkpoint or HF directory is exported on the fly into a cache directory "
         "for the ONNX backend. An empty prompt starts from BOS alone.",
     )
-    g.add_argument("model", help="export directory, llama2.c .bin checkpoint, or Hugging Face model directory")
+    g.add_argument("model", help="export directory, llama2.c .bin checkpoint, GGUF file, or Hugging Face directory")
     g.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. BOS alone)")
+    g.add_argument("--chat", default=None, metavar="MESSAGE",
+                   help="a user message: apply the model's chat template, stream the answer, stop at the end of the "
+                        "turn (needs a tokenizer with a chat template, e.g. from a GGUF file)")
+    g.add_argument("--system", default=None, metavar="MESSAGE", help="a system message for --chat")
     g.add_argument("--backend", choices=("onnx", "eager"), default="onnx")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     add_generation_flags(g)
