@@ -109,3 +109,165 @@ def compile_offline(tmp_path, device):
         return proc.stdout
 
     return run
+
+
+# --- appended by the GGUF work (issue 12): SmolLM2-135M, exported once per test run ------------------------------
+
+SMOLLM_GGUF = SHARED_MODELS / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    return require_file(SMOLLM_GGUF)
+
+
+def _run_shared_dir(tmp_path_factory) -> Path:
+    """A folder shared by all xdist workers of ONE test run (``pytest-N``), not by later runs."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_export(tmp_path_factory, name: str, source: Path, **kwargs) -> Path:
+    """Export ``source`` once per test run into ``pytest-N/name``, shared across the xdist workers.
+
+    The first worker to ask exports under an ``fcntl`` lock; the others wait on the lock and find the finished
+    export (``export_decoder`` renames it into place complete, so ``decodekit.json`` means done).
+    """
+    import fcntl
+
+    from decodekit.export import export_decoder
+
+    root = _run_shared_dir(tmp_path_factory)
+    out = root / name
+    with open(root / f".{name}.test-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / "decodekit.json").is_file():
+                export_decoder(source, out, progress=False, **kwargs)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm_export_fp32(smollm_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (GGUF, dequantized) exported fp32 and validated, once per test run. Read-only."""
+    return shared_export(tmp_path_factory, "smollm2-fp32", smollm_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm_export_int4(smollm_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported with its Q4_1 matrices as MatMulNBits, once per test run. Read-only."""
+    return shared_export(tmp_path_factory, "smollm2-int4", smollm_gguf, weights="int4")
+
+
+TINY_GGUF = dict(dim=64, n_heads=4, n_kv_heads=2, hidden=128, n_layers=2, ctx=64, theta=10000.0, eps=1e-5)
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable-character map, for bytes 32..126 (space is 'Ġ')."""
+    return [chr(b) if b != 32 else "\u0120" for b in range(32, 127)]
+
+
+def llama_cpp_permute(w, n_heads: int):  # noqa: ANN001, ANN201 - numpy in, numpy out
+    """llama.cpp's converter: HF's q/k rows (i, i + D/2 rotate together) -> adjacent pairs (2i, 2i+1)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, *, weight_type: str = "Q4_1", arch: str = "llama", seed: int = 0,
+                    untied_output: str | None = None, pre: str = "default", truncate: int | None = None) -> dict:
+    """A 2-layer Llama GGUF written with the ``gguf`` package (its writer and quantizers), as llama.cpp lays it out
+    (q/k rows permuted). Returns the expected decoder parameters in Hugging Face's layout (numpy float32): each is
+    ``dequantize(quantize(W))`` of the HF-layout matrix (quantization is per row, so it commutes with the row
+    permutation), computed without decodekit.
+
+    Vocabulary: 3 control tokens (<|endoftext|>, <|im_start|>, <|im_end|>), bytes 32..126, and the merges "Ġ t" and
+    "h e": 100 tokens.
+    """
+    import gguf
+    import numpy as np
+
+    c = TINY_GGUF
+    rng = np.random.default_rng(seed)
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_chars(), "\u0120t", "he"]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    vocab, dim, hd = len(tokens), c["dim"], c["dim"] // c["n_heads"]
+    q = getattr(gguf.GGMLQuantizationType, weight_type)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c["n_layers"])
+    w.add_context_length(c["ctx"])
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(c["hidden"])
+    w.add_head_count(c["n_heads"])
+    w.add_head_count_kv(c["n_kv_heads"])
+    w.add_rope_freq_base(c["theta"])
+    w.add_layer_norm_rms_eps(c["eps"])
+    w.add_rope_dimension_count(hd)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["\u0120 t", "h e"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(TINY_CHAT_TEMPLATE)
+    expected: dict[str, np.ndarray] = {}
+
+    def put(gguf_name: str, ours: str, value: np.ndarray, kind, heads: int | None = None) -> None:  # noqa: ANN001
+        value = value.astype(np.float32)
+        stored = llama_cpp_permute(value, heads) if heads else value
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = stored.astype(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16)
+            w.add_tensor(gguf_name, data)
+            expected[ours] = value.astype(data.dtype).astype(np.float32)
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(stored, kind), raw_dtype=kind)
+            expected[ours] = gguf.quants.dequantize(gguf.quants.quantize(value, kind), kind)
+
+    f32 = gguf.GGMLQuantizationType.F32
+    put("token_embd.weight", "tok_embeddings.weight", rng.standard_normal((vocab, dim)) * 0.5,
+        gguf.GGMLQuantizationType.Q8_0)
+    for i in range(c["n_layers"]):
+        kv = c["n_kv_heads"] * hd
+        put(f"blk.{i}.attn_norm.weight", f"layers.{i}.attn_norm.weight", 1 + 0.1 * rng.standard_normal(dim), f32)
+        put(f"blk.{i}.ffn_norm.weight", f"layers.{i}.ffn_norm.weight", 1 + 0.1 * rng.standard_normal(dim), f32)
+        put(f"blk.{i}.attn_q.weight", f"layers.{i}.attn.wq.weight", rng.standard_normal((dim, dim)) * 0.2, q,
+            heads=c["n_heads"])
+        put(f"blk.{i}.attn_k.weight", f"layers.{i}.attn.wk.weight", rng.standard_normal((kv, dim)) * 0.2, q,
+            heads=c["n_kv_heads"])
+        put(f"blk.{i}.attn_v.weight", f"layers.{i}.attn.wv.weight", rng.standard_normal((kv, dim)) * 0.2, q)
+        put(f"blk.{i}.attn_output.weight", f"layers.{i}.attn.wo.weight", rng.standard_normal((dim, dim)) * 0.2, q)
+        put(f"blk.{i}.ffn_gate.weight", f"layers.{i}.mlp.w1.weight", rng.standard_normal((c["hidden"], dim)) * 0.2, q)
+        put(f"blk.{i}.ffn_up.weight", f"layers.{i}.mlp.w3.weight", rng.standard_normal((c["hidden"], dim)) * 0.2, q)
+        put(f"blk.{i}.ffn_down.weight", f"layers.{i}.mlp.w2.weight", rng.standard_normal((dim, c["hidden"])) * 0.2, q)
+    put("output_norm.weight", "norm.weight", 1 + 0.1 * rng.standard_normal(dim), f32)
+    if untied_output is not None:
+        put("output.weight", "lm_head.weight", rng.standard_normal((vocab, dim)) * 0.5,
+            getattr(gguf.GGMLQuantizationType, untied_output))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if truncate is not None:
+        with open(path, "r+b") as f:
+            f.truncate(truncate)
+    return expected
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):  # noqa: ANN201
+    """``tiny_gguf(**kwargs) -> (path, expected HF-layout parameters)``; see :func:`write_tiny_gguf`."""
+    count = [0]
+
+    def make(**kwargs):  # noqa: ANN003, ANN202
+        count[0] += 1
+        path = tmp_path / f"tiny{count[0]}.gguf"
+        return path, write_tiny_gguf(path, **kwargs)
+
+    return make
