@@ -718,14 +718,14 @@ def _blk_search(
     done = (~active) | (cnt_lo <= 1) | ((use_k == 0) & (use_p == 0))
     r0 = tl.where(done, fk, tl.maximum(lo, zmin))  # pivots stay finite on every row (NaN-free reductions)
     r1 = tl.where(done, fk, m)
-    for _ in range(NPASS):
+    it = 0
+    while (it < NPASS) & (~done):  # a resolved (or inactive) position leaves at once
         piv = r0 * (1.0 - fj) + r1 * fj  # [NP] uniform in the bracket's data range
         cnt = tl.zeros([NP], dtype=tl.int32)
         mass = tl.zeros([NP], dtype=tl.float32)
         bmin = float("inf")
         bmax = float("-inf")
-        end = tl.where(done, 0, V)  # a resolved position reads nothing
-        for start in range(0, end, BLOCK):
+        for start in range(0, V, BLOCK):
             offs = start + cols
             msk = offs < V
             x = tl.load(x_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
@@ -752,15 +752,11 @@ def _blk_search(
         n_r0 = tl.maximum(n_lo, bmin)
         n_r1 = tl.minimum(n_hi, bmax)
         fin = (n_clo - n_chi <= 1) | (bmin >= bmax) | (n_r0 >= n_r1)
-        lo = tl.where(done, lo, n_lo)
-        cnt_lo = tl.where(done, cnt_lo, n_clo)
-        mass_lo = tl.where(done, mass_lo, n_mlo)
-        hi = tl.where(done, hi, n_hi)
-        cnt_hi = tl.where(done, cnt_hi, n_chi)
-        mass_hi = tl.where(done, mass_hi, n_mhi)
-        r0 = tl.where(done, r0, n_r0)
-        r1 = tl.where(done, r1, n_r1)
-        done = done | fin
+        lo, cnt_lo, mass_lo = n_lo, n_clo, n_mlo
+        hi, cnt_hi, mass_hi = n_hi, n_chi, n_mhi
+        r0, r1 = n_r0, n_r1
+        done = fin
+        it += 1
     return lo, cnt_lo, mass_lo
 
 
