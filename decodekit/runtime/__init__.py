@@ -252,7 +252,8 @@ def generate(
     if isinstance(source, (str, os.PathLike)):
         texts, rows = split_prompts(prompts)  # bad prompts too
         n_rows = len(texts if texts is not None else rows)
-        model = load_backend(source, backend, device=device, max_batch=n_rows, max_seq_len=max_seq_len)
+        model = load_backend(source, backend, device=device, max_batch=n_rows * config.num_beams,
+                             max_seq_len=max_seq_len)
     else:
         model = source
     return generate_on(model, prompts, config, stream=stream)

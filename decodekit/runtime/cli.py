@@ -109,7 +109,8 @@ def run_generate(args: GenerateArgs) -> int:
     if not isinstance(args.config, GenerationConfig):  # it validated itself when built, before anything is loaded
         raise TypeError(f"config must be a GenerationConfig, got {type(args.config).__name__}")
     t0 = time.perf_counter()
-    model = load_backend(args.model, args.backend, device=args.device, max_batch=1, progress=_progress)
+    model = load_backend(args.model, args.backend, device=args.device, max_batch=args.config.num_beams,
+                         progress=_progress)  # one prompt: num_beams rows
     load_s = time.perf_counter() - t0
     tok = getattr(model, "tokenizer", None)
     if tok is None:

@@ -85,6 +85,22 @@ def _check_token_ids(name: str, value: object) -> tuple[int, ...] | None:
     return tuple(check_int(f"{name}[{i}]", t, lo=0) for i, t in enumerate(value))
 
 
+_EARLY_STOPPING = ("true", "false", "never")
+
+
+def _check_early_stopping(value: object) -> str:
+    """Hugging Face's ``early_stopping`` (True, False or "never") as one of the strings "true", "false", "never"
+    (the CLI passes strings; case is ignored)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, str):
+        raise TypeError(f"early_stopping must be a bool or one of {_EARLY_STOPPING}, got {_type_name(value)} "
+                        f"{value!r}")
+    if value.lower() not in _EARLY_STOPPING:
+        raise UsageError(f"early_stopping must be one of {_EARLY_STOPPING} (or a bool), got {value!r}")
+    return value.lower()
+
+
 def _help(text: str, *, sampler: bool = False) -> dict[str, Any]:
     return {"help": text, "sampler": sampler}
 
@@ -144,6 +160,31 @@ class GenerationConfig:
         metadata=_help("token ids that end a row (an int or a list of ints; empty = never stop early); "
                        "None = the model's own (EOS; BOS too for llama2.c checkpoints)"),
     )
+    # ---- beam search (issue 13): Hugging Face's beam search / beam sampling semantics
+    num_beams: int = field(
+        default=1,
+        metadata=_help("beams per prompt: > 1 runs Hugging Face beam search (do_sample false) or beam sampling "
+                       "(do_sample true); 1 = off"),
+    )
+    do_sample: bool = field(
+        default=True,
+        metadata=_help("false: deterministic decoding, greedy or (num_beams > 1) beam search, with temperature, "
+                       "top_k, top_p and min_p not applied (as in Hugging Face); true: sampling"),
+    )
+    length_penalty: float = field(
+        default=1.0,
+        metadata=_help("beam search: a finished beam scores sum(logprobs) / generated_length ** length_penalty"),
+    )
+    early_stopping: str = field(
+        default="false",
+        metadata=_help("beam search, Hugging Face's early_stopping: 'true' stops once num_beams hypotheses are "
+                       "finished, 'false' when the running beams can no longer beat them (a heuristic), 'never' "
+                       "runs the canonical search; a bool is accepted too"),
+    )
+    num_return_sequences: int = field(
+        default=1,
+        metadata=_help("sequences returned per prompt: the best finished beams, at most num_beams"),
+    )
 
     def __post_init__(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # frozen: normalized values are set this way
@@ -158,6 +199,20 @@ class GenerationConfig:
         if self.seed is not None:
             set_("seed", check_int("seed", self.seed, lo=0, hi=_SEED_LIMIT - 1))
         set_("stop_ids", _check_token_ids("stop_ids", self.stop_ids))
+        set_("num_beams", check_int("num_beams", self.num_beams, lo=1))
+        set_("do_sample", check_bool("do_sample", self.do_sample))
+        set_("length_penalty", check_float("length_penalty", self.length_penalty))
+        set_("early_stopping", _check_early_stopping(self.early_stopping))
+        set_("num_return_sequences", check_int("num_return_sequences", self.num_return_sequences, lo=1))
+        if self.num_return_sequences > self.num_beams:
+            raise UsageError(f"num_return_sequences must be <= num_beams={self.num_beams}, "
+                             f"got {self.num_return_sequences}")
+        if self.num_beams > 1:
+            off = [n for n, v in (("min_p", self.min_p), ("presence_penalty", self.presence_penalty),
+                                  ("frequency_penalty", self.frequency_penalty)) if v != 0.0]
+            if off:
+                raise UsageError(f"{off[0]} is not supported with num_beams > 1 (beam search applies the repetition "
+                                 f"penalty, temperature, top_k and top_p), got {off[0]}={getattr(self, off[0])}")
 
     # ---------------------------------------------------------------- derived views
     def sampler_kwargs(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from decodekit.errors import UsageError
 from decodekit.models import Decoder
 from decodekit.runtime.config import check_int
 from decodekit.runtime.loop import MAX_BATCH, GenerateMixin, check_reset_batch
@@ -57,6 +58,17 @@ class EagerDecoder(GenerateMixin):
     def reset(self, batch_size: int) -> None:
         check_reset_batch(batch_size, self.max_batch)
         self._past = None
+
+    @torch.inference_mode()
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """Make row ``i`` of the KV cache the old row ``index[i]`` (beam search), int64 ``[B']`` ``index``."""
+        n = index.shape[0] if index.dim() == 1 else -1
+        if index.dtype != torch.int64 or not 1 <= n <= self.max_batch:
+            raise UsageError(f"reorder_cache: index must be an int64 [B'] tensor with 1 <= B' <= "
+                             f"max_batch={self.max_batch}, got {index.dtype} {tuple(index.shape)}")
+        if self._past is not None:
+            index = index.to(self.device)
+            self._past = [tuple(t.index_select(0, index) for t in layer) for layer in self._past]
 
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

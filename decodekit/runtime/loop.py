@@ -93,6 +93,8 @@ class GenerationResult:
     decode_steps: int
     decode_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: beam search (``num_beams > 1``): each returned sequence's score (Hugging Face's ``sequences_scores``)
+    scores: list[float] | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -377,6 +379,11 @@ def run_generation(
     buf = _Buffers(rows, longest + new_tokens, model.vocab_size, device)
 
     seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    if config.num_beams > 1:  # beam search / beam sampling (runtime/beam.py)
+        from decodekit.runtime.beam import run_beam_search
+
+        return run_beam_search(model, rows, config, new_tokens=new_tokens, stops=stop_ids, tokenizer=tokenizer,
+                               stream=stream, base_seed=seed)
     # per-row seeds; step t uses base + t * stride (wrapping in int64 arithmetic is fine: only bits matter)
     row_seeds = torch.tensor([(seed + i * _ROW_STRIDE) & _SEED_MASK for i in range(b)], dtype=torch.int64)
     row_seeds = row_seeds.to(device)
@@ -389,6 +396,8 @@ def run_generation(
             counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
     ones = torch.ones(b, 1, dtype=torch.int32, device=device)
     sample_kwargs = config.sampler_kwargs()  # every sampler field of the config, under its own name
+    if not config.do_sample:  # deterministic decoding: greedy
+        sample_kwargs["temperature"] = 0.0
     sample_kwargs["token_counts"] = counts
 
     out_tokens: list[list[int]] = [[] for _ in range(b)]

@@ -649,6 +649,31 @@ class OnnxDecoder(GenerateMixin):
         self._cur, self._len = 1 - self._cur, p + s
         return logits
 
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """Make row ``i`` of the cache the old row ``index[i]`` (beam search; also ``B`` prompt rows -> ``B * N``
+        beam rows after the prefill). ``index`` int64 ``[B']`` on the decoder's device, ``1 <= B' <= max_batch``.
+
+        With IO binding this is one gather per layer's keys and values from the storage holding the cache into
+        the other ping-pong storage (``torch.index_select(..., out=)`` into its preallocated region: nothing is
+        allocated), which then holds the cache; the next step reads its past from there.
+        """
+        n = index.shape[0] if index.dim() == 1 else -1
+        if index.dtype != torch.int64 or not 1 <= n <= self.max_batch or index.device != self.device:
+            raise UsageError(f"reorder_cache: index must be an int64 [B'] tensor on {self.device} with "
+                             f"1 <= B' <= max_batch={self.max_batch}, got {index.dtype} {tuple(index.shape)}")
+        if not self.io_binding_enabled:
+            if self._np_past is not None:
+                idx = index.cpu().numpy()
+                self._np_past = [np.ascontiguousarray(a[idx]) for a in self._np_past]
+            self._batch = n
+            return
+        src, dst = self._cur, 1 - self._cur
+        for layer in range(self.config.n_layers):
+            for which in (0, 1):
+                torch.index_select(self.kv_view(src, layer, which, self._batch, self._len), 0, index,
+                                   out=self.kv_view(dst, layer, which, n, self._len))
+        self._cur, self._batch = dst, n
+
     def _staged(self, t: torch.Tensor, buf: torch.Tensor, name: str) -> torch.Tensor:
         """``t`` itself when ORT can read it in place (contiguous, the graph's dtype, on the session's device: it
         outlives the run, which is synchronous), else a copy in the preallocated ``buf``."""

@@ -129,6 +129,15 @@ def test_generate_signatures_and_docs_come_from_the_dataclass(func):
         ("stop_ids", 2.0, TypeError),
         ("stop_ids", [-1], UsageError),
         ("stop_ids", -3, UsageError),
+        ("num_beams", 0, UsageError),
+        ("num_beams", 2.0, TypeError),
+        ("do_sample", 1, TypeError),
+        ("length_penalty", math.nan, UsageError),
+        ("length_penalty", "1", TypeError),
+        ("early_stopping", "sometimes", UsageError),
+        ("early_stopping", 1, TypeError),
+        ("num_return_sequences", 0, UsageError),
+        ("num_return_sequences", 2, UsageError),  # more than num_beams=1
     ],
 )
 def test_config_rejects(name, value, exc):
@@ -441,7 +450,9 @@ def test_every_field_has_a_cli_flag():
     for f in dataclasses.fields(GenerationConfig):
         action = by_dest.get(f.name)
         assert action is not None, f"decodekit generate has no flag for GenerationConfig.{f.name}"
-        assert runtime_cli.flag_name(f.name) in action.option_strings
+        # a bool field that defaults to True is switched off by --no-name (the CLI's documented rule)
+        flag = "--no-" + f.name.replace("_", "-") if f.default is True else runtime_cli.flag_name(f.name)
+        assert flag in action.option_strings
         assert action.default == f.default and f.metadata["help"] in action.help
     ns = parser.parse_args(["model"])
     assert runtime_cli.config_from_namespace(ns) == GenerationConfig()
@@ -459,6 +470,13 @@ CLI_VALUES = {
     "frequency_penalty": (["0.2"], 0.2),
     "seed": (["77"], 77),
     "stop_ids": (["7", "9"], (7, 9)),
+    # beam search (min_p and the presence / frequency penalties above are refused with num_beams > 1, and no
+    # sample() call would be made): its flags run in tests/runtime/test_beam.py; here they keep their defaults
+    "num_beams": (["1"], 1),
+    "do_sample": (None, True),  # the --no-do-sample switch (None: no flag)
+    "length_penalty": (["0.5"], 0.5),
+    "early_stopping": (["never"], "never"),
+    "num_return_sequences": (["1"], 1),
 }
 
 
@@ -482,7 +500,7 @@ def test_every_cli_flag_reaches_the_config_and_the_sampler(export_dir, monkeypat
     monkeypatch.setattr(decodekit.ops.sampling, "sample", sample_spy)
     argv = ["generate", str(export_dir), "--prompt", "Tom"]
     for name, (args, _) in CLI_VALUES.items():
-        argv += [runtime_cli.flag_name(name), *args]
+        argv += [runtime_cli.flag_name(name), *args] if args is not None else []
     assert main(argv) == 0, capsys.readouterr().err
     want = GenerationConfig(**{name: value for name, (_, value) in CLI_VALUES.items()})
     assert configs == [want]
