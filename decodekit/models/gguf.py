@@ -65,8 +65,10 @@ _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight"
               "output.weight": "lm_head.weight"}
 
 # The pre-tokenizers of byte-level BPE vocabularies, by ``tokenizer.ggml.pre`` (llama.cpp's names): the regular
-# expression text is split with before the bytes are mapped. "gpt2" is GPT-2's own expression (the ByteLevel
-# pre-tokenizer's default); "digits+gpt2" splits every digit apart first (StarCoder, SmolLM, ...).
+# expression text is split with before the bytes are mapped, as llama.cpp's llama-vocab.cpp splits it. "gpt2" is
+# GPT-2's own expression (the ByteLevel pre-tokenizer's default); "digits+gpt2" splits every digit apart first
+# (StarCoder, SmolLM, ...: also what SmolLM2's own tokenizer.json does). transformers' GGUF loader (5.x) applies
+# GPT-2's expression alone for "smollm", so whitespace before a digit ("x  42") tokenizes differently there.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
@@ -75,9 +77,16 @@ _PRE_TOKENIZERS = {
     "default": "gpt2",
     "gpt2": "gpt2",
     "gpt-2": "gpt2",
+    "mpt": "gpt2",
+    "olmo": "gpt2",
+    "jais": "gpt2",
     "smollm": "digits+gpt2",
     "starcoder": "digits+gpt2",
     "refact": "digits+gpt2",
+    "command-r": "digits+gpt2",
+    "codeshell": "digits+gpt2",
+    "exaone": "digits+gpt2",
+    "minerva-7b": "digits+gpt2",
     "llama3": _LLAMA3_SPLIT,
     "llama-v3": _LLAMA3_SPLIT,
     "llama-bpe": _LLAMA3_SPLIT,
