@@ -150,6 +150,23 @@ def shared_export(tmp_path_factory, name: str, source: Path, **kwargs) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_tokenizer(smollm_gguf):  # noqa: ANN201
+    """transformers' tokenizer of the SmolLM2 GGUF (AutoTokenizer, gguf_file=...): the reference."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_gguf):  # noqa: ANN201
+    """transformers' LlamaForCausalLM from the SmolLM2 GGUF, dequantized to fp32: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm_export_fp32(smollm_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct (GGUF, dequantized) exported fp32 and validated, once per test run. Read-only."""
     return shared_export(tmp_path_factory, "smollm2-fp32", smollm_gguf)

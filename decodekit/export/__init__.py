@@ -489,6 +489,10 @@ def export_decoder(
     model_path = None if isinstance(model, Decoder) else Path(model).expanduser().absolute()
     if model_path is not None:
         model_format(model_path)  # missing, a device, a pipe, a link loop: said before anything else
+    if weights == "int4" and (model_path is None or model_format(model_path) != "gguf"):
+        from decodekit.export.int4 import int4_blocks_for
+
+        int4_blocks_for(model_path, "module" if model_path is None else model_format(model_path), None)  # raises
     _outdir.check_not_source(out, [model_path, Path(tokenizer) if tokenizer is not None else None])
     _outdir.check_replaceable(out, force)
     _check_parent(out)

@@ -150,14 +150,14 @@ def pack_matmul_nbits(onnx_path: str | os.PathLike, decoder: Decoder, blocks: di
             "float_matrices": sorted(n for n, p in params.items() if p.dim() == 2 and n not in found)}
 
 
-def int4_blocks_for(model_path: Path | None, fmt: str, decoder: Decoder) -> dict[str, Any]:
+def int4_blocks_for(model_path: Path | None, fmt: str, decoder: Decoder | None) -> dict[str, Any]:
     """The 4-bit blocks of a GGUF source (``UsageError`` for another source or a file without Q4_0/Q4_1)."""
     if model_path is None or fmt != "gguf":
         raise UsageError("weights='int4' keeps a GGUF file's Q4_0/Q4_1 blocks: the model must be a GGUF file "
                          f"(got {'an in-memory Decoder' if model_path is None else f'a {fmt} checkpoint'})")
     from decodekit.models.gguf import read_int4_blocks
 
-    blocks = read_int4_blocks(model_path, decoder.config)
+    blocks = read_int4_blocks(model_path, None if decoder is None else decoder.config)
     if not blocks:
         raise UsageError(f"weights='int4': {model_path} has no Q4_0/Q4_1 projection matrices to keep as 4-bit blocks")
     return blocks

@@ -14,6 +14,13 @@ from decodekit.errors import UsageError
 from decodekit.models import load_model, load_tokenizer, model_format
 from decodekit.models.gguf import gguf_tokenizer, load_gguf, read_gguf_config, read_gguf_state, read_int4_blocks
 
+SMOLLM_CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke about 日本 🤖"}],
+]
+
 # ---------------------------------------------------------------------------------------------------- tiny files
 
 
@@ -138,13 +145,6 @@ def test_cli_export_refuses_unsupported_architecture(tiny_gguf, tmp_path, capsys
 # ------------------------------------------------------------------------------------------- SmolLM2-135M (real)
 
 
-@pytest.fixture(scope="session")
-def hf_tokenizer(smollm_gguf):  # noqa: ANN201
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name)
-
-
 def test_smollm_config(smollm_gguf):
     cfg = read_gguf_config(smollm_gguf)
     got = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim, cfg.vocab_size)
@@ -226,19 +226,11 @@ def test_smollm_digits_after_whitespace_follow_the_file(smollm_gguf, hf_tokenize
         "x", "\u0120", "\u0120", "4", "2"]
 
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a joke about 日本 🤖"}],
-]
-
-
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("conversation", range(len(SMOLLM_CONVERSATIONS)))
 def test_smollm_chat_template_equals_transformers(smollm_gguf, hf_tokenizer, conversation, add_generation_prompt):
     tok = load_tokenizer(smollm_gguf)
-    msgs = CONVERSATIONS[conversation]
+    msgs = SMOLLM_CONVERSATIONS[conversation]
     text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
     want = hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert text == want
@@ -247,17 +239,9 @@ def test_smollm_chat_template_equals_transformers(smollm_gguf, hf_tokenizer, con
     assert tok.encode(text, bos=False) == list(want_ids)
 
 
-@pytest.fixture(scope="session")
-def hf_smollm(smollm_gguf):  # noqa: ANN201
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name,
-                                                dtype=torch.float32).eval()
-
-
 def test_smollm_eager_logits_equal_transformers(smollm_gguf, hf_smollm, hf_tokenizer):
     model = load_gguf(smollm_gguf)
-    for msgs in CONVERSATIONS:
+    for msgs in SMOLLM_CONVERSATIONS:
         text = hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([hf_tokenizer.encode(text, add_special_tokens=False)])
         with torch.no_grad():
