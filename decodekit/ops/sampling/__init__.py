@@ -6,6 +6,10 @@ arguments here, then runs the Triton kernels of :mod:`decodekit.ops.sampling.tri
 tensors under ``TRITON_INTERPRET=1``) or the vectorized PyTorch path of :mod:`decodekit.ops.sampling.cpu`.
 The plain-PyTorch semantics they are tested against live in :mod:`decodekit.ops.sampling.reference`.
 Triton is imported on the first kernel launch only.
+
+Each public function validates what is known at trace time and calls its ``torch.ops.decodekit.*`` custom op
+(:mod:`decodekit.ops._library`), so every one of them compiles with ``torch.compile(fullgraph=True)``; the
+checks that read tensor values (CPU per-row parameter ranges, ``check=True``) run inside the ops.
 """
 
 from __future__ import annotations
@@ -450,12 +454,17 @@ def sample(
         With an int, row ``i`` draws from the stream keyed by ``(seed, i)``; with a ``[B]`` tensor each row
         draws from its own seed only, so a row's token does not depend on the batch size or its position
         (the tensor may live on the GPU: no host synchronization, CUDA-graph safe). ``None`` draws a seed
-        from torch's default generator (on the device, no synchronization).
+        from torch's default generator (on the device, no synchronization; under ``torch.compile`` this is a
+        random op of the graph, drawn anew on every call: ``aot_eager`` draws it exactly as eager does,
+        inductor from its own generator stream, so the same ``torch.manual_seed`` gives other tokens there
+        unless ``torch._inductor.config.fallback_random = True``; pass seeds for reproducible compiled code).
     return_logprobs : also return the fp32 ``[B]`` log-probabilities of the drawn tokens under the final
         filtered, renormalized distribution (0 for greedy rows).
     check : raise ``ValueError`` naming the rows that are all ``-inf`` or hold a NaN / ``+inf`` instead of
         returning ``-1`` for them. ``check`` means the same in every decodekit op: inspect tensor *values* on
-        the host and raise ``ValueError`` (it synchronizes, and under ``torch.compile`` it is a graph break).
+        the host and raise ``ValueError``. The check runs inside the ``torch.ops.decodekit.sample`` custom op,
+        so a compiled function (``fullgraph=True``, no graph break) raises the same ``ValueError``; it
+        synchronizes with the host, so leave it off inside a captured CUDA graph.
     backend : ``"auto"`` (CUDA -> Triton kernel, CPU -> PyTorch path), ``"triton"`` or ``"torch"``.
 
     Returns
@@ -472,7 +481,14 @@ def sample(
     not identical, tokens on CPU and GPU. Both are batch invariant with per-row seeds.
     A ``logits / temperature`` that overflows makes the row greedy (the limit ``T -> 0``); a large common
     offset in the logits does not change the distribution. Per-row parameter tensors on a GPU are not
-    range-checked (that would synchronize).
+    range-checked (that would synchronize); on the CPU they are, inside the op (the same ``ValueError`` in
+    compiled code).
+
+    ``torch.compile``: the call is one ``torch.ops.decodekit.sample`` node (``fullgraph=True`` works); types,
+    shapes and Python scalars are checked while tracing (a bad one fails the compilation with the eager
+    message), tensor values at run time. CUDA graphs: with per-row seeds (or an int seed) and ``check=False``
+    the Triton path makes no host synchronization, so a decode step that ends in ``sample`` can be captured
+    and replayed with new logits and seeds (``bench/gpu_cuda_graph.py`` checks it on a GPU).
 
     Example
     -------
