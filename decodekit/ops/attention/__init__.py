@@ -211,6 +211,8 @@ def attention(
     Gradients flow to q, k and v (FlashAttention-2 recompute backward; the GQA sum over the query heads of
     a group happens inside one program, no atomics). Forward and backward are deterministic (fixed
     reduction order). No host synchronization: safe to capture in a CUDA graph for fixed shapes.
+    ``torch.compile(fullgraph=True)``: one ``torch.ops.decodekit.attention`` node, with its autograd (the Triton
+    backward is the ``torch.ops.decodekit.attention_backward`` op; the PyTorch path's backward is plain ops).
 
     Examples
     --------
@@ -273,7 +275,8 @@ def decode_attention(
     validate_lengths : bool, optional
         Verify ``0 <= cache_seqlens <= S_max`` on the host. ``None`` (default) checks only CPU tensors,
         because on CUDA the check is a device-to-host sync; pass ``True`` to force it. Unchecked values
-        are clamped to ``[0, S_max]`` inside the kernel, so they can never read out of bounds.
+        are clamped to ``[0, S_max]`` inside the kernel, so they can never read out of bounds. The check runs
+        inside the ``torch.ops.decodekit.decode_attention`` op: compiled code raises the same ``ValueError``.
     backend : {"auto", "triton", "torch"}
         The torch path is ``scaled_dot_product_attention`` under a boolean length mask.
 
@@ -285,6 +288,7 @@ def decode_attention(
     -----
     Deterministic (fixed split plan and merge order). No host sync unless ``validate_lengths=True``; the launch plan
     depends only on shapes, so the call can be captured in a CUDA graph and replayed as lengths grow.
+    ``torch.compile(fullgraph=True)``: one ``torch.ops.decodekit.decode_attention`` node (not differentiable).
 
     Examples
     --------

@@ -269,6 +269,9 @@ def layer_norm_linear(
     benchmarks configs on the first call of each (M bucket, N, K, dtype) key, so run one warm-up call before
     capturing a CUDA graph; after that the launch is graph-capturable (no host sync, no allocation besides
     the output).
+    ``torch.compile(fullgraph=True)``: one ``torch.ops.decodekit.layer_norm_linear`` node (likewise
+    ``rms_norm_linear`` and ``gelu_linear``) whose extra outputs are the statistics the backward reads, with its
+    autograd registered (the backward is plain PyTorch ops, traced by AOT autograd).
 
     Example
     -------
