@@ -497,7 +497,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _attention_fwd(
+def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -528,7 +528,7 @@ def _attention_fwd(
     return out, lse
 
 
-def _attention_bwd(
+def attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -573,40 +573,6 @@ def _attention_bwd(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dq, dk, dv
-
-
-class _FlashAttentionFn(torch.autograd.Function):
-    """Triton forward + FlashAttention-2 recompute backward. The lse output is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, q_offset, kv_start):  # type: ignore[override]
-        out, lse = _attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse, kv_start)
-        ctx.causal, ctx.scale, ctx.q_offset = causal, scale, q_offset
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):  # type: ignore[override]
-        q, k, v, out, lse, kv_start = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.q_offset, kv_start)
-        return dq, dk, dv, None, None, None, None
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    scale: float,
-    q_offset: int,
-    kv_start: torch.Tensor | None,
-    return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prefill on validated inputs: the autograd Function when a gradient is needed, else the forward alone."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttentionFn.apply(q, k, v, causal, scale, q_offset, kv_start)
-    return _attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=return_lse)
 
 
 # --------------------------------------------------------------------------- decode kernels
