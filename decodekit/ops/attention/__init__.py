@@ -87,7 +87,7 @@ def _attention_op(
     """``torch.ops.decodekit.attention``: ``(out [B, H, S_q, D], lse fp32 [B, H, S_q])``; ``lse`` is empty unless
     ``store_lse`` (asked for, or kept for the Triton backward)."""
     if backend == "triton":
-        out, lse = _kernels().attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=store_lse)
+        out, lse = _kernels()._attention_fwd(q, k, v, causal, scale, q_offset, kv_start, store_lse=store_lse)
         return out, _optional(lse, q)
     if store_lse:
         return cpu.attention(q, k, v, causal, scale, q_offset, kv_start, True)
@@ -107,7 +107,7 @@ def _attention_backward_op(
     causal: bool, scale: float, q_offset: int, kv_start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.decodekit.attention_backward``: the FlashAttention-2 recompute backward kernels -> (dq, dk, dv)."""
-    return _kernels().attention_bwd(dout.contiguous(), q, k, v, out, lse, causal, scale, q_offset, kv_start)
+    return _kernels()._attention_bwd(dout.contiguous(), q, k, v, out, lse, causal, scale, q_offset, kv_start)
 
 
 @_attention_backward_op.register_fake

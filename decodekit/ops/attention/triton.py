@@ -497,7 +497,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def attention_fwd(
+def _attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -528,7 +528,7 @@ def attention_fwd(
     return out, lse
 
 
-def attention_bwd(
+def _attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
