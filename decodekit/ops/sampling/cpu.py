@@ -567,6 +567,8 @@ def beam_logprobs_torch(
     p_on = 0.0 < top_p < 1.0
     if k == 0 and not p_on:
         return s
+    if not p_on and not 0 < k < V:
+        return s
     if 0 < k < V:
         vals = torch.topk(s, k, dim=1).values  # [R, k] descending
         kth = vals[:, k - 1 : k]
@@ -588,6 +590,8 @@ def beam_logprobs_torch(
         keep &= vals > _NEG_INF
         cut = torch.where(keep, vals, _INF).amin(dim=1, keepdim=True)  # lowest kept value per row
         kth = cut if kth is None else torch.maximum(cut, kth)
+    if kth is None:  # top-k keeps the whole row and top-p is off
+        return s
     return s.masked_fill_(s < kth, _NEG_INF)
 
 
@@ -611,7 +615,7 @@ def beam_candidates_torch(
     N, K = num_beams, num_candidates
     B = R // N
     acc = s.add_(beam_scores.to(torch.float32).reshape(R, 1)).reshape(B, N * V)
-    acc.nan_to_num_(nan=_NEG_INF)  # a NaN row has no candidates
+    acc.masked_fill_(acc != acc, _NEG_INF)  # a NaN row has no candidates
     if do_sample:
         b, f = (acc > _NEG_INF).nonzero(as_tuple=True)
         sd = seed.seed
@@ -631,7 +635,6 @@ def beam_candidates_torch(
     tokens = torch.where(ok, idx % V, -1)
     beams = torch.where(ok, idx // V, -1)
     return tokens, beams, sc
-
 
 # =========================================================================== issue 14: block sampling for
 # diffusion LMs and the rwkv package's sampler (the PyTorch path)

@@ -1121,7 +1121,7 @@ def _beam_row_kernel(
         safe = tl.where(new_m == float("-inf"), 0.0, new_m)
         ssum = ssum * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), axis=0)
         m = new_m
-    lse = tl.where(nbad > 0, float("nan"), m + tl.log(ssum))
+    lse = tl.where(nbad > 0, float("nan"), m + tl.log(tl.where(ssum > 0, ssum, 1.0)))  # all -inf: lse -inf
     lo = float("-inf")
     # 2. + 3. the top-k and top-p cuts
     if HAS_TOPK or HAS_TOPP:
