@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "sampling_probs": "decodekit.ops.sampling",
     "sample_logits": "decodekit.ops.sampling",
     "sampler_simple_batch": "decodekit.ops.sampling",
+    "beam_candidates": "decodekit.ops.sampling",
     # diffusion-LM block sampling and the rwkv package's sampler (issue 14)
     "sample_block": "decodekit.ops.sampling",
     "select_positions": "decodekit.ops.sampling",
