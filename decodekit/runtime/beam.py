@@ -182,6 +182,7 @@ def run_beam_search(
     cur = 0
     scorer = BeamScorer(config, B, K, new_tokens, stops)
     batch_offset = (torch.arange(B) * N)[:, None]
+    identity = torch.arange(R)
     model.reset(B)
     t0 = time.perf_counter()
     ttft = decode_start = 0.0
@@ -209,13 +210,17 @@ def run_beam_search(
         steps = t
         if not go_on:
             break
-        src = (batch_offset + parents).reshape(R).to(device)  # the parent row of each next beam row
-        model.reorder_cache(src)
+        src_host = (batch_offset + parents).reshape(R)  # the parent row of each next beam row
+        moved = not torch.equal(src_host, identity)  # every beam continuing itself needs no gather
+        if moved:
+            src = src_host.to(device)
+            model.reorder_cache(src)
         next_ids.copy_(scorer.run_seq[:, :, t].reshape(R, 1))
         beam_scores.copy_(scorer.run_scores.reshape(R))
         if counts is not None:
-            torch.index_select(counts[cur], 0, src, out=counts[1 - cur])
-            cur = 1 - cur
+            if moved:
+                torch.index_select(counts[cur], 0, src, out=counts[1 - cur])
+                cur = 1 - cur
             counts[cur].scatter_add_(1, next_ids, ones)
     end = time.perf_counter()
     nrs = config.num_return_sequences
