@@ -108,6 +108,15 @@ def test_onnx_beam_search_matches_transformers_and_eager(hf_models, onnx_gpt2):
     res = onnx_gpt2.generate(PROMPTS, **kw)
     _assert_same(res, seqs, scores, s0, pad)
     assert res.tokens == dec.generate(PROMPTS, **kw).tokens
+    # the repetition penalty (applied in beam search too) reads each beam's token counts, reordered with the beams;
+    # one prompt: transformers would also penalize the padding token of a left-padded batch
+    seqs, scores, s0 = _hf_beam(model, PROMPTS[:1], 3, 0, pad, do_sample=False, repetition_penalty=1.5,
+                                num_return_sequences=3)
+    kw = dict(max_new_tokens=NEW, num_beams=3, do_sample=False, num_return_sequences=3, stop_ids=[0],
+              repetition_penalty=1.5)
+    res = onnx_gpt2.generate(PROMPTS[:1], **kw)
+    _assert_same(res, seqs, scores, s0, pad)
+    assert res.tokens == dec.generate(PROMPTS[:1], **kw).tokens
 
 
 def _stories_as_transformers(model):
