@@ -19,7 +19,7 @@ import math
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, resolve_backend
-from decodekit.ops._library import custom_op, fake_rows, join_params, split_params
+from decodekit.ops._library import compiling, custom_op, fake_rows, join_params, split_params
 from decodekit.ops.sampling import cpu as _st
 
 __all__ = ["sample", "sampling_probs", "sample_logits", "sampler_simple_batch"]
@@ -1083,7 +1083,8 @@ def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
     """LLaDA's schedule: how many positions each of ``steps`` steps commits, int64 ``[B, steps]``.
 
     ``masked`` is bool ``[B, L]`` (the mask tokens of the block) or int ``[B]`` counts ``M``; step ``i`` commits
-    ``M // steps + (i < M % steps)``, so the counts sum to ``M``.
+    ``M // steps + (i < M % steps)``, so the counts sum to ``M``. Negative int counts on the CPU raise
+    ``ValueError`` in eager code; under ``torch.compile`` (and on a GPU) they are not checked.
 
     Example
     -------
@@ -1098,7 +1099,8 @@ def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
         M = masked.sum(dim=1)
     elif masked.dim() == 1 and masked.dtype in _INT_DTYPES + (torch.int8,):
         M = masked.to(torch.int64)
-        if masked.device.type == "cpu" and bool((M < 0).any()):
+        # a host check of CPU counts, skipped in compiled code (no Python branch on tensor data in a graph)
+        if masked.device.type == "cpu" and not compiling() and bool((M < 0).any()):
             raise ValueError(f"{op}: masked counts must be >= 0")
     else:
         raise TypeError(f"{op}: masked must be a bool [B, L] or an int [B] tensor, got {masked.dtype} "
