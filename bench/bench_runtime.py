@@ -166,3 +166,105 @@ def test_generate(benchmark, models, model_name, batch, impl):
             ms_per_token=round(per_token * 1e3, 3),
             fraction_of_bw_floor=round(floor / per_token, 3),
         )
+
+
+# --- SmolLM2-135M-Instruct (GGUF): greedy 128 new tokens after a chat prompt ------------------------------------
+# decodekit on ONNX Runtime (fp32 and int4 MatMulNBits exports, IO binding + fused sampler) against Hugging Face
+# generate (fp32, the GGUF loaded by transformers) and decodekit eager; B = 1 and 8 (eight different questions,
+# left-padded). tok/s in the report is generated tokens per second of the whole call (prefill included);
+# extra_info adds the time to first token (ms, median over the rounds; for HF a 1-token generate, timed apart)
+# and the decode-only tokens/s. Exports are made once per run (about 2 min each here); set
+# DECODEKIT_BENCH_EXPORTS=DIR to keep them in DIR between runs, DECODEKIT_BENCH_SMOLLM_TOKENS=N for a smoke test.
+
+import os  # noqa: E402
+
+SMOLLM = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_TOKENS = int(os.environ.get("DECODEKIT_BENCH_SMOLLM_TOKENS", NEW_TOKENS))
+SMOLLM_QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in two sentences.",
+    "Give three tips for learning a language.", "What is 17 times 23?", "Describe a cat to someone who never saw one.",
+    "Why is the sky blue?", "Name the planets of the solar system.",
+]
+SMOLLM_IMPLS = ["eager", "hf-generate", "ort-fp32", "ort-int4"]
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory) -> dict:
+    """The GGUF file, its fp32 and int4 exports, transformers' model and the chat prompts' ids."""
+    if not SMOLLM.is_file():
+        pytest.fail(f"missing {SMOLLM} (the shared SmolLM2-135M GGUF)")
+    from transformers import AutoModelForCausalLM
+
+    from decodekit.models import load_tokenizer
+    from decodekit.runtime import chat_prompt
+
+    root = Path(os.environ["DECODEKIT_BENCH_EXPORTS"]) if os.environ.get("DECODEKIT_BENCH_EXPORTS") else (
+        tmp_path_factory.mktemp("smollm-bench"))
+    exports = {}
+    for weights in ("fp32", "int4"):
+        exports[weights] = root / f"smollm2-{weights}"
+        if not (exports[weights] / "decodekit.json").is_file():
+            export_decoder(SMOLLM, exports[weights], weights=weights, progress=False, force=True)
+    tok = load_tokenizer(SMOLLM)
+    prompts = [chat_prompt(tok, q)[0] for q in SMOLLM_QUESTIONS]
+    hf = AutoModelForCausalLM.from_pretrained(SMOLLM.parent, gguf_file=SMOLLM.name, dtype=torch.float32).eval()
+    return {"exports": exports, "hf": hf, "prompts": prompts}
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("impl", SMOLLM_IMPLS)
+def test_generate_smollm(benchmark, smollm, batch, impl):
+    prompts = smollm["prompts"][:batch]
+    longest = max(len(p) for p in prompts)
+    max_seq = longest + SMOLLM_TOKENS + 1
+    greedy = dict(temperature=0.0, stop_ids=[])
+    ttfts, decode_tps = [], []
+    if impl == "hf-generate":
+        hf = smollm["hf"]
+        ids = torch.tensor([[2] * (longest - len(p)) + p for p in prompts])  # left padding (pad = <|im_end|>)
+        mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(p) for p in prompts])[:, None]).long()
+
+        def hf_generate(n: int) -> torch.Tensor:
+            with torch.inference_mode():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=2)
+
+        for _ in range(3):
+            t = time.perf_counter()
+            hf_generate(1)
+            ttfts.append(time.perf_counter() - t)
+
+        def fn():
+            out = hf_generate(SMOLLM_TOKENS)
+            assert out.shape[1] == longest + SMOLLM_TOKENS
+            return out
+
+    else:
+        if impl == "eager":
+            runner = EagerDecoder(load_model(SMOLLM), max_batch=batch, max_seq_len=max_seq)
+        else:
+            runner = OnnxDecoder(smollm["exports"][impl.removeprefix("ort-")], "cpu", max_batch=batch,
+                                 max_seq_len=max_seq)
+
+        def fn():
+            res = runner.generate(prompts, max_new_tokens=SMOLLM_TOKENS, **greedy)
+            assert all(len(t) == SMOLLM_TOKENS for t in res.tokens)
+            ttfts.append(res.time_to_first_token_s)
+            decode_tps.append(res.decode_tokens_per_s)
+            return res
+
+    run_bench(
+        benchmark,
+        fn,
+        group=f"generate SmolLM2-135M B={batch} greedy {SMOLLM_TOKENS} new tokens after a chat prompt (CPU)",
+        impl=impl,
+        baseline=impl == "eager",
+        rounds=3,
+        host_only=True,
+        tokens=batch * SMOLLM_TOKENS,
+        batch=batch,
+        prompt_len=longest,
+    )
+    benchmark.extra_info["ttft_ms"] = round(statistics.median(ttfts) * 1e3, 1)
+    if decode_tps:
+        benchmark.extra_info["decode_tok_s"] = round(statistics.median(decode_tps), 1)

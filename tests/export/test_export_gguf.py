@@ -140,17 +140,27 @@ def test_cli_weights_int4_on_a_llama2c_checkpoint_is_one_error_line(stories_dir,
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_smollm, hf_tokenizer):  # noqa: ANN201
-    """transformers' greedy continuations (48 tokens, no early stop) and last-position logits of the chat prompts."""
+    """transformers' greedy continuations of the chat prompts (48 tokens, past the end of the turn: its own forward
+    with its KV cache, argmax each step; ``generate``, which stops at EOS, must agree up to there) and its
+    last-position logits of each prompt."""
     out = []
     for q in CHAT_PROMPTS:
         ids = hf_tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
                                                add_generation_prompt=True)
         ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+        tokens, past, cur = [], None, ids
         with torch.no_grad():
-            logits = hf_smollm(ids).logits[0, -1]
+            for _ in range(N_TOKENS):
+                step = hf_smollm(input_ids=cur, past_key_values=past, use_cache=True)  # noqa: B023
+                if past is None:
+                    logits = step.logits[0, -1].numpy()
+                past = step.past_key_values
+                cur = step.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(cur))
             gen = hf_smollm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_TOKENS,
-                                     min_new_tokens=N_TOKENS, do_sample=False, pad_token_id=2)
-        out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist(), logits.numpy()))
+                                     do_sample=False, pad_token_id=2)[0, ids.shape[1]:].tolist()
+        assert tokens[: len(gen)] == gen
+        out.append((ids[0].tolist(), tokens, logits))
     return out
 
 
