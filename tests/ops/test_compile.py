@@ -40,8 +40,8 @@ def run_compiled(fn, *args, ops: tuple[str, ...], backend: str = "aot_eager"):
     assert cnt.frame_count == 1, cnt.frame_count
     assert not counters["graph_break"], dict(counters["graph_break"])
     targets = {str(n.target) for g in cnt.graphs for n in g.graph.nodes if n.op == "call_function"}
-    for op in ops:
-        assert f"decodekit.{op}" in targets, (op, sorted(targets))
+    for op in ops:  # the packet (torch.ops.decodekit.x) or its overload (a CustomOpDef called directly)
+        assert {f"decodekit.{op}", f"decodekit.{op}.default"} & targets, (op, sorted(targets))
     return out
 
 
@@ -141,6 +141,34 @@ def test_seed_none_draws_from_torch_generator_in_the_graph():
     torch.testing.assert_close(first, eager, rtol=0, atol=0)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     assert not torch.equal(compiled(x), compiled(x))  # fresh draws on every call (p of a tie ~ 1e-48)
+
+
+_MASK = torch.tensor([[True, False, True, True]])
+OTHER_SAMPLING = {  # the sampling ops of the beam-search and diffusion / RWKV issues: (call, input, custom op)
+    "beam_candidates": (lambda x: decodekit.ops.sampling.beam_candidates(
+        x, torch.tensor([0.0, -1.0, -2.0] * 2), 3, do_sample=True, top_k=4, seed=3), (6, 11), "beam_candidates"),
+    "sample_block": (lambda x: decodekit.ops.sampling.sample_block(x, _MASK, temperature=0.8, top_k=5, seed=1),
+                     (1, 4, 13), "sample_block"),
+    "block_probs": (lambda x: decodekit.ops.sampling.block_probs(x, _MASK, top_p=0.9), (1, 4, 13), "block_probs"),
+    "rwkv_sample_logits": (lambda x: decodekit.ops.sampling.rwkv_sample_logits(x, 1.0, 0.85, 4, seed=2), (2, 13),
+                           "rwkv_sample_logits"),
+    "rwkv_sampling_probs": (lambda x: decodekit.ops.sampling.rwkv_sampling_probs(x, 0.7, 0.9), (2, 13),
+                            "rwkv_sampling_probs"),
+    # plain PyTorch functions (no custom op): they must trace without a graph break too
+    "select_positions": (lambda x: decodekit.ops.sampling.select_positions(x.softmax(-1), x > 0, k=2), (2, 8), None),
+    "transfer_schedule": (lambda x: decodekit.ops.sampling.transfer_schedule(x > 0, 3), (2, 8), None),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_SAMPLING))
+def test_other_sampling_ops(name):
+    call, shape, op = OTHER_SAMPLING[name]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(9))
+    eager = call(x)
+    compiled = run_compiled(call, x, ops=(op,) if op else ())
+    eager, compiled = (eager, compiled) if isinstance(eager, tuple) else ((eager,), (compiled,))
+    for c, e in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- norm + linear
