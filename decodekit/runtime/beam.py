@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ import torch
 from decodekit.errors import UsageError
 from decodekit.runtime.config import GenerationConfig
 
-__all__ = ["BeamScorer", "run_beam_search"]
+__all__ = ["BeamOutput", "BeamScorer", "run_beam_search"]
 
 _NEG = -1.0e9  # Hugging Face's "excluded" score offset
 
@@ -121,27 +122,38 @@ class BeamScorer:
         return seqs, scores
 
 
+@dataclass
+class BeamOutput:
+    """What :func:`run_beam_search` returns (the loop turns it into a ``GenerationResult``): the returned sequences
+    (prompt-major, best first), their prompts and scores, and the timings."""
+
+    tokens: list[list[int]]
+    prompts: list[list[int]]
+    scores: list[float]
+    ttft: float
+    decode_time: float
+    total_time: float
+    steps: int
+
+
 def run_beam_search(
     model: Any,
     rows: list[list[int]],
     config: GenerationConfig,
+    buf: Any,
     *,
     new_tokens: int,
     stops: set[int],
-    tokenizer: Any = None,
-    stream: Callable[[int, int], None] | None = None,
-    base_seed: int,
-) -> Any:
+    step_seeds: Callable[[int], torch.Tensor],
+) -> BeamOutput:
     """Beam search / beam sampling over an opened step model; see the module docstring.
 
-    ``rows`` are checked prompts, ``new_tokens`` the most tokens to generate (``max_new_tokens`` clipped to the
-    model's ``max_seq_len``), ``stops`` the stop ids in effect, ``base_seed`` the seed (drawn when the config's is
-    None). ``stream(i, token)`` is called for each token of each
-    returned sequence ``i`` once the search is over (beams change until the end). Returns a
-    :class:`~decodekit.runtime.loop.GenerationResult` with ``B * num_return_sequences`` sequences.
+    ``rows`` are the checked prompts and ``buf`` the loop's per-generation buffers for them (left-padded prompt ids,
+    attention mask and positions of every reachable slot), ``new_tokens`` the most tokens to generate
+    (``max_new_tokens`` clipped to the model's ``max_seq_len``), ``stops`` the stop ids in effect, and
+    ``step_seeds(t)`` the prompts' int64 ``[B]`` seeds of step ``t`` on the model's device.
     """
     from decodekit.ops.sampling import beam_candidates  # lazy: keeps `import decodekit.runtime` light
-    from decodekit.runtime.loop import _ROW_STRIDE, _SEED_MASK, _STEP_STRIDE, GenerationResult, _Buffers
 
     B, N = len(rows), config.num_beams
     R = B * N
@@ -160,17 +172,12 @@ def run_beam_search(
     device = model.device
     sampling = config.do_sample and config.temperature > 0.0
     filters = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p) if sampling else {}
-    longest = max(len(r) for r in rows)
-    buf = _Buffers(rows, longest + new_tokens, V, device)
     expand = torch.arange(B, device=device).repeat_interleave(N)  # beam row b * N + n <- prompt b
     mask, positions = buf.mask.index_select(0, expand), buf.positions.index_select(0, expand)
     next_ids = torch.zeros(R, 1, dtype=torch.int64, device=device)
     beam_scores = torch.zeros(B, N, device=device)
     beam_scores[:, 1:] = _NEG
     beam_scores = beam_scores.reshape(R)
-    prompt_seeds = torch.tensor([(base_seed + b * _ROW_STRIDE) & _SEED_MASK for b in range(B)], dtype=torch.int64,
-                                device=device)
-    seeds = torch.empty_like(prompt_seeds)
     counts = None
     if config.repetition_penalty != 1.0:  # which tokens each beam holds (prompt + output); two buffers, swapped
         counts = torch.zeros(2, R, V, dtype=torch.int32, device=device)
@@ -194,10 +201,8 @@ def run_beam_search(
         if t > 0:
             total = buf.s0 + t
             logits = model.step(next_ids, positions[:, total - 1 : total], mask[:, :total])
-        torch.add(prompt_seeds, (t * _STEP_STRIDE) & _SEED_MASK, out=seeds)
-        seeds.bitwise_and_(_SEED_MASK)
         tok, beam, sc = beam_candidates(
-            logits, beam_scores, N, num_candidates=K, do_sample=sampling, seed=seeds,
+            logits, beam_scores, N, num_candidates=K, do_sample=sampling, seed=step_seeds(t),
             repetition_penalty=config.repetition_penalty, token_counts=None if counts is None else counts[cur],
             min_tokens_to_keep=factor, **filters)
         tok, beam, sc = tok.cpu(), beam.cpu(), sc.cpu()  # the step's one host sync: [B, K] candidates
@@ -225,26 +230,5 @@ def run_beam_search(
     end = time.perf_counter()
     nrs = config.num_return_sequences
     seqs, seq_scores = scorer.best(nrs)
-    prompts = [rows[i // nrs] for i in range(len(seqs))]
-    if stream is not None:
-        for i, s in enumerate(seqs):
-            for tok_id in s:
-                stream(i, tok_id)
-    text = None
-    if tokenizer is not None:
-        text = []
-        for prompt, toks in zip(prompts, seqs):
-            head = tokenizer.decode(prompt)
-            text.append(tokenizer.decode(prompt + [x for x in toks if x not in stops])[len(head):])
-    return GenerationResult(
-        tokens=seqs,
-        prompt_tokens=prompts,
-        text=text,
-        finish_reasons=["stop" if s and s[-1] in stops else "length" for s in seqs],
-        time_to_first_token_s=ttft,
-        decode_time_s=end - decode_start if steps > 0 else 0.0,
-        total_time_s=end - t0,
-        decode_steps=steps,
-        decode_tokens=sum(max(len(s) - 1, 0) for s in seqs),
-        scores=seq_scores,
-    )
+    return BeamOutput(tokens=seqs, prompts=[rows[i // nrs] for i in range(len(seqs))], scores=seq_scores, ttft=ttft,
+                      decode_time=end - decode_start if steps > 0 else 0.0, total_time=end - t0, steps=steps)

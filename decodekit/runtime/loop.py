@@ -347,6 +347,20 @@ class _Buffers:
         self.next_ids = torch.zeros(b, 1, dtype=torch.int64, device=device)  # [B, 1] token fed to the next step
 
 
+def _texts(
+    tokenizer, prompts: list[list[int]], outputs: list[list[int]], stops: set[int]  # noqa: ANN001
+) -> list[str] | None:
+    """Each output's text (the stop ids ``stops`` left out), or None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    text = []
+    for prompt, toks in zip(prompts, outputs):
+        # decode after the prompt so that piece rules that look back (llama2.c drops the space after BOS) hold
+        head = tokenizer.decode(prompt)
+        text.append(tokenizer.decode(prompt + [t for t in toks if t not in stops])[len(head) :])
+    return text
+
+
 def run_generation(
     model: StepModel,
     input_ids: Sequence[Sequence[int]] | torch.Tensor,
@@ -379,15 +393,30 @@ def run_generation(
     buf = _Buffers(rows, longest + new_tokens, model.vocab_size, device)
 
     seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    if config.num_beams > 1:  # beam search / beam sampling (runtime/beam.py)
-        from decodekit.runtime.beam import run_beam_search
-
-        return run_beam_search(model, rows, config, new_tokens=new_tokens, stops=stop_ids, tokenizer=tokenizer,
-                               stream=stream, base_seed=seed)
     # per-row seeds; step t uses base + t * stride (wrapping in int64 arithmetic is fine: only bits matter)
     row_seeds = torch.tensor([(seed + i * _ROW_STRIDE) & _SEED_MASK for i in range(b)], dtype=torch.int64)
     row_seeds = row_seeds.to(device)
     seeds = torch.empty_like(row_seeds)
+
+    def step_seeds(step: int) -> torch.Tensor:
+        """The rows' (prompts') int64 [B] seeds of step ``step``, in place in one device buffer."""
+        torch.add(row_seeds, (step * _STEP_STRIDE) & _SEED_MASK, out=seeds)
+        return seeds.bitwise_and_(_SEED_MASK)
+
+    if config.num_beams > 1:  # beam search / beam sampling (runtime/beam.py)
+        from decodekit.runtime.beam import run_beam_search
+
+        out = run_beam_search(model, rows, config, buf, new_tokens=new_tokens, stops=stop_ids, step_seeds=step_seeds)
+        if stream is not None:  # beams change until the search ends: the returned sequences are streamed then
+            for i, toks in enumerate(out.tokens):
+                for tok in toks:
+                    stream(i, tok)
+        return GenerationResult(
+            tokens=out.tokens, prompt_tokens=out.prompts, text=_texts(tokenizer, out.prompts, out.tokens, stop_ids),
+            finish_reasons=["stop" if s and s[-1] in stop_ids else "length" for s in out.tokens],
+            time_to_first_token_s=out.ttft, decode_time_s=out.decode_time, total_time_s=out.total_time,
+            decode_steps=out.steps, decode_tokens=sum(max(len(s) - 1, 0) for s in out.tokens), scores=out.scores,
+        )
     counts = None
     if config.uses_token_counts:  # the penalties read how often each token occurred (prompt + output) per row
         counts = torch.zeros(b, model.vocab_size, dtype=torch.int32, device=device)
@@ -414,9 +443,7 @@ def run_generation(
             logits = model.step(buf.prompt_ids, buf.positions[:, : buf.s0], buf.mask[:, : buf.s0])
         else:
             logits = model.step(buf.next_ids, buf.positions[:, total - 1 : total], buf.mask[:, :total])
-        torch.add(row_seeds, (step * _STEP_STRIDE) & _SEED_MASK, out=seeds)
-        seeds.bitwise_and_(_SEED_MASK)
-        nxt = sample(logits, seed=seeds, **sample_kwargs)  # [B] int64, drawn from the bound logits in place
+        nxt = sample(logits, seed=step_seeds(step), **sample_kwargs)  # [B] int64, drawn from the bound logits in place
         buf.next_ids[:, 0] = nxt
         if counts is not None:
             counts.scatter_add_(1, buf.next_ids, ones)
@@ -439,17 +466,10 @@ def run_generation(
         if not any(active):
             break
     end = time.perf_counter()
-    text = None
-    if tokenizer is not None:
-        text = []
-        for prompt, toks in zip(rows, out_tokens):
-            # decode after the prompt so that piece rules that look back (llama2.c drops the space after BOS) hold
-            head = tokenizer.decode(prompt)
-            text.append(tokenizer.decode(prompt + [t for t in toks if t not in stop_ids])[len(head) :])
     return GenerationResult(
         tokens=out_tokens,
         prompt_tokens=rows,
-        text=text,
+        text=_texts(tokenizer, rows, out_tokens, stop_ids),
         finish_reasons=finish,
         time_to_first_token_s=ttft,
         decode_time_s=end - decode_start if steps > 0 else 0.0,
