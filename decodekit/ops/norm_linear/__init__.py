@@ -82,7 +82,7 @@ def _forward(
         else:
             z = cpu.gelu_linear(x, weight, bias, "tanh" if pro == "gelu_tanh" else "none")
         y = cpu.activation(z, epi)
-        preact = z.reshape(-1, n) if save and epi is not None else None
+        preact = z.reshape(math.prod(x.shape[:-1]), n) if save and epi is not None else None  # N may be 0
         mean, rstd = cpu.norm_stats(x.reshape(-1, k), norm, eps) if save else (None, None)
     empty = x.new_empty(0)
     return y, empty if preact is None else preact, _or_empty(mean, empty), _or_empty(rstd, empty)
@@ -131,7 +131,7 @@ def _define(name: str, norm: str | None):
         n, k = weight.shape
         saved = ctx.saved
         d_x, d_nw, d_nb, d_w, d_b = cpu.norm_linear_backward(
-            dy.reshape(-1, n), x.reshape(-1, k), norm_weight, norm_bias, weight, bias,
+            dy.reshape(math.prod(x.shape[:-1]), n), x.reshape(-1, k), norm_weight, norm_bias, weight, bias,
             mean if saved and norm == "layer" else None, rstd if saved and norm is not None else None,
             preact if saved and ctx.epilogue is not None else None, eps=ctx.eps, norm=norm, prologue=ctx.prologue,
             epilogue=ctx.epilogue, need=tuple(ctx.needs_input_grad[:5]),
