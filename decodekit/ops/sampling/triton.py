@@ -815,12 +815,12 @@ def _block_kernel(
         targ = tl.argmax(x, axis=0)
         xarg = tl.where(tmax > xmax, start + targ, xarg)  # strict: the earlier tile keeps ties (lowest index)
         m_new = tl.maximum(xmax, tmax)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)  # no inf - inf (a bad row's +inf)
         xs = xs * tl.exp(xmax - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         xmax = m_new
         zt = tl.max(z, axis=0)
         zm_new = tl.maximum(zmax, zt)
-        zm_safe = tl.where(zm_new == float("-inf"), 0.0, zm_new)
+        zm_safe = tl.where(tl.abs(zm_new) == float("inf"), 0.0, zm_new)
         zs = zs * tl.exp(zmax - zm_safe) + tl.sum(tl.exp(z - zm_safe), axis=0)
         zmax = zm_new
     bad = (nbad > 0) | (xmax == float("-inf"))
@@ -869,13 +869,15 @@ def _block_kernel(
         lw = tl.where(kept, lw, float("-inf"))
         w = tl.exp(lw)
         w_sum += tl.sum(w, axis=0)
-        e_sum += tl.sum(w * tl.where(w > 0.0, lw, 0.0), axis=0)  # 0 log 0 = 0 (no 0 * -inf)
-        t1 = tl.max(lw, axis=0)
-        a1 = tl.argmax(lw, axis=0)
-        t2 = tl.max(tl.where(cols == a1, float("-inf"), lw), axis=0)
-        v2 = tl.maximum(tl.maximum(v2, t2), tl.minimum(v1, t1))
-        v1 = tl.maximum(v1, t1)
-        if tl.max(kept.to(tl.int32), axis=0) > 0:  # Philox only for tiles holding a kept token
+        if CONF == 3:
+            e_sum += tl.sum(w * tl.where(w > 0.0, lw, 0.0), axis=0)  # 0 log 0 = 0 (no 0 * -inf)
+        if CONF == 2:  # the two largest kept weights (ties at the max give a margin of 0)
+            t1 = tl.max(lw, axis=0)
+            a1 = tl.argmax(lw, axis=0)
+            t2 = tl.max(tl.where(cols == a1, float("-inf"), lw), axis=0)
+            v2 = tl.maximum(tl.maximum(v2, t2), tl.minimum(v1, t1))
+            v1 = tl.maximum(v1, t1)
+        if (tl.max(kept.to(tl.int32), axis=0) > 0) & (temp != 0.0):  # Philox only where a kept token is drawn
             u = tl.rand(seed, key_base + offs.to(tl.int64))
             key = tl.maximum(lw - tl.log(-tl.log(u)), -3.0e38)
             key = tl.where(kept, key, float("-inf"))
@@ -1241,10 +1243,12 @@ def _beam_merge_kernel(
         avail = avail & ~sel
 
 
-def _beam_block(V: int, device: torch.device) -> int:
-    """Tile of the beam row kernel: 1024 on a GPU (a [1024, 16] pivot compare per tile), 2048 under the
-    interpreter (each tile costs a few numpy calls there)."""
-    return min(1024 if device.type == "cuda" else 2048, triton.next_power_of_2(V))
+def _beam_block(V: int, device: torch.device) -> tuple[int, int]:
+    """(tile, num_warps) of the beam kernels: a 1024 tile (a [1024, 16] pivot compare) over 4 warps on a GPU;
+    2048 and one warp under the interpreter (each tile costs a few numpy calls there)."""
+    if device.type == "cuda":
+        return min(1024, triton.next_power_of_2(V)), 4
+    return min(2048, triton.next_power_of_2(V)), 1
 
 
 def beam_run(
@@ -1290,7 +1294,7 @@ def beam_run(
     scores = torch.empty(B, K, device=dev, dtype=torch.float32)
     has_counts = counts is not None and repetition_penalty != 1.0
     k_eff = min(max(top_k, min_tokens_to_keep), V) if top_k > 0 else 0
-    block = _beam_block(V, dev)
+    block, num_warps = _beam_block(V, dev)
     record_launch("beam_rows")
     _beam_row_kernel[(R,)](
         logits, counts if has_counts else logits, beam_scores, seeds, keys, part_scores, part_toks,
@@ -1298,11 +1302,11 @@ def beam_run(
         float(temperature), float(repetition_penalty), k_eff, float(top_p), min_tokens_to_keep,
         row_key_mult, BEAM_MAX_PASS,
         HAS_COUNTS=has_counts, HAS_TOPK=0 < k_eff < V, HAS_TOPP=0.0 < top_p < 1.0, DO_SAMPLE=do_sample,
-        K=K, KP=KP, NP=BEAM_NP, BLOCK=block, num_warps=4 if dev.type == "cuda" else 1,
+        K=K, KP=KP, NP=BEAM_NP, BLOCK=block, num_warps=num_warps,
     )
     record_launch("beam_merge")
     _beam_merge_kernel[(B,)](
         keys, part_scores, part_toks, tokens, beams, scores, V, N, K=K, KP=KP, NKP=NKP, DO_SAMPLE=do_sample,
-        num_warps=4 if dev.type == "cuda" else 1,
+        num_warps=num_warps,
     )
     return tokens, beams, scores
