@@ -66,6 +66,10 @@ class EagerDecoder(GenerateMixin):
         if index.dtype != torch.int64 or not 1 <= n <= self.max_batch:
             raise UsageError(f"reorder_cache: index must be an int64 [B'] tensor with 1 <= B' <= "
                              f"max_batch={self.max_batch}, got {index.dtype} {tuple(index.shape)}")
+        rows = None if self._past is None else self._past[0][0].shape[0]
+        if rows is not None and index.device.type == "cpu" and not 0 <= int(index.min()) <= int(index.max()) < rows:
+            raise UsageError(f"reorder_cache: index values must be rows in [0, {rows}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
         if self._past is not None:
             index = index.to(self.device)
             self._past = [tuple(t.index_select(0, index) for t in layer) for layer in self._past]

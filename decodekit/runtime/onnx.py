@@ -661,6 +661,9 @@ class OnnxDecoder(GenerateMixin):
         if index.dtype != torch.int64 or not 1 <= n <= self.max_batch or index.device != self.device:
             raise UsageError(f"reorder_cache: index must be an int64 [B'] tensor on {self.device} with "
                              f"1 <= B' <= max_batch={self.max_batch}, got {index.dtype} {tuple(index.shape)}")
+        if index.device.type == "cpu" and not 0 <= int(index.min()) <= int(index.max()) < self._batch:
+            raise UsageError(f"reorder_cache: index values must be rows in [0, {self._batch}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
         if not self.io_binding_enabled:
             if self._np_past is not None:
                 idx = index.cpu().numpy()

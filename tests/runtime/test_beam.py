@@ -266,3 +266,49 @@ def test_cli_beam_search(stories_export_dir, capsys):
     res = OnnxDecoder(stories_export_dir, "cpu", max_batch=3).generate(
         "Tom", max_new_tokens=12, num_beams=3, do_sample=False, early_stopping="never", length_penalty=0.0)
     assert out.startswith("Tom") and res.text[0].strip() in out
+
+
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_onnx_reorder_cache_gathers_in_place(stories_export_dir, monkeypatch, io_binding):
+    """reorder_cache: row i of the cache becomes old row index[i] (also 2 -> 3 rows), the next step sees it, the KV
+    storages stay the same two tensors and nothing is allocated by torch's constructors; a bad index is refused."""
+    dec = OnnxDecoder(stories_export_dir, "cpu", max_batch=4, io_binding=io_binding)
+    ref = OnnxDecoder(stories_export_dir, "cpu", max_batch=4)
+    prompts = torch.tensor([[1, 403, 261, 30], [1, 87, 29, 300]])
+    pos, mask = torch.arange(4).expand(2, 4), torch.ones(2, 4, dtype=torch.long)
+    dec.reset(2)
+    dec.step(prompts, pos, mask)
+    ptr = dec._kv.data_ptr()
+    index = torch.tensor([1, 0, 1])
+
+    def refuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("reorder_cache allocated a tensor")
+
+    with monkeypatch.context() as m:
+        for name in ("zeros", "empty", "full", "ones", "empty_like", "zeros_like"):
+            m.setattr(torch, name, refuse)
+        dec.reorder_cache(index)
+    assert dec._kv.data_ptr() == ptr
+    nxt = torch.tensor([[5], [6], [7]])
+    got = dec.step(nxt, torch.full((3, 1), 4), torch.ones(3, 5, dtype=torch.long)).clone()
+    ref.reset(3)
+    ref.step(prompts[index], pos[index], mask[index])
+    want = ref.step(nxt, torch.full((3, 1), 4), torch.ones(3, 5, dtype=torch.long))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    bad_indices = (torch.tensor([0, 1, 1, 2, 0]), torch.tensor([[0]]), torch.tensor([0.0]), torch.tensor([0, 3]),
+                   torch.tensor([-1]), torch.tensor([], dtype=torch.long))
+    for bad in bad_indices:
+        with pytest.raises(UsageError, match="reorder_cache"):
+            dec.reorder_cache(bad)
+
+
+def test_beam_candidates_under_torch_compile():
+    """One opaque custom op: torch.compile(fullgraph=True) gives the eager result, sampling included."""
+    from decodekit.ops.sampling import beam_candidates
+
+    def step(logits, scores, seeds):  # noqa: ANN001, ANN202
+        return beam_candidates(logits, scores, 3, do_sample=True, top_k=5, top_p=0.9, temperature=0.7, seed=seeds)
+
+    logits, scores, seeds = torch.randn(6, 100), -torch.rand(6), torch.tensor([3, 4])
+    got = torch.compile(step, fullgraph=True)(logits, scores, seeds)
+    assert all(torch.equal(a, b) for a, b in zip(got, step(logits, scores, seeds)))
