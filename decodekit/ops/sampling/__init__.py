@@ -64,7 +64,7 @@ def _row_param(
         want = "an int" if integer else "a float"
         raise TypeError(f"{op}: {name} must be {want} or a [B] tensor, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v):
+    if not -math.inf < v < math.inf:  # comparisons, not math.isfinite: v is a symbolic float under dynamic compile
         raise ValueError(f"{op}: {name} must be finite")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise ValueError(f"{op}: {name} must be {'>' if lo_open else '>='} {lo}, got {v}")
@@ -650,7 +650,7 @@ def _beam_scalar(name: str, value: object, op: str, *, integer: bool = False, lo
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise TypeError(f"{op}: {name} must be {'an int' if integer else 'a float'}, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v):
+    if not -math.inf < v < math.inf:  # comparisons, not math.isfinite: v is a symbolic float under dynamic compile
         raise ValueError(f"{op}: {name} must be finite, got {v}")
     if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
         rng = f"{'>' if lo_open else '>='} {lo}" + ("" if hi is None else f" and <= {hi}")
@@ -873,7 +873,7 @@ def _block_run(
             d = z - m
             if post_temp:
                 d = torch.where(d == 0, 0.0, d * (1.0 / temp))
-            probs = torch.where((z > lo) & (z > float("-inf")), d.exp() / w, 0.0)
+            probs = torch.where(((z > lo) | (z == m)) & (z > float("-inf")), d.exp() / w, 0.0)
             ok = masked & (tokens >= 0)
             if not post_temp:  # greedy positions take the argmax
                 g = (ok & (params[:, 0] == 0)[:, None])[..., None]
