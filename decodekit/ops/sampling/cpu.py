@@ -557,10 +557,13 @@ def beam_logprobs_torch(
     """
     s = torch.log_softmax(logits.float(), dim=-1)  # a fresh tensor: updated in place below
     R, V = s.shape
+    bad = torch.isnan(s.amax(dim=1))  # a NaN or +inf logit: NaN log-probabilities, the row has no candidates
+    if bool(bad.any()):
+        s[bad] = _NEG_INF
     if token_counts is not None and repetition_penalty != 1.0:
-        seen = token_counts > 0
-        pen = torch.where(s < 0, s * repetition_penalty, s / repetition_penalty)
-        s = torch.where(seen, pen, s)
+        r, c = (token_counts > 0).nonzero(as_tuple=True)  # the penalty touches the seen tokens only
+        v = s[r, c]
+        s[r, c] = torch.where(v < 0, v * repetition_penalty, v / repetition_penalty)
     if temperature != 1.0:
         s.div_(temperature)
     k = min(max(top_k, min_tokens_to_keep), V) if top_k > 0 else 0
@@ -614,27 +617,37 @@ def beam_candidates_torch(
     R, V = s.shape
     N, K = num_beams, num_candidates
     B = R // N
-    acc = s.add_(beam_scores.to(torch.float32).reshape(R, 1)).reshape(B, N * V)
-    acc.masked_fill_(acc != acc, _NEG_INF)  # a NaN row has no candidates
-    if do_sample:
-        b, f = (acc > _NEG_INF).nonzero(as_tuple=True)
+    bs = beam_scores.to(torch.float32)
+    if do_sample:  # keys for the kept tokens only, in per-prompt lists padded with -inf
+        r, c = (s > _NEG_INF).nonzero(as_tuple=True)  # row-major: prompt by prompt
+        val = s[r, c] + bs[r]  # the accumulated scores (fp32, as beam search adds them)
+        b, f = r // N, (r % N) * V + c
         sd = seed.seed
-        sd = sd.to(acc.device)[b] if isinstance(sd, torch.Tensor) else torch.full_like(b, sd)
+        sd = sd.to(s.device)[b] if isinstance(sd, torch.Tensor) else torch.full_like(b, sd)
         # the midpoint of the uniform's 2**-24 cell: u in (0, 1), so every kept token gets a finite key
         u = counter_uniform(sd, ((b * seed.row_key_mult) << 40) + f).double() + 2.0**-25
-        keys = torch.full((B, N * V), _NEG_INF, dtype=torch.float64, device=acc.device)
-        keys[b, f] = acc[b, f].double() - torch.log(-torch.log(u))
-        kk, idx = torch.topk(keys, K, dim=1)
-        sc = acc.gather(1, idx)
+        n = torch.bincount(b, minlength=B)
+        col = torch.arange(b.numel(), device=s.device) - (n.cumsum(0) - n)[b]
+        width = max(K, int(n.max()) if b.numel() else 0)
+        keys = torch.full((B, width), _NEG_INF, dtype=torch.float64, device=s.device)
+        keys[b, col] = val.double() - torch.log(-torch.log(u))
+        flat = torch.zeros(B, width, dtype=torch.int64, device=s.device)
+        flat[b, col] = f
+        vals = torch.full((B, width), _NEG_INF, device=s.device)
+        vals[b, col] = val
+        kk, pos = torch.topk(keys, K, dim=1)
+        idx, sc = flat.gather(1, pos), vals.gather(1, pos)
         sc = torch.where(kk > _NEG_INF, sc, _NEG_INF)
         sc, order = torch.sort(sc, dim=1, descending=True, stable=True)
         idx = idx.gather(1, order)
     else:
+        acc = s.add_(bs.reshape(R, 1)).reshape(B, N * V)
         sc, idx = torch.topk(acc, K, dim=1)
     ok = sc > _NEG_INF
     tokens = torch.where(ok, idx % V, -1)
     beams = torch.where(ok, idx // V, -1)
     return tokens, beams, sc
+
 
 # =========================================================================== issue 14: block sampling for
 # diffusion LMs and the rwkv package's sampler (the PyTorch path)
@@ -668,8 +681,15 @@ def _block_kept(z: torch.Tensor, lw: torch.Tensor, k: torch.Tensor, p: torch.Ten
     p_on = p < 1.0
     if bool(p_on.any()):
         base = lw if topp_first else torch.where(keep, lw, _NEG_INF)
-        thr = _topp_threshold(base, base.exp(), torch.where(p_on, p, 1.0)[:, None], tts=False)
-        keep &= (base >= thr) | (base == 0.0) | ~p_on[:, None]  # the max's group always stays (top_p = 0: rwkv)
+        pp = torch.where(p_on, p, 1.0)[:, None]
+        if z.shape[1] <= _BINS:  # short rows: a sort costs less than the histogram's bins
+            vals, order = base.sort(dim=1, descending=True)
+            w = vals.exp()
+            keep_s = _group_start_mass(vals, w) < pp * w.sum(dim=1, keepdim=True)
+            keep_p = torch.zeros_like(keep).scatter_(1, order, keep_s)
+        else:
+            keep_p = base >= _topp_threshold(base, base.exp(), pp, tts=False)
+        keep &= keep_p | (base == 0.0) | ~p_on[:, None]  # the max's group always stays (top_p = 0: rwkv)
     return keep
 
 

@@ -860,7 +860,7 @@ def _block_kernel(
         msk = offs < V
         x = tl.load(x_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
         z = tl.where(msk, x / t_eff, float("-inf"))
-        kept = (z > lo) & (z > float("-inf"))
+        kept = ((z > lo) | (z == m)) & (z > float("-inf"))  # the max's group always stays (top_p = 0: rwkv)
         d = z - m
         if POST_TEMP:
             lw = tl.where(d == 0.0, 0.0, d * inv_post)  # no 0 * inf at the max when 1 / T overflows
@@ -1244,10 +1244,11 @@ def _beam_merge_kernel(
 
 
 def _beam_block(V: int, device: torch.device) -> tuple[int, int]:
-    """(tile, num_warps) of the beam kernels: a 1024 tile (a [1024, 16] pivot compare) over 4 warps on a GPU;
-    2048 and one warp under the interpreter (each tile costs a few numpy calls there)."""
+    """(tile, num_warps) of the beam kernels: a 1024 tile (a [1024, 16] pivot compare) over 8 warps on a GPU
+    (4 warps run out of registers and spill: sm_90 / sm_100 compiles); 2048 and one warp under the interpreter
+    (each tile costs a few numpy calls there)."""
     if device.type == "cuda":
-        return min(1024, triton.next_power_of_2(V)), 4
+        return min(1024, triton.next_power_of_2(V)), 8
     return min(2048, triton.next_power_of_2(V)), 1
 
 
