@@ -256,6 +256,29 @@ def test_decode_attention(backend):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_dynamic_shapes():
+    """``dynamic=True``: the fake implementations take symbolic sizes; batch / row counts change without a graph
+    break and every size gives the eager result (Python scalar parameters may be symbolic floats too)."""
+    torch._dynamo.reset()
+    counters.clear()
+    sample = torch.compile(lambda x, s: decodekit.sample(x, temperature=0.7, top_k=5, seed=s), fullgraph=True,
+                           dynamic=True, backend="aot_eager")
+    w, nw = torch.randn(7, 16), torch.rand(16) + 0.5
+    norm = torch.compile(lambda x: decodekit.rms_norm_linear(x, nw, w, activation="silu"), fullgraph=True,
+                         dynamic=True, backend="aot_eager")
+    decode = torch.compile(lambda q, kv, n: decodekit.decode_attention(q, kv, kv, n), fullgraph=True, dynamic=True,
+                           backend="aot_eager")
+    for B in (2, 3, 6):
+        x, seeds = torch.randn(B, 50), torch.arange(B) * 31
+        torch.testing.assert_close(sample(x, seeds), decodekit.sample(x, temperature=0.7, top_k=5, seed=seeds),
+                                   rtol=0, atol=0)
+        h = torch.randn(B, 3, 16)
+        torch.testing.assert_close(norm(h), decodekit.rms_norm_linear(h, nw, w, activation="silu"))
+        q, kv, n = torch.randn(B, 4, 1, 8), torch.randn(B, 2, 10, 8), torch.arange(B, dtype=torch.int32) + 5
+        torch.testing.assert_close(decode(q, kv, n), decodekit.decode_attention(q, kv, kv, n))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 # --------------------------------------------------------------------------- bad input under compile
 
 
