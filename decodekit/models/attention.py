@@ -22,12 +22,18 @@ from __future__ import annotations
 import torch
 
 
-def attention_keep_mask(attention_mask: torch.Tensor, seq_len: int, group: int = 1) -> torch.Tensor:
-    """Boolean ``[B, 1, group * S, T]``: True where a query may attend a key (causal AND not padding).
+def attention_keep_mask(
+    attention_mask: torch.Tensor, seq_len: int, group: int = 1, causal: bool = True
+) -> torch.Tensor:
+    """Boolean ``[B, 1, group * S, T]``: True where a query may attend a key (causal AND not padding; with
+    ``causal=False``, every key that is not padding: a bidirectional model).
 
     Rows are ordered ``(g, s)`` with ``s`` fastest, matching queries viewed as ``[B, H_kv, group * S, D]``.
     Computed once per forward and shared by all layers.
     """
+    if not causal:
+        keep = attention_mask.bool()[:, None, None, :].expand(-1, 1, group * seq_len, -1)
+        return keep
     t = attention_mask.shape[1]
     query_pos = torch.arange(seq_len, device=attention_mask.device) + (t - seq_len)  # index among the keys
     key_pos = torch.arange(t, device=attention_mask.device)

@@ -53,6 +53,11 @@ class DecoderConfig:
         Special token ids.
     stop_ids : list of int
         Tokens that end generation (llama2.c's ``run.c`` stops when the model emits BOS).
+    causal : bool
+        ``True``: causal self-attention (autoregressive decoders). ``False``: bidirectional attention over the
+        whole (unpadded) sequence, as in masked-diffusion language models (LLaDA, Dream).
+    mask_id : int
+        The mask token of a diffusion language model (LLaDA: 126336); ``-1`` when the model has none.
     """
 
     arch: str
@@ -73,6 +78,8 @@ class DecoderConfig:
     bos_id: int = 1
     eos_id: int = 2
     stop_ids: list[int] = field(default_factory=list)
+    causal: bool = True
+    mask_id: int = -1
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -109,6 +116,11 @@ class DecoderConfig:
         if not (self.norm_eps > 0):
             raise UsageError(f"config.norm_eps must be > 0, got {self.norm_eps!r}")
         self.stop_ids = [int(t) for t in self.stop_ids]
+        if not isinstance(self.causal, bool):
+            raise UsageError(f"config.causal must be a bool, got {self.causal!r}")
+        if not isinstance(self.mask_id, int) or isinstance(self.mask_id, bool) or not -1 <= self.mask_id < \
+                self.vocab_size:
+            raise UsageError(f"config.mask_id must be -1 or a token id below vocab_size, got {self.mask_id!r}")
 
     @property
     def kv_dim(self) -> int:

@@ -249,12 +249,14 @@ class Decoder(nn.Module):
         presents: list[KV] = []
         # the causal + padding mask is built once here, not in every layer (the kernel path ignores it)
         group = self.config.n_heads // self.config.n_kv_heads
-        keep = None if self.use_kernels else attention_keep_mask(attention_mask, input_ids.shape[1], group)
+        causal = self.config.causal
+        use_kernels = self.use_kernels and causal  # the fused attention kernels are causal: bidirectional -> reference
+        keep = None if use_kernels else attention_keep_mask(attention_mask, input_ids.shape[1], group, causal)
         if self.config.arch == "gpt2":
             h = h + self.pos_embeddings(position_ids)
             for i, layer in enumerate(self.layers):
                 past = None if past_key_values is None else past_key_values[i]
-                h, present = layer(h, attention_mask, keep, past, self.use_kernels)
+                h, present = layer(h, attention_mask, keep, past, use_kernels)
                 presents.append(present)
         else:
             # fp32 frequencies computed here (not a buffer): model.half() must not round them
@@ -262,7 +264,7 @@ class Decoder(nn.Module):
             cos, sin = rotary_cos_sin(position_ids, inv_freq, self.config.rope_layout)
             for i, layer in enumerate(self.layers):
                 past = None if past_key_values is None else past_key_values[i]
-                h, present = layer(h, cos, sin, attention_mask, keep, past, self.use_kernels)
+                h, present = layer(h, cos, sin, attention_mask, keep, past, use_kernels)
                 presents.append(present)
         if not all_logits:
             h = h[:, -1, :]  # only the last position feeds the next token: skip the classifier elsewhere
