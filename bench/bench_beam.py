@@ -14,6 +14,10 @@ Two groups, side by side in one run:
 * ``3 beams vs 1 beam``: decodekit with one beam (plain sampling, the baseline) against three beams (one batched
   step of 3 rows); target: 3 beams take at most 1.6x the time (a speedup >= 0.625 in the report).
 
+On a CUDA machine the same two groups run again on the GPU (``... (CUDA)``): transformers on CUDA against decodekit
+on ONNX Runtime's CUDA provider when this ``onnxruntime`` has it, else decodekit's eager backend on CUDA (the Triton
+``beam_candidates`` kernel compiled, the cache reordered by ``index_select``).
+
 ``DECODEKIT_BENCH_BEAM_TINY=1`` shrinks the model and the generation for a smoke run (no numbers).
 """
 
@@ -24,9 +28,9 @@ import os
 import pytest
 import torch
 
-from bench.conftest import run_bench
+from bench.conftest import cuda_only, run_bench
 from decodekit.export import export_decoder
-from decodekit.runtime import OnnxDecoder
+from decodekit.runtime import OnnxDecoder, load_backend
 
 pytest.importorskip("transformers", reason="the beam benchmark compares against transformers' generate")
 
@@ -56,11 +60,23 @@ def gpt(tmp_path_factory) -> dict:
     export_decoder(root / "gpt", root / "gpt-onnx", progress=False)
     g = torch.Generator().manual_seed(7)
     prompt = [START] + torch.randint(0, 8192, (PROMPT_LEN - 1,), generator=g).tolist()
-    return {"hf": hf, "export": root / "gpt-onnx", "prompt": prompt}
+    return {"hf": hf, "dir": root / "gpt", "export": root / "gpt-onnx", "prompt": prompt}
 
 
-def _decodekit(gpt: dict, beams: int):
-    dec = OnnxDecoder(gpt["export"], "cpu", max_batch=beams)
+def _cuda_backend() -> str:
+    """decodekit's backend for the CUDA rows: ONNX Runtime when it has the CUDA provider, else eager."""
+    import onnxruntime as ort
+
+    return "onnx" if "CUDAExecutionProvider" in ort.get_available_providers() else "eager"
+
+
+def _decodekit(gpt: dict, beams: int, device: str = "cpu"):
+    if device == "cpu":
+        dec = OnnxDecoder(gpt["export"], "cpu", max_batch=beams)
+    else:
+        backend = _cuda_backend()
+        dec = load_backend(gpt["export"] if backend == "onnx" else gpt["dir"], backend, device="cuda",
+                           max_batch=beams)
 
     def fn():
         res = dec.generate([gpt["prompt"]], max_new_tokens=NEW_TOKENS, num_beams=beams, length_penalty=0.0,
@@ -71,8 +87,8 @@ def _decodekit(gpt: dict, beams: int):
     return fn
 
 
-def _hf(gpt: dict):
-    hf, ids = gpt["hf"], torch.tensor([gpt["prompt"]])
+def _hf(gpt: dict, device: str = "cpu"):
+    hf, ids = gpt["hf"].to(device), torch.tensor([gpt["prompt"]], device=device)
 
     def fn():
         with torch.inference_mode():
@@ -102,4 +118,31 @@ def test_beams_vs_one_beam(benchmark, gpt, beams):
         group=f"decodekit ORT, IndexTTS2-shaped GPT: {BEAMS} beams vs 1 beam, {NEW_TOKENS} tokens",
         impl=f"ort {beams} beam{'s' if beams > 1 else ''}", baseline=beams == 1, rounds=1 if TINY else 3,
         host_only=True, tokens=NEW_TOKENS, num_beams=beams, target=f"{BEAMS} beams <= 1.6x the time of 1 beam",
+    )
+
+
+@cuda_only("the CUDA rows of the beam benchmark")
+@pytest.mark.parametrize("impl", ["hf-generate", "decodekit"])
+def test_beam_sampling_cuda(benchmark, gpt, impl):
+    fn = _hf(gpt, "cuda") if impl == "hf-generate" else _decodekit(gpt, BEAMS, "cuda")
+    name = impl if impl == "hf-generate" else f"decodekit-{_cuda_backend()}+beam_candidates"
+    try:
+        run_bench(
+            benchmark, fn,
+            group=f"beam sampling (CUDA): IndexTTS2-shaped GPT (V={VOCAB}), {BEAMS} beams, {NEW_TOKENS} tokens",
+            impl=name, baseline=impl == "hf-generate", rounds=1 if TINY else 3, tokens=NEW_TOKENS, num_beams=BEAMS,
+            target="decodekit >= 2x hf-generate",
+        )
+    finally:
+        gpt["hf"].to("cpu")
+
+
+@cuda_only("the CUDA rows of the beam benchmark")
+@pytest.mark.parametrize("beams", [1, BEAMS])
+def test_beams_vs_one_beam_cuda(benchmark, gpt, beams):
+    run_bench(
+        benchmark, _decodekit(gpt, beams, "cuda"),
+        group=f"decodekit-{_cuda_backend()} (CUDA), IndexTTS2-shaped GPT: {BEAMS} beams vs 1 beam, {NEW_TOKENS} tokens",
+        impl=f"{beams} beam{'s' if beams > 1 else ''}", baseline=beams == 1, rounds=1 if TINY else 3,
+        tokens=NEW_TOKENS, num_beams=beams, target=f"{BEAMS} beams <= 1.6x the time of 1 beam",
     )
