@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "generate": "decodekit.runtime",
     "chat": "decodekit.runtime",
     "GenerationConfig": "decodekit.runtime",
+    "diffusion_generate": "decodekit.runtime.diffusion",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
