@@ -1104,7 +1104,7 @@ def _beam_row_kernel(
     top_k, top_p, mtk,  # effective top-k (max(top_k, mtk)), top-p, min_tokens_to_keep
     row_key_mult, max_pass,  # 1: a shared seed (prompts keyed by index), 0: per-prompt seeds; search pass cap
     HAS_COUNTS: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, DO_SAMPLE: tl.constexpr,
-    K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -1149,12 +1149,12 @@ def _beam_row_kernel(
         if HAS_TOPK:
             lo, r0, cnt_lo, mass_lo = _beam_cut(
                 logits_ptr, counts_ptr, row, stride_l, stride_c, V, lse, temp, rep, zmax_s,
-                lo, r0, zmax, cnt_lo, mass_lo, top_k, 0.0, mtk, max_pass, HAS_COUNTS, True, NP, BLOCK)
+                lo, r0, zmax, cnt_lo, mass_lo, top_k, 0.0, mtk, max_pass, HAS_COUNTS, True, NP, BLOCK_S)
         if HAS_TOPP:
             lo, r0, cnt_lo, mass_lo = _beam_cut(
                 logits_ptr, counts_ptr, row, stride_l, stride_c, V, lse, temp, rep, zmax_s,
                 lo, r0, zmax, cnt_lo, mass_lo, top_k, top_p * mass_lo, mtk, max_pass, HAS_COUNTS, False, NP,
-                BLOCK)
+                BLOCK_S)
     # 4. the row's K best keys over the kept tokens
     bscore = tl.load(scores_ptr + row)
     b = row // N
@@ -1243,13 +1243,15 @@ def _beam_merge_kernel(
         avail = avail & ~sel
 
 
-def _beam_block(V: int, device: torch.device) -> tuple[int, int]:
-    """(tile, num_warps) of the beam kernels: a 1024 tile (a [1024, 16] pivot compare) over 8 warps on a GPU
-    (4 warps run out of registers and spill: sm_90 / sm_100 compiles); 2048 and one warp under the interpreter
-    (each tile costs a few numpy calls there)."""
+def _beam_block(V: int, device: torch.device) -> tuple[int, int, int]:
+    """(tile, search tile, num_warps) of the beam kernels. On a GPU: 1024 for the streaming passes, 256 for the
+    search passes (their [tile, 16] pivot compares and interval min / max are the register-heavy part), 8 warps
+    (4 ran out of registers and spilled with a 1024 search tile: sm_90 / sm_100 compiles). Under the interpreter
+    2048 for both and one warp (each tile costs a few numpy calls there)."""
+    v = triton.next_power_of_2(V)
     if device.type == "cuda":
-        return min(1024, triton.next_power_of_2(V)), 8
-    return min(2048, triton.next_power_of_2(V)), 1
+        return min(1024, v), min(256, v), 8
+    return min(2048, v), min(2048, v), 1
 
 
 def beam_run(
@@ -1295,7 +1297,7 @@ def beam_run(
     scores = torch.empty(B, K, device=dev, dtype=torch.float32)
     has_counts = counts is not None and repetition_penalty != 1.0
     k_eff = min(max(top_k, min_tokens_to_keep), V) if top_k > 0 else 0
-    block, num_warps = _beam_block(V, dev)
+    block, block_s, num_warps = _beam_block(V, dev)
     record_launch("beam_rows")
     _beam_row_kernel[(R,)](
         logits, counts if has_counts else logits, beam_scores, seeds, keys, part_scores, part_toks,
@@ -1303,7 +1305,7 @@ def beam_run(
         float(temperature), float(repetition_penalty), k_eff, float(top_p), min_tokens_to_keep,
         row_key_mult, BEAM_MAX_PASS,
         HAS_COUNTS=has_counts, HAS_TOPK=0 < k_eff < V, HAS_TOPP=0.0 < top_p < 1.0, DO_SAMPLE=do_sample,
-        K=K, KP=KP, NP=BEAM_NP, BLOCK=block, num_warps=num_warps,
+        K=K, KP=KP, NP=BEAM_NP, BLOCK=block, BLOCK_S=block_s, num_warps=num_warps,
     )
     record_launch("beam_merge")
     _beam_merge_kernel[(B,)](
