@@ -312,3 +312,11 @@ def test_beam_candidates_under_torch_compile():
     logits, scores, seeds = torch.randn(6, 100), -torch.rand(6), torch.tensor([3, 4])
     got = torch.compile(step, fullgraph=True)(logits, scores, seeds)
     assert all(torch.equal(a, b) for a, b in zip(got, step(logits, scores, seeds)))
+
+
+def test_do_sample_false_is_greedy_with_one_beam(hf_models):
+    """num_beams=1, do_sample=False: greedy decoding whatever the sampling fields say (as in transformers)."""
+    _, dec, _ = hf_models["llama"]
+    greedy = dec.generate(PROMPTS, max_new_tokens=6, temperature=0.0, stop_ids=[])
+    res = dec.generate(PROMPTS, max_new_tokens=6, do_sample=False, temperature=1.3, top_k=3, seed=5, stop_ids=[])
+    assert res.tokens == greedy.tokens and res.scores is None
