@@ -15,13 +15,14 @@ rotary kernel can rotate adjacent pairs; the permutation is undone here, so the 
 Tokenizer: ``tokenizer.ggml.model = gpt2`` (byte-level BPE with merges) is rebuilt with the ``tokenizers``
 library from the vocabulary, the merges, the token types (control tokens become special tokens) and the
 pre-tokenizer named by ``tokenizer.ggml.pre``; the chat template, BOS/EOS/end-of-turn ids and whether BOS is
-added come from the file too (see :func:`gguf_tokenizer`).
+added come from the file too (see :func:`gguf_tokenizer_json`; :func:`decodekit.models.load_tokenizer` wraps it).
 
 Example
 -------
->>> from decodekit.models.gguf import load_gguf, gguf_tokenizer
+>>> from decodekit.models import load_tokenizer
+>>> from decodekit.models.gguf import load_gguf
 >>> model = load_gguf("../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
->>> tok = gguf_tokenizer("../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+>>> tok = load_tokenizer("../shared/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
 >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
 '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n...'
 """
@@ -445,12 +446,3 @@ def gguf_tokenizer_json(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         "chat_template": g.get("tokenizer.chat_template"),
     }
     return tok.to_str(), info
-
-
-def gguf_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer of a GGUF file as an :class:`~decodekit.models.tokenizer.HFTokenizer` (with the chat template)."""
-    from decodekit.models.tokenizer import HFTokenizer
-
-    text, info = gguf_tokenizer_json(path)
-    return HFTokenizer.from_str(text, bos_id=info["bos_id"], eos_id=info["eos_id"], add_bos=info["add_bos"],
-                                chat_template=info["chat_template"], source=Path(path))

@@ -405,12 +405,20 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     from decodekit.models.gguf import is_gguf
 
     if is_gguf(path):
-        from decodekit.models.gguf import gguf_tokenizer
-
         return gguf_tokenizer(path)
     if path.suffix == ".json":
         return HFTokenizer(path)
     return Llama2cTokenizer(path)
+
+
+def gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+    """The tokenizer a GGUF file describes (vocabulary, merges, special tokens, chat template), see
+    :func:`decodekit.models.gguf.gguf_tokenizer_json`."""
+    from decodekit.models.gguf import gguf_tokenizer_json
+
+    text, info = gguf_tokenizer_json(path)
+    return HFTokenizer.from_str(text, bos_id=info["bos_id"], eos_id=info["eos_id"], add_bos=info["add_bos"],
+                                chat_template=info["chat_template"], source=Path(path))
 
 
 def _tokenizer_of_export(meta_path: Path) -> Tokenizer:

@@ -12,7 +12,8 @@ import torch
 
 from decodekit.errors import UsageError
 from decodekit.models import load_model, load_tokenizer, model_format
-from decodekit.models.gguf import gguf_tokenizer, load_gguf, read_gguf_config, read_gguf_state, read_int4_blocks
+from decodekit.models.gguf import load_gguf, read_gguf_config, read_gguf_state, read_int4_blocks
+from decodekit.models.tokenizer import gguf_tokenizer
 
 SMOLLM_CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
