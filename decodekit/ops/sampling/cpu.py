@@ -724,7 +724,8 @@ def block_torch(
     R = rb.shape[0]
     if R == 0:
         return tokens, conf, probs
-    x = logits[rb, rl].float()  # [R, V]
+    # [R, V] rows, read in place when every position is masked and the rows form a view (a block's first step)
+    x = (logits.reshape(R, V) if R == B * L else logits[rb, rl]).float()
     T = _per_position(temperature, rb, torch.float32)
     P = _per_position(top_p, rb, torch.float32)
     K = _per_position(top_k, rb, torch.int64)
@@ -732,12 +733,12 @@ def block_torch(
     one = torch.ones_like(T)
     t_eff = one if post_temp else torch.where(greedy, one, T)
     z = x / t_eff[:, None] if bool((t_eff != 1.0).any()) else x
-    xmax, xarg = x.amax(dim=1), x.argmax(dim=1)  # argmax: the first maximal index
-    zmax = z.amax(dim=1)
-    bad = torch.isnan(x).any(dim=1) | (x == _INF).any(dim=1) | (xmax == _NEG_INF)
+    xmax, xarg = x.max(dim=1)  # one pass; the index of the first maximal value (NaN propagates to xmax)
+    zmax = z.amax(dim=1) if z is not x else xmax
+    bad = ~torch.isfinite(xmax)  # a NaN, a +inf, or nothing but -inf
     onehot = (zmax == _INF) & ~bad  # logits / T overflows: the T -> 0 limit
-    nfin = torch.isfinite(z).sum(dim=1)
-    bad |= (nfin == 0) & ~onehot
+    bad |= (zmax == _NEG_INF) & ~bad  # every logits / T underflows to -inf
+    nfin = torch.isfinite(z).sum(dim=1) if bool((K > 0).any()) else torch.full_like(K, V)  # top-k needs the count
     use = ~bad & ~onehot
     if confidence not in _CONF_FILTERED:
         use &= ~greedy
