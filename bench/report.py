@@ -74,10 +74,25 @@ def build_table(data: dict) -> tuple[str, str]:
     return machine, "\n".join(lines) + "\n"
 
 
+def gpu_check_report(folder: Path) -> Path:
+    """``bench/results/<gpu>.md`` from a GPU check's ``gpu_check.jsonl`` (all it measured, even if stopped)."""
+    from bench.gpu_check import render
+
+    records = [json.loads(line) for line in (folder / "gpu_check.jsonl").read_text().splitlines() if line.strip()]
+    gpu = next((r["gpu"] for r in records if r["stage"] == "env"), "gpu")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{gpu}.md"
+    out.write_text(render(records))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--gpu-check":
+        print(f"wrote {gpu_check_report(Path(argv[1]))}")
+        return 0
     if len(argv) != 1:
-        print("usage: python -m bench.report RESULTS.json", file=sys.stderr)
+        print("usage: python -m bench.report RESULTS.json | --gpu-check FOLDER", file=sys.stderr)
         return 2
     src = Path(argv[0])
     data = json.loads(src.read_text())

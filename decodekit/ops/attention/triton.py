@@ -94,8 +94,8 @@ def attention_config(
             block_m, block_n, warps, stages = 128, 64, 8, 3
         else:
             block_m, block_n, warps, stages = 64, 32, 8, 2
-        if wide:
-            block_m, block_n = block_m // 2, max(16, block_n // 2)
+        if wide:  # fp32 "ieee" dots keep their operands in registers: wider tiles spill (sm_90 / sm_100 compiles)
+            block_m, block_n = 32, 32 if block_d <= 64 else 16
     elif op == "bwd":
         if block_d <= 64:
             block_m, block_n, warps, stages = 64, 64, 4, 2
@@ -103,14 +103,14 @@ def attention_config(
             block_m, block_n, warps, stages = 64, 64, 8, 2
         else:
             block_m, block_n, warps, stages = 32, 32, 8, 1
-        if wide:
-            block_m, block_n = max(16, block_m // 2), max(16, block_n // 2)
+        if wide:  # fp32: half the tiles, and 16 keys per step (32 spills at head dim 64 on sm_90)
+            block_m, block_n = max(16, block_m // 2), 16
     else:  # decode: memory bound; wide key tiles keep many loads in flight
         block_m = 0
         block_n = 64 if block_d <= 128 else 32
         warps, stages = 4, 3
-        if wide:
-            block_n, stages = 32, 2
+        if wide:  # fp32: 32 keys of a head dim over 64 spill registers (sm_90 compile)
+            block_n, stages = 32 if block_d <= 64 else 16, 2
     if op != "decode":
         return AttentionConfig(block_m, block_n, block_d, warps, stages)
     if interpreter_enabled() or device.type != "cuda":

@@ -1,0 +1,399 @@
+"""The GPU check, sized to a short GPU lease: correctness compiled on CUDA, CUDA-graph replay, headline benchmarks,
+then the rest of the test suite if time remains.
+
+Usage (on the GPU machine: torch, triton, numpy and pytest only; nothing is installed)::
+
+    python -m bench.gpu_check [--out bench/results] [--budget 420]
+    python -m bench.gpu_check --dry-run --out /tmp/x     # this CPU: interpreter on, tiny shapes (part of make test)
+
+Each stage has a time budget; a stage (or a case inside one) that would start after its budget or the total is
+spent is skipped with a line saying so. Every result is appended to ``OUT/gpu_check.jsonl`` the moment it is
+measured and ``OUT/<gpu>.md`` is rewritten from the lines so far (``bench.report --gpu-check OUT`` does the same
+offline), so a run killed at any point still leaves everything it measured.
+
+Timing: CUDA events around the call after warm-up (``triton.testing.do_bench``, median), inputs drawn at random
+(never zeros); every candidate's output is checked against the reference before it is timed. In a dry run the
+clock is ``time.perf_counter`` over a few calls and the numbers mean nothing: the run only proves the script
+works.
+"""
+
+# ruff: noqa: B023 - each timed closure is called only within the loop iteration that made it
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# stage name -> seconds it may start within (cumulative deadlines are computed from these, in this order)
+STAGES: dict[str, float] = {"correctness": 90.0, "cuda_graph": 30.0, "bench_sampling": 60.0,
+                            "bench_norm_linear": 80.0, "bench_attention": 70.0, "tests": 0.0}  # fmt: skip
+
+
+@dataclass
+class Check:
+    """The running check: clock, output files, the dry-run switch."""
+
+    out: Path
+    budget: float
+    dry: bool
+    t0: float = field(default_factory=time.monotonic)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    gpu: str = "cpu-dry-run"
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.t0)
+
+    def emit(self, stage: str, **rec: Any) -> None:
+        """Append one result (JSON line, flushed) and rewrite the markdown report."""
+        rec = {"stage": stage, "t": round(time.monotonic() - self.t0, 1), **rec}
+        self.records.append(rec)
+        with open(self.out / "gpu_check.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        (self.out / f"{self.gpu}.md").write_text(render(self.records))
+        print(f"[{rec['t']:6.1f}s] {stage}: " + ", ".join(f"{k}={v}" for k, v in rec.items() if k not in
+                                                          ("stage", "t")), flush=True)  # fmt: skip
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+# --------------------------------------------------------------------------- timing and data
+
+
+def timer(chk: Check) -> Callable[[Callable[[], Any]], float]:
+    """Median seconds per call: CUDA events via triton.testing.do_bench, or a few host-timed calls (dry run)."""
+    if chk.dry:
+
+        def host(fn: Callable[[], Any]) -> float:  # one warm-up call, one timed call: the script's plumbing only
+            fn()
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+
+        return host
+    import triton.testing
+
+    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def rel_err(out, ref) -> float:  # noqa: ANN001 - tensors
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def copy_bandwidth(chk: Check, dev) -> float:  # noqa: ANN001 - a torch.device
+    """Device-to-device copy bandwidth (bytes read + written per second): the memory-bound yardstick."""
+    import torch
+
+    n = (1 << 28) if not chk.dry else (1 << 16)  # 1 GiB of fp32 on a GPU: well past the L2
+    a = torch.randn(n, device=dev)
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 / timer(chk)(lambda: b.copy_(a))
+
+
+# --------------------------------------------------------------------------- stage 1: correctness
+
+
+def stage_correctness(chk: Check, dev) -> None:  # noqa: ANN001
+    """Each op family compiled on the device against its reference on awkward shapes and every dtype."""
+    import torch
+
+    import decodekit
+    from decodekit.ops.attention.reference import attention_ref, decode_attention_ref
+    from decodekit.ops.norm_linear.reference import gelu_linear_ref, layer_norm_linear_ref, rms_norm_linear_ref
+    from decodekit.ops.sampling.reference import sampling_probs_ref
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32, scale=1.0):  # noqa: ANN002, ANN003
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(dev)
+
+    tol = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        # sampler: the probabilities of the kept set, and the greedy draw
+        for B, V in ((1, 1), (3, 1000), (7, 32003)) if not chk.dry else ((3, 37),):
+            x = rnd(B, V, dtype=dt, scale=3.0)
+            kw = dict(temperature=0.8, top_k=min(40, V), top_p=0.9)
+            p = decodekit.sampling_probs(x, backend="triton", **kw)
+            ref = sampling_probs_ref(x.float(), **kw)
+            greedy = decodekit.sample(x, temperature=0.0, backend="triton")
+            ok = bool(torch.equal(greedy.cpu(), x.float().argmax(-1).cpu()))
+            chk.emit("correctness", op="sampling_probs+sample", dtype=str(dt)[6:], shape=f"{B}x{V}",
+                     err=rel_err(p, ref), greedy_ok=ok, passed=ok and rel_err(p, ref) < 1e-4)  # fmt: skip
+        # norm + linear: [M, K] @ [K, N]^T with awkward M, K, N
+        for M, K, N in ((1, 4096, 4096), (17, 1000, 333), (300, 777, 515)) if not chk.dry else ((3, 40, 24),):
+            x, w, nw, nb, b = rnd(M, K, dtype=dt), rnd(N, K, dtype=dt, scale=K**-0.5), rnd(K, dtype=dt), rnd(
+                K, dtype=dt), rnd(N, dtype=dt)  # fmt: skip
+            for name, out, ref in (
+                ("layer_norm_linear", decodekit.layer_norm_linear(x, nw, nb, w, b, backend="triton"),
+                 layer_norm_linear_ref(*(t.double() for t in (x, nw, nb, w, b)))),
+                ("rms_norm_linear", decodekit.rms_norm_linear(x, nw, w, b, backend="triton"),
+                 rms_norm_linear_ref(*(t.double() for t in (x, nw, w, b)))),
+                ("gelu_linear", decodekit.gelu_linear(x, w, b, backend="triton"),
+                 gelu_linear_ref(*(t.double() for t in (x, w, b)))),
+            ):  # fmt: skip
+                e = rel_err(out, ref)
+                chk.emit("correctness", op=name, dtype=str(dt)[6:], shape=f"{M}x{K}x{N}", err=e, passed=e < tol[dt])
+        # attention: prefill (causal, GQA) and split-K decode with per-row lengths
+        for B, H, Hkv, S, D in ((2, 8, 2, 333, 128), (1, 4, 4, 77, 64)) if not chk.dry else ((1, 2, 1, 9, 16),):
+            q, k, v = rnd(B, H, S, D, dtype=dt), rnd(B, Hkv, S, D, dtype=dt), rnd(B, Hkv, S, D, dtype=dt)
+            out = decodekit.attention(q, k, v, causal=True, backend="triton")
+            e = rel_err(out, attention_ref(q.double(), k.double(), v.double(), causal=True))
+            chk.emit("correctness", op="attention", dtype=str(dt)[6:], shape=f"{B}x{H}/{Hkv}x{S}x{D}", err=e,
+                     passed=e < tol[dt])  # fmt: skip
+            lens = torch.randint(1, S + 1, (B,), generator=g).to(dev, torch.int32)
+            q1 = rnd(B, H, 1, D, dtype=dt)
+            out = decodekit.decode_attention(q1, k, v, lens, backend="triton")
+            e = rel_err(out, decode_attention_ref(q1.double(), k.double(), v.double(), lens))
+            chk.emit("correctness", op="decode_attention", dtype=str(dt)[6:], shape=f"{B}x{H}/{Hkv}x{S}x{D}",
+                     err=e, passed=e < tol[dt])  # fmt: skip
+
+
+# --------------------------------------------------------------------------- stage 2: CUDA graphs
+
+
+def stage_cuda_graph(chk: Check, dev) -> None:  # noqa: ANN001
+    """Capture a decode step with ``sample`` and per-row device seeds; replay with new logits and seeds
+    (``bench/gpu_cuda_graph.py``; in a dry run the same code on the CPU, without capture, tiny sizes)."""
+    from bench.gpu_cuda_graph import cuda_graph_check
+
+    if chk.dry:
+        res = cuda_graph_check("cpu", batch=2, vocab=64, past=4, rounds=1, compile_check=False)
+    else:
+        res = cuda_graph_check("cuda")
+    chk.emit("cuda_graph", passed=bool(res.pop("ok", False)), **res)
+
+
+# --------------------------------------------------------------------------- stage 3: benchmarks
+
+
+def _row(chk: Check, stage: str, case: str, t_ref: float, rows: dict[str, float], **extra: Any) -> None:
+    chk.emit(stage, case=case, **{f"{k}_us": round(v * 1e6, 2) for k, v in rows.items()},
+             **{f"x_vs_{k}": round(v / rows["decodekit"], 2) for k, v in rows.items() if k != "decodekit"},
+             **extra)  # fmt: skip
+
+
+def _compiled(fn: Callable, dry: bool) -> Callable:
+    import torch
+
+    return torch.compile(fn, backend="eager" if dry else "inductor")
+
+
+def stage_bench_sampling(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
+    import torch
+
+    import decodekit
+    from decodekit.ops.sampling.reference import sampling_probs_ref
+
+    bw = copy_bandwidth(chk, dev)
+    chk.emit("bench_sampling", case="device copy bandwidth", GBps=round(bw / 1e9, 1))
+    time_it = timer(chk)
+    V = 128256 if not chk.dry else 1000
+    for dt in (torch.float32, torch.bfloat16) if not chk.dry else (torch.float32,):
+        for B in (1, 64, 256) if not chk.dry else (2,):
+            if time.monotonic() > stop:
+                chk.emit("bench_sampling", skipped=f"B={B} {dt}: stage budget spent")
+                continue
+            x = (torch.randn(B, V, device=dev) * 4).to(dt)
+            kw = dict(temperature=0.8, top_k=40, top_p=0.95)
+            ours = lambda: decodekit.sample(x, seed=1, backend="triton", **kw)  # noqa: E731
+            # the eager reference draws from sampling_probs_ref (softmax + sort + multinomial)
+            eager = lambda: torch.multinomial(sampling_probs_ref(x.float(), **kw), 1)  # noqa: E731
+            comp = _compiled(lambda t: torch.multinomial(sampling_probs_ref(t.float(), **kw), 1), chk.dry)
+            tok = ours()
+            kept = sampling_probs_ref(x.float(), **kw).gather(1, tok.view(B, 1)) > 0
+            rows = {"decodekit": time_it(ours), "eager": time_it(eager), "compile": time_it(lambda: comp(x))}
+            read_s = x.numel() * x.element_size() / (bw / 2)  # one read of the logits at copy speed
+            _row(chk, "bench_sampling", f"sample B={B} V={V} {str(dt)[6:]} top-k 40 top-p 0.95", rows["eager"], rows,
+                 x_of_one_read=round(rows["decodekit"] / read_s, 2), kept_ok=bool(kept.all()))  # fmt: skip
+
+
+def stage_bench_norm_linear(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
+    import torch
+    import torch.nn.functional as F
+
+    import decodekit
+
+    time_it = timer(chk)
+    K = N = 4096 if not chk.dry else 64
+    dt = torch.bfloat16 if not chk.dry else torch.float32
+    for norm in ("rms", "layer"):
+        for M in (1, 16, 64, 2048) if not chk.dry else (3,):
+            if time.monotonic() > stop:
+                chk.emit("bench_norm_linear", skipped=f"{norm} M={M}: stage budget spent")
+                continue
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            w = (torch.randn(N, K, device=dev) * K**-0.5).to(dt)
+            nw, nb = torch.randn(K, device=dev, dtype=dt), torch.randn(K, device=dev, dtype=dt)
+            if norm == "rms":
+                ours = lambda: decodekit.rms_norm_linear(x, nw, w, backend="triton")  # noqa: E731
+                base = lambda x: F.linear(F.rms_norm(x, (K,), nw, 1e-6), w)  # noqa: E731
+            else:
+                ours = lambda: decodekit.layer_norm_linear(x, nw, nb, w, backend="triton")  # noqa: E731
+                base = lambda x: F.linear(F.layer_norm(x, (K,), nw, nb, 1e-5), w)  # noqa: E731
+            comp = _compiled(base, chk.dry)
+            with torch.no_grad():  # the reference in fp64: the same function on upcast copies
+                nw_, nb_, w_ = nw, nb, w
+                nw, nb, w = nw.double(), nb.double(), w.double()
+                ref = base(x.double())
+                nw, nb, w = nw_, nb_, w_
+            err = rel_err(ours(), ref)
+            rows = {"decodekit": time_it(ours), "eager": time_it(lambda: base(x)), "compile": time_it(lambda: comp(x))}
+            tflops = 2 * M * N * K / rows["decodekit"] / 1e12
+            _row(chk, "bench_norm_linear", f"{norm}_norm_linear M={M} K=N={K} {str(dt)[6:]}", rows["eager"], rows,
+                 TFLOPs=round(tflops, 1), rel_err=round(err, 5))  # fmt: skip
+
+
+def stage_bench_attention(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
+    import torch
+    import torch.nn.functional as F
+
+    import decodekit
+    from decodekit.ops.attention.reference import attention_flops
+
+    time_it = timer(chk)
+    bw = copy_bandwidth(chk, dev)
+    dt = torch.bfloat16 if not chk.dry else torch.float32
+    B, H, S, D = (4, 32, 4096, 128) if not chk.dry else (1, 4, 64, 16)
+    for Hkv in (H, H // 4) if not chk.dry else (H // 4,):
+        if time.monotonic() > stop:
+            chk.emit("bench_attention", skipped=f"prefill Hkv={Hkv}: stage budget spent")
+            continue
+        q = torch.randn(B, H, S, D, device=dev, dtype=dt)
+        k, v = (torch.randn(B, Hkv, S, D, device=dev, dtype=dt) for _ in range(2))
+        ours = lambda: decodekit.attention(q, k, v, causal=True, backend="triton")  # noqa: E731
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)  # noqa: E731
+        err = rel_err(ours(), sdpa())
+        rows = {"decodekit": time_it(ours), "sdpa": time_it(sdpa)}
+        flops = attention_flops(B, H, S, S, D, causal=True)
+        _row(chk, "bench_attention", f"prefill B={B} H={H}/{Hkv} S={S} D={D} causal", rows["sdpa"], rows,
+             TFLOPs=round(flops / rows["decodekit"] / 1e12, 1), sdpa_TFLOPs=round(flops / rows["sdpa"] / 1e12, 1),
+             rel_err=round(err, 5))  # fmt: skip
+    for Bd in (1, 16) if not chk.dry else (2,):
+        for S_c in (4096, 32768) if not chk.dry else (64,):
+            if time.monotonic() > stop:
+                chk.emit("bench_attention", skipped=f"decode B={Bd} cache={S_c}: stage budget spent")
+                continue
+            Hkv = H // 4
+            q = torch.randn(Bd, H, 1, D, device=dev, dtype=dt)
+            kc, vc = (torch.randn(Bd, Hkv, S_c, D, device=dev, dtype=dt) for _ in range(2))
+            lens = torch.full((Bd,), S_c, device=dev, dtype=torch.int32)
+            ours = lambda: decodekit.decode_attention(q, kc, vc, lens, backend="triton")  # noqa: E731
+            sdpa = lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)  # noqa: E731
+            err = rel_err(ours(), sdpa())
+            rows = {"decodekit": time_it(ours), "sdpa": time_it(sdpa)}
+            bytes_ = 2 * kc.numel() * kc.element_size()
+            _row(chk, "bench_attention", f"decode B={Bd} H={H}/{Hkv} cache={S_c} D={D}", rows["sdpa"], rows,
+                 GBps=round(bytes_ / rows["decodekit"] / 1e9, 1),
+                 of_copy_bw=round(bytes_ / rows["decodekit"] / (bw / 2), 2), rel_err=round(err, 5))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- stage 4: the rest of the tests
+
+
+def stage_tests(chk: Check, seconds: float) -> None:
+    """The test suite compiled on the GPU (interpreter off), for as long as the budget allows."""
+    if chk.dry:
+        chk.emit("tests", skipped="dry run: the suite itself is what runs here")
+        return
+    if seconds < 30:
+        chk.emit("tests", skipped=f"only {seconds:.0f} s left")
+        return
+    env = dict(os.environ, TRITON_INTERPRET="0", DECODEKIT_DEVICE="cuda")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/ops", "tests/nn"]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=seconds)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        chk.emit("tests", cmd=" ".join(cmd[2:]), rc=proc.returncode, summary=tail[0], passed=proc.returncode == 0)
+        (chk.out / "gpu_check_tests.log").write_text(proc.stdout[-200_000:] + proc.stderr[-50_000:])
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        (chk.out / "gpu_check_tests.log").write_text(out[-200_000:])
+        chk.emit("tests", cmd=" ".join(cmd[2:]), stopped=f"time budget ({seconds:.0f} s) ran out")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """Markdown from the JSON lines: one table per stage, columns from the records' keys."""
+    lines = ["# GPU check", ""]
+    env = next((r for r in records if r["stage"] == "env"), None)
+    if env:
+        lines += [", ".join(f"{k}: {v}" for k, v in env.items() if k not in ("stage", "t")), ""]
+    for stage in STAGES:
+        recs = [r for r in records if r["stage"] == stage]
+        if not recs:
+            continue
+        keys = [k for k in dict.fromkeys(k for r in recs for k in r) if k not in ("stage",)]
+        lines += [f"## {stage}", "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+        for r in recs:
+            cells = []
+            for k in keys:
+                v = r.get(k, "")
+                cells.append(f"{v:.3g}" if isinstance(v, float) and not math.isnan(v) else str(v))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check (default 420)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    chk = Check(args.out, args.budget, args.dry_run)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --dry-run on a CPU machine)", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda" if not args.dry_run else "cpu")
+    if not args.dry_run:
+        chk.gpu = slug(torch.cuda.get_device_name())
+    (args.out / "gpu_check.jsonl").unlink(missing_ok=True)
+    chk.emit("env", gpu=chk.gpu, torch=torch.__version__, triton=triton.__version__,
+             python=platform.python_version(), budget_s=args.budget, dry_run=args.dry_run)  # fmt: skip
+    deadline = 0.0
+    stages = [("correctness", lambda stop: stage_correctness(chk, dev)),
+              ("cuda_graph", lambda stop: stage_cuda_graph(chk, dev)),
+              ("bench_sampling", lambda stop: stage_bench_sampling(chk, dev, stop)),
+              ("bench_norm_linear", lambda stop: stage_bench_norm_linear(chk, dev, stop)),
+              ("bench_attention", lambda stop: stage_bench_attention(chk, dev, stop))]  # fmt: skip
+    failed = False
+    for name, run in stages:
+        deadline += STAGES[name] * args.budget / 420.0
+        stop = chk.t0 + min(deadline, args.budget)
+        if time.monotonic() > stop:
+            chk.emit(name, skipped="time budget spent before the stage started")
+            continue
+        try:
+            run(stop)
+        except Exception as exc:  # one stage failing must not lose the others' results
+            failed = True
+            chk.emit(name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    stage_tests(chk, chk.left() - 10)
+    bad = [r for r in chk.records if r.get("passed") is False or "error" in r]
+    print(f"gpu_check: {len(chk.records)} records, {len(bad)} failed, {time.monotonic() - chk.t0:.0f} s; "
+          f"report: {args.out / (chk.gpu + '.md')}")  # fmt: skip
+    return 1 if (bad or failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
