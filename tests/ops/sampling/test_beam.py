@@ -35,10 +35,10 @@ def _inputs(B, N, V, dtype, device, seed=0):
     return logits.to(device), scores.to(device), counts.to(device)
 
 
-# every dtype and filter setting on small awkward sizes; the large vocabularies (more than one 2048-token tile under
-# the interpreter, the IndexTTS2 V = 8194) in fp32 with beam search and the IndexTTS2 filters
+# small awkward sizes: every filter setting in fp32, fp16 / bf16 with beam search and the IndexTTS2 filters; the
+# large vocabularies (more than one 2048-token tile under the interpreter, the IndexTTS2 V = 8194) in fp32 with those
 _CASES = [(b, s, d, f) for b in BACKENDS for s in [(1, 1, 1), (2, 3, 101), (3, 2, 7)] for d in DTYPES
-          for f in range(len(FILTERS))]
+          for f in range(len(FILTERS)) if d is DTYPES[0] or f in (0, 1)]
 _CASES += [(b, s, DTYPES[0], f) for b in BACKENDS for s in [(1, 5, 2049), (1, 3, 8194)] for f in (0, 1)]
 
 
@@ -215,7 +215,7 @@ def _cases(draw):
     return B, N, V, K, dtype, filters, draw(st.booleans()), seed
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
+@settings(max_examples=8, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(_cases())
 def test_fuzz_both_backends(case):
