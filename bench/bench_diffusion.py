@@ -29,6 +29,7 @@ PARAM_SETS = {
     "llada-greedy-raw_prob": dict(temperature=0.0, confidence="raw_prob"),
     "T0.8-k50-p0.95-prob": dict(temperature=0.8, top_k=50, top_p=0.95, confidence="prob"),
 }
+KV_CACHE = {"decodekit-onnx": False, "decodekit-onnx-kv_cache": True}  # phase 1 / phase 2 (block-causal)
 
 
 def _model() -> Decoder:
@@ -79,7 +80,7 @@ def eager_diffusion(model: Decoder, prompt: list[list[int]], kw: dict) -> torch.
     return x
 
 
-@pytest.mark.parametrize("impl", ["eager", "decodekit-onnx"])
+@pytest.mark.parametrize("impl", ["eager", *KV_CACHE])
 @pytest.mark.parametrize("pset", list(PARAM_SETS))
 def test_bench_diffusion_generate(benchmark, llada, pset, impl):
     from decodekit.runtime.diffusion import OnnxDiffusionModel, diffusion_generate
@@ -90,7 +91,8 @@ def test_bench_diffusion_generate(benchmark, llada, pset, impl):
         fn = lambda: eager_diffusion(model, PROMPT, kw)  # noqa: E731
     else:
         onnx_model = OnnxDiffusionModel(out)
-        fn = lambda: diffusion_generate(onnx_model, PROMPT, GEN, BLOCK, STEPS, seed=0, **kw).tokens  # noqa: E731
+        fn = lambda: diffusion_generate(onnx_model, PROMPT, GEN, BLOCK, STEPS, seed=0, kv_cache=KV_CACHE[impl],  # noqa: E731
+                                        **kw).tokens
     tokens = run_bench(benchmark, fn, group=f"diffusion_generate gen {GEN} block {BLOCK} steps {STEPS} V {VOCAB} "
                        f"{pset}", impl=impl, baseline=impl == "eager", rounds=None if SMALL else 3, host_only=True,
                        gen_length=GEN, block_length=BLOCK, steps=STEPS, vocab=VOCAB, params=pset)

@@ -15,8 +15,10 @@ buffer and go into ``sample_block`` in place (the current block is a strided sli
 runs the same :class:`~decodekit.models.Decoder` in eager PyTorch. Both use the same sampler with the same seeds, so
 they give the same tokens (up to logits that differ in the last bits deciding a draw or a tie).
 
-Phase 1 only: every step recomputes the whole sequence (the attention is bidirectional, so finished blocks' keys
-and values change with the rest). Block-causal KV reuse (phase 2) is not implemented.
+Phase 1 (the default): every step recomputes the whole sequence (the attention is bidirectional, so finished
+blocks' keys and values change with the rest). Phase 2 (``kv_cache=True``): block-causal decoding; the prompt and
+each finished block are run once and keep their keys and values in the cache (two ping-pong storages on ORT), and a
+step runs only the current block's positions after it.
 """
 
 from __future__ import annotations
@@ -105,45 +107,67 @@ class OnnxDiffusionModel:
         self._mask = torch.ones(flat, dtype=self._int["attention_mask"])
         self._logits = torch.zeros(flat * cfg.vocab_size, dtype=self.logits_dtype)
         region = max_batch * cfg.n_kv_heads * max_seq_len * cfg.head_dim
-        self._present = torch.zeros(cfg.n_layers, 2, region, dtype=self.kv_dtype)  # written by ORT, never read
-        self._past = torch.zeros(1, dtype=self.kv_dtype)  # the empty cache (P = 0) needs some address
+        # KV storages: 0 and 1 hold the prefix cache (ping-pong on appends), 2 takes the presents of a step that
+        # must not grow the cache (its contents are never read)
+        self._kv = torch.zeros(3, cfg.n_layers, 2, region, dtype=self.kv_dtype)
         self._binder = _Binder(self.session, self.device)
-        self._shape: tuple[int, int] | None = None
+        self._cur = 0  # the storage holding the prefix cache
+        self._cache_len = 0
+        self._batch = 0
         self.calls = 0
 
-    def _bind(self, b: int, t: int) -> None:
-        """Bind every input and output for a ``[b, t]`` sequence (once per shape: the binder memoizes)."""
+    def _kv_ptr(self, storage: int, layer: int, which: int) -> int:
+        return self._kv[storage, layer, which].data_ptr()
+
+    def _run(self, x: torch.Tensor, past_len: int, past_storage: int, present_storage: int) -> torch.Tensor:
+        """Run ``x [B, S]`` after ``past_len`` cached positions; bind what changed (the binder memoizes by shape and
+        address, so the steps of one block re-bind nothing) and return the ``[B, S, V]`` logits view."""
         cfg = self.config
+        b, t = x.shape
+        total = past_len + t
+        if not 1 <= b <= self.max_batch or total > self.max_seq_len:
+            raise UsageError(f"a [{b}, {total}] sequence does not fit max_batch={self.max_batch}, "
+                             f"max_seq_len={self.max_seq_len}")
         ids = self._ids[: b * t].view(b, t)
+        ids.copy_(x)
         pos = self._pos[: b * t].view(b, t)
-        pos.copy_(torch.arange(t, dtype=pos.dtype).expand(b, t))
+        pos.copy_(torch.arange(past_len, total, dtype=pos.dtype).expand(b, t))
         bind = self._binder
         bind.input("input_ids", ids)
         bind.input("position_ids", pos)
-        bind.input("attention_mask", self._mask[: b * t].view(b, t))
+        bind.input("attention_mask", self._mask[: b * total].view(b, total))
         np_kv = _NP_DTYPES[self.kv_dtype]
-        el = self._present.element_size()
         for i in range(cfg.n_layers):
             for w, which in enumerate(("key", "value")):
-                bind.raw(f"past_key_values.{i}.{which}", np_kv, (b, cfg.n_kv_heads, 0, cfg.head_dim),
-                         self._past.data_ptr(), output=False)
-                bind.raw(f"present.{i}.{which}", np_kv, (b, cfg.n_kv_heads, t, cfg.head_dim),
-                         self._present.data_ptr() + (i * 2 + w) * self._present.shape[2] * el, output=True)
-        bind.output("logits", self._logits[: b * t * cfg.vocab_size].view(b, t, cfg.vocab_size))
-        self._shape = (b, t)
+                bind.raw(f"past_key_values.{i}.{which}", np_kv, (b, cfg.n_kv_heads, past_len, cfg.head_dim),
+                         self._kv_ptr(past_storage, i, w), output=False)
+                bind.raw(f"present.{i}.{which}", np_kv, (b, cfg.n_kv_heads, total, cfg.head_dim),
+                         self._kv_ptr(present_storage, i, w), output=True)
+        logits = self._logits[: b * t * cfg.vocab_size].view(b, t, cfg.vocab_size)
+        bind.output("logits", logits)
+        bind.run()
+        self.calls += 1
+        return logits
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """All-position logits of the int64 sequence ``x [B, T]``: a ``[B, T, V]`` view of the bound buffer."""
-        b, t = x.shape
-        if not 1 <= b <= self.max_batch or not 1 <= t <= self.max_seq_len:
-            raise UsageError(f"a [{b}, {t}] sequence does not fit max_batch={self.max_batch}, "
-                             f"max_seq_len={self.max_seq_len}")
-        if self._shape != (b, t):
-            self._bind(b, t)
-        self._ids[: b * t].view(b, t).copy_(x)
-        self._binder.run()
-        self.calls += 1
-        return self._logits[: b * t * self.config.vocab_size].view(b, t, self.config.vocab_size)
+        """All-position logits of the int64 sequence ``x [B, T]`` (no cache): a ``[B, T, V]`` view of the bound
+        output buffer, overwritten by the next call."""
+        return self._run(x, 0, 2, 2)
+
+    # ---- the prefix cache (phase 2): finished blocks keep their keys and values
+    def reset(self, batch_size: int) -> None:
+        """Empty the prefix cache for ``batch_size`` rows."""
+        self._batch = check_int("batch_size", batch_size, lo=1, hi=self.max_batch)
+        self._cache_len, self._cur = 0, 0
+
+    def append(self, x: torch.Tensor) -> None:
+        """Run ``x [B, S]`` after the cache and keep its keys and values (a prompt, or a finished block)."""
+        self._run(x, self._cache_len, self._cur, 1 - self._cur)
+        self._cur, self._cache_len = 1 - self._cur, self._cache_len + x.shape[1]
+
+    def block_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, S, V]`` of the block ``x [B, S]`` after the cache, which stays as it is."""
+        return self._run(x, self._cache_len, self._cur, 2)
 
 
 class EagerDiffusionModel:
@@ -163,6 +187,8 @@ class EagerDiffusionModel:
         self.max_seq_len = model.config.max_seq_len
         self.max_batch = 4096
         self.calls = 0
+        self._past: list | None = None
+        self._cache_len = 0
 
     @torch.no_grad()  # not inference_mode: the loop writes into the logits (the mask token's column)
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +200,28 @@ class EagerDiffusionModel:
                             all_logits=True)
         self.calls += 1
         return out
+
+    def reset(self, batch_size: int) -> None:
+        self._past, self._cache_len = None, 0
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        b, t = x.shape
+        total = self._cache_len + t
+        if total > self.max_seq_len:
+            raise UsageError(f"a sequence of {total} tokens exceeds max_seq_len={self.max_seq_len}")
+        pos = torch.arange(self._cache_len, total, device=self.device).expand(b, t)
+        mask = torch.ones(b, total, dtype=torch.long, device=self.device)
+        self.calls += 1
+        return self.model(x.to(self.device), pos, mask, self._past, all_logits=True)
+
+    @torch.no_grad()
+    def append(self, x: torch.Tensor) -> None:
+        _, self._past = self._run(x)
+        self._cache_len += x.shape[1]
+
+    @torch.no_grad()
+    def block_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)[0]
 
 
 @dataclass
@@ -239,6 +287,7 @@ def diffusion_generate(
     threshold: float | None = None,
     entropy_bound: float | None = None,
     seed: int = 0,
+    kv_cache: bool = False,
 ) -> DiffusionResult:
     """Generate ``gen_length`` tokens after ``prompt`` by block diffusion (LLaDA's ``generate`` and its variants).
 
@@ -260,6 +309,11 @@ def diffusion_generate(
     entropy_bound : SDAR: commit the lowest-entropy prefix with cumulative entropy ``<= entropy_bound`` (at least
         one per step); use with ``confidence="neg_entropy"``.
     seed : int, the seed of every draw (step ``s`` of row ``b`` draws from a stream keyed by both).
+    kv_cache : bool
+        Phase 2, block-causal decoding: the prompt and every finished block are run once and keep their keys and
+        values; a step runs only the current block after that cache (exact for block-causal models such as SDAR;
+        for a fully bidirectional model such as LLaDA it is Fast-dLLM's prefix-cache approximation: the prefix no
+        longer sees the blocks after it). Default: every step recomputes the whole sequence (phase 1).
 
     Returns
     -------
@@ -311,19 +365,28 @@ def diffusion_generate(
     mix = torch.tensor(_STEP_MIX, dtype=torch.int64, device=dev)  # int64 products wrap (no Python overflow)
     t0 = time.perf_counter()
     n_steps = 0
+    if not isinstance(kv_cache, bool):
+        raise TypeError(f"kv_cache must be a bool, got {type(kv_cache).__name__}")
+    if kv_cache:
+        m.reset(B)
+        if P:
+            m.append(x[:, :P])
     for blk in range(n_blocks):
         s, e = P + blk * block_length, P + (blk + 1) * block_length
+        if kv_cache and blk:
+            m.append(x[:, s - block_length : s])  # the finished block joins the cache
         masked = x[:, s:e] == mask_id
         schedule = transfer_schedule(masked, per_block) if not rule else None
         for i in range(per_block):
             masked = x[:, s:e] == mask_id
             if not bool(masked.any()):
                 break
-            logits = m.logits(x)  # [B, T, V]: the bound output buffer (ORT) -- sampled in place
+            # the bound output buffer (ORT), sampled in place: [B, T, V], or [B, block, V] after the cache
+            logits = m.block_logits(x[:, s:e]) if kv_cache else m.logits(x)[:, s:e]
             # the mask token is never drawn (committing it would leave the position masked for good); the buffer
             # is ours and rewritten by the next step
-            logits[:, s:e, mask_id] = float("-inf")
-            tok, conf = sample_block(logits[:, s:e], masked, input_ids=x[:, s:e], temperature=temperature,
+            logits[..., mask_id] = float("-inf")
+            tok, conf = sample_block(logits, masked, input_ids=x[:, s:e], temperature=temperature,
                                      top_k=top_k, top_p=top_p, order=order, confidence=confidence,
                                      seed=base + mix * n_steps)
             n_steps += 1

@@ -42,9 +42,25 @@ def llada(tmp_path_factory):
     return model, out
 
 
+def _block_causal_logits(model: Decoder, x: torch.Tensor, P: int, block_length: int, s: int, e: int) -> torch.Tensor:
+    """Logits of x[:, s:e] after a cache rebuilt from scratch: the prompt, then each finished block in turn."""
+    past, done = None, 0
+    for a, b in [(0, P)] + [(t, t + block_length) for t in range(P, s, block_length)]:
+        if b > a:
+            ids = x[:, a:b]
+            _, past = model(ids, torch.arange(a, b)[None].expand(x.shape[0], -1),
+                            torch.ones(x.shape[0], b, dtype=torch.long), past, all_logits=True)
+            done = b
+    assert done == s
+    logits, _ = model(x[:, s:e], torch.arange(s, e)[None].expand(x.shape[0], -1),
+                      torch.ones(x.shape[0], e, dtype=torch.long), past, all_logits=True)
+    return logits
+
+
 def llada_generate_ref(model: Decoder, prompt: torch.Tensor, gen_length: int, block_length: int,
-                       steps: int) -> torch.Tensor:
-    """LLaDA's generate (temperature 0, remasking='low_confidence') written out in plain PyTorch."""
+                       steps: int, kv_cache: bool = False) -> torch.Tensor:
+    """LLaDA's generate (temperature 0, remasking='low_confidence') written out in plain PyTorch; ``kv_cache``:
+    block-causal logits (the prompt and finished blocks as a prefix that does not see the later positions)."""
     B, P = prompt.shape
     x = torch.full((B, P + gen_length), MASK, dtype=torch.long)
     x[:, :P] = prompt
@@ -59,8 +75,12 @@ def llada_generate_ref(model: Decoder, prompt: torch.Tensor, gen_length: int, bl
         for i in range(per_block):
             mask_index = x == MASK
             with torch.no_grad():
-                logits, _ = model(x, torch.arange(x.shape[1])[None].expand(B, -1), torch.ones_like(x), None,
-                                  all_logits=True)
+                if kv_cache:  # only the current block's logits exist; the other positions are never chosen
+                    logits = torch.zeros(B, x.shape[1], model.config.vocab_size)
+                    logits[:, s:e] = _block_causal_logits(model, x, P, block_length, s, e)
+                else:
+                    logits, _ = model(x, torch.arange(x.shape[1])[None].expand(B, -1), torch.ones_like(x), None,
+                                      all_logits=True)
             logits[..., MASK] = float("-inf")  # as decodekit: the mask token is never committed
             x0 = logits.argmax(dim=-1)
             x0_p = torch.softmax(logits.double(), dim=-1).gather(-1, x0[..., None])[..., 0]
@@ -75,12 +95,13 @@ def llada_generate_ref(model: Decoder, prompt: torch.Tensor, gen_length: int, bl
     return x
 
 
-def test_llada_reference_eager_and_onnx_agree(llada):
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_llada_reference_eager_and_onnx_agree(llada, kv_cache):
     model, out = llada
     prompt = torch.tensor(PROMPTS)
-    ref = llada_generate_ref(model, prompt, 16, 8, 8)
-    eager = diffusion_generate(model, PROMPTS, 16, 8, 8)
-    onnx = diffusion_generate(OnnxDiffusionModel(out, max_batch=2), PROMPTS, 16, 8, 8)
+    ref = llada_generate_ref(model, prompt, 16, 8, 8, kv_cache=kv_cache)
+    eager = diffusion_generate(model, PROMPTS, 16, 8, 8, kv_cache=kv_cache)
+    onnx = diffusion_generate(OnnxDiffusionModel(out, max_batch=2), PROMPTS, 16, 8, 8, kv_cache=kv_cache)
     assert torch.equal(eager.tokens, ref)
     assert torch.equal(onnx.tokens, ref)
     assert eager.steps == onnx.steps == 8
@@ -95,14 +116,15 @@ def test_llada_reference_eager_and_onnx_agree(llada):
     dict(threshold=0.6),
     dict(temperature=0.5, confidence="neg_entropy", entropy_bound=0.5),
 ])
-def test_same_tokens_on_both_backends(llada, kw):
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_same_tokens_on_both_backends(llada, kw, kv_cache):
     model, out = llada
     onnx_model = OnnxDiffusionModel(out, max_batch=2)
-    a = diffusion_generate(model, PROMPTS, 16, 8, 8, seed=11, **kw)
-    b = diffusion_generate(onnx_model, PROMPTS, 16, 8, 8, seed=11, **kw)
+    a = diffusion_generate(model, PROMPTS, 16, 8, 8, seed=11, kv_cache=kv_cache, **kw)
+    b = diffusion_generate(onnx_model, PROMPTS, 16, 8, 8, seed=11, kv_cache=kv_cache, **kw)
     assert torch.equal(a.tokens, b.tokens), kw
     assert not bool((b.tokens == MASK).any())
-    c = diffusion_generate(onnx_model, PROMPTS, 16, 8, 8, seed=11, **kw)
+    c = diffusion_generate(onnx_model, PROMPTS, 16, 8, 8, seed=11, kv_cache=kv_cache, **kw)
     assert torch.equal(b.tokens, c.tokens)  # deterministic for a seed
     if "threshold" in kw or "entropy_bound" in kw:
         assert 2 <= b.steps <= 16  # at least one position per step, until each block is done
@@ -137,10 +159,12 @@ def test_bad_arguments(llada):
         args.update(kw)
         with pytest.raises(exc, match=msg):
             diffusion_generate(model, PROMPTS, **args)
+    with pytest.raises(TypeError, match="kv_cache"):
+        diffusion_generate(model, PROMPTS, 16, 8, 8, kv_cache=1)
     with pytest.raises(UsageError, match="same length"):
         diffusion_generate(model, [[1, 2], [3]], 8, 8, 8)
     with pytest.raises(TypeError, match="model"):
-        diffusion_generate("not a model".encode(), PROMPTS, 8, 8, 8)
+        diffusion_generate(3.5, PROMPTS, 8, 8, 8)
     with pytest.raises(UsageError, match=r"prompt token ids"):
         diffusion_generate(model, [[1, 500]], 8, 8, 8)
     causal = Decoder(DecoderConfig(arch="llama", vocab_size=32, dim=16, n_layers=1, n_heads=2))
