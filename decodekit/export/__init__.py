@@ -328,7 +328,10 @@ def _tokenizer_entry(path: Path, cfg: Any) -> dict[str, Any]:
         kind = "llama2c"
     if tok.vocab_size > cfg.vocab_size:
         raise UsageError(f"tokenizer {path} has {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
-    return {"file": path.name, "type": kind, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    entry = {"file": path.name, "type": kind, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    if getattr(tok, "chat_template", None) is not None:  # from tokenizer_config.json beside a tokenizer.json
+        entry["chat_template"] = tok.chat_template
+    return entry
 
 
 def _gguf_tokenizer_entry(model_path: Path, cfg: Any) -> tuple[str, dict[str, Any]]:
