@@ -320,3 +320,16 @@ def test_do_sample_false_is_greedy_with_one_beam(hf_models):
     greedy = dec.generate(PROMPTS, max_new_tokens=6, temperature=0.0, stop_ids=[])
     res = dec.generate(PROMPTS, max_new_tokens=6, do_sample=False, temperature=1.3, top_k=3, seed=5, stop_ids=[])
     assert res.tokens == greedy.tokens and res.scores is None
+
+
+def test_two_stop_ids_keep_three_candidates_per_beam(hf_models):
+    """With two stop ids transformers keeps 3 * N candidates a step (1 + number of stop ids): same tokens and
+    scores, a batch of two prompts."""
+    model, dec, _ = hf_models["llama"]
+    pad = 7
+    stop = _stop_midway(model, PROMPTS, pad)
+    stops = [stop, (stop + 1) % 97]
+    seqs, scores, s0 = _hf_beam(model, PROMPTS, 2, stops, pad, do_sample=False, num_return_sequences=2)
+    res = dec.generate(PROMPTS, max_new_tokens=NEW, num_beams=2, do_sample=False, num_return_sequences=2,
+                       stop_ids=stops)
+    _assert_same(res, seqs, scores, s0, pad)
