@@ -47,6 +47,9 @@ class OnnxDiffusionModel:
     ----------
     model_dir : path-like
         ``export_decoder(model, out, all_logits=True)`` of a decoder with ``config.causal = False``.
+    device : {"cpu", "cuda"}
+        Where the session runs and the buffers live (``"cuda"``: onnxruntime-gpu's CUDA execution provider; the
+        logits then stay on the GPU and ``sample_block`` runs its Triton kernel on them).
     max_batch, max_seq_len : int
         Buffer sizes (``max_seq_len`` defaults to the export's).
     intra_op_threads : int, optional
@@ -55,14 +58,16 @@ class OnnxDiffusionModel:
     :meth:`logits` returns a ``[B, T, V]`` view of the bound output buffer, overwritten by the next call.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, *, max_batch: int = 1, max_seq_len: int | None = None,
-                 intra_op_threads: int | None = None) -> None:
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", *, max_batch: int = 1,
+                 max_seq_len: int | None = None, intra_op_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         from decodekit.models.config import DecoderConfig
 
         if not isinstance(model_dir, (str, os.PathLike)):
             raise TypeError(f"model_dir must be a path, got {type(model_dir).__name__}")
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
         max_batch = check_int("max_batch", max_batch, lo=1, hi=4096)
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)
@@ -88,12 +93,17 @@ class OnnxDiffusionModel:
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # the sampler needs the cores
         model_file = self.model_dir / meta.get("model_file", "model.onnx")
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+                raise UsageError("device='cuda' needs onnxruntime-gpu's CUDAExecutionProvider and a CUDA device")
+            providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
         except Exception as e:  # ORT's exception types derive from Exception
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UsageError(f"{model_file} cannot be loaded by ONNX Runtime: {first}") from None
-        self.device = torch.device("cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         types = {a.name: a.type for a in list(self.session.get_inputs()) + list(self.session.get_outputs())}
         cfg = self.config
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -102,14 +112,15 @@ class OnnxDiffusionModel:
         self._int = {n: _ORT_TYPES[types[n]] for n in ("input_ids", "position_ids", "attention_mask")}
         # ---- buffers, allocated once: ORT reads and writes them in place
         flat = max_batch * max_seq_len
-        self._ids = torch.zeros(flat, dtype=self._int["input_ids"])
-        self._pos = torch.zeros(flat, dtype=self._int["position_ids"])
-        self._mask = torch.ones(flat, dtype=self._int["attention_mask"])
-        self._logits = torch.zeros(flat * cfg.vocab_size, dtype=self.logits_dtype)
+        dev = self.device
+        self._ids = torch.zeros(flat, dtype=self._int["input_ids"], device=dev)
+        self._pos = torch.zeros(flat, dtype=self._int["position_ids"], device=dev)
+        self._mask = torch.ones(flat, dtype=self._int["attention_mask"], device=dev)
+        self._logits = torch.zeros(flat * cfg.vocab_size, dtype=self.logits_dtype, device=dev)
         region = max_batch * cfg.n_kv_heads * max_seq_len * cfg.head_dim
         # KV storages: 0 and 1 hold the prefix cache (ping-pong on appends), 2 takes the presents of a step that
         # must not grow the cache (its contents are never read)
-        self._kv = torch.zeros(3, cfg.n_layers, 2, region, dtype=self.kv_dtype)
+        self._kv = torch.zeros(3, cfg.n_layers, 2, region, dtype=self.kv_dtype, device=dev)
         self._binder = _Binder(self.session, self.device)
         self._cur = 0  # the storage holding the prefix cache
         self._cache_len = 0
@@ -131,7 +142,7 @@ class OnnxDiffusionModel:
         ids = self._ids[: b * t].view(b, t)
         ids.copy_(x)
         pos = self._pos[: b * t].view(b, t)
-        pos.copy_(torch.arange(past_len, total, dtype=pos.dtype).expand(b, t))
+        pos.copy_(torch.arange(past_len, total, dtype=pos.dtype, device=pos.device).expand(b, t))
         bind = self._binder
         bind.input("input_ids", ids)
         bind.input("position_ids", pos)
@@ -145,6 +156,8 @@ class OnnxDiffusionModel:
                          self._kv_ptr(present_storage, i, w), output=True)
         logits = self._logits[: b * t * cfg.vocab_size].view(b, t, cfg.vocab_size)
         bind.output("logits", logits)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the input copies above must land before ORT reads them
         bind.run()
         self.calls += 1
         return logits

@@ -4,6 +4,8 @@ PyTorch, against a plain port of LLaDA's ``generate`` (greedy, low-confidence re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,6 +161,10 @@ def test_bad_arguments(llada):
         args.update(kw)
         with pytest.raises(exc, match=msg):
             diffusion_generate(model, PROMPTS, **args)
+    with pytest.raises(UsageError, match="device"):
+        OnnxDiffusionModel(out, "tpu")
+    with pytest.raises(UsageError, match="all_logits"):
+        _last_position_export_refused(out)
     with pytest.raises(TypeError, match="kv_cache"):
         diffusion_generate(model, PROMPTS, 16, 8, 8, kv_cache=1)
     with pytest.raises(UsageError, match="same length"):
@@ -171,6 +177,23 @@ def test_bad_arguments(llada):
     with pytest.raises(UsageError, match="causal"):
         EagerDiffusionModel(causal)
     assert decodekit.diffusion_generate is diffusion_generate
+
+
+def _last_position_export_refused(out):
+    """A copy of the export whose decodekit.json says last-position logits is refused."""
+    import json
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp()) / "last"
+    shutil.copytree(out, tmp)
+    meta = json.loads((tmp / "decodekit.json").read_text())
+    meta["logits"]["all_positions"] = False
+    (tmp / "decodekit.json").write_text(json.dumps(meta))
+    try:
+        OnnxDiffusionModel(tmp)
+    finally:
+        shutil.rmtree(tmp.parent)
 
 
 def test_config_causal_and_mask_id():
