@@ -1,7 +1,9 @@
 """Fused sampling from logits: the public functions (validation + dispatch).
 
 ``sample`` (Hugging Face ``generate`` semantics), ``sampling_probs`` (its filtered distribution),
-``sample_logits`` (the TTS sampler, exactly) and ``sampler_simple_batch``. Every function validates its
+``sample_logits`` (the TTS sampler, exactly) and ``sampler_simple_batch``; for diffusion language models
+``sample_block`` (every masked position of a block, with a confidence), ``select_positions`` and
+``transfer_schedule``; ``rwkv_sample_logits`` (the rwkv package's sampler). Every function validates its
 arguments here, then runs the Triton kernels of :mod:`decodekit.ops.sampling.triton` (CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``) or the vectorized PyTorch path of :mod:`decodekit.ops.sampling.cpu`.
 The plain-PyTorch semantics they are tested against live in :mod:`decodekit.ops.sampling.reference`.
