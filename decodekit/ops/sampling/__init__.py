@@ -531,7 +531,8 @@ def sampling_probs(
     """The filtered, renormalized distribution of :func:`sample`: fp32 ``[B, V]``, zeros outside the kept set.
 
     Same arguments and semantics as :func:`sample` (greedy rows give a one-hot at the argmax; a bad row, all
-    ``-inf`` or holding NaN / ``+inf``, gives zeros). For speculative decoding and logprobs.
+    ``-inf`` or holding NaN / ``+inf``, gives zeros). For speculative decoding and logprobs. Not differentiable
+    (a backward through it raises); one ``torch.ops.decodekit.sampling_probs`` node under ``torch.compile``.
 
     Example
     -------
