@@ -1022,7 +1022,9 @@ def sample_block(
         ``temperature == 0`` is greedy: the argmax (lowest index on ties), its confidence taken on the filtered
         distribution at temperature 1 (Dream's rule).
     order : ``"top_k_first"`` (top-p on the distribution renormalized over the top-k set: Hugging Face, SDAR,
-        llama.cpp) or ``"top_p_first"`` (top-p on the full distribution, then top-k: Dream).
+        llama.cpp) or ``"top_p_first"`` (top-p on the full distribution, then top-k: Dream). The top-p test is
+        ``sample``'s strict ``<`` in both orders (Dream's code keeps a token whose higher mass equals ``top_p``
+        exactly; the sets differ only at that equality).
     confidence : ``"prob"`` (the token's probability under the filtered distribution), ``"raw_prob"`` (under
         ``softmax(logits)``, no temperature or filter: LLaDA's ``low_confidence``), ``"margin"`` (top-1 minus top-2
         probability of the filtered distribution), ``"neg_entropy"`` (``sum p log p`` of it; larger is more
