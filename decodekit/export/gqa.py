@@ -1,0 +1,340 @@
+"""The fused-op graph (``export_decoder(..., graph="gqa")``): in-place KV cache and ONNX Runtime's contrib ops.
+
+Why a second graph
+------------------
+The default graph (``graph="plain"``) uses standard ONNX ops only, so any ONNX runtime runs it, but every step
+copies the whole KV cache (``present = Concat(past, new)``) and ONNX Runtime runs a few hundred small nodes per
+step, whose fixed cost dominates on small models. This graph is written node by node from the decoder's weights
+(no tracing) with ONNX Runtime's fused ops:
+
+* ``com.microsoft::GroupQueryAttention`` with ``past_key`` / ``present_key`` bound to ONE buffer of fixed capacity
+  (``past_present_share_buffer``): the op appends the new keys/values in place, nothing is copied per step;
+* packed projections: q/k/v in one MatMul per layer (unless 4-bit weights need the three separate matrices);
+* rotary positions inside the attention op (``do_rotary`` with cos/sin caches) when every position of a row is
+  its cache slot, else ``com.microsoft::RotaryEmbedding`` on the queries and keys (see "Padding" below);
+* the residual add fused into the next norm: ``SkipSimplifiedLayerNormalization`` (Llama) and
+  ``SkipLayerNormalization`` (GPT-2, which also absorbs the projection bias), ``FastGelu`` with its bias;
+* the classifier on the last position only, as one MatMul against the pre-transposed matrix.
+
+A stories260K step runs ~70 nodes instead of ~230 (``node_count`` in ``decodekit.json``).
+
+Interface (what differs from the plain graph)
+---------------------------------------------
+``past_key_values.{i}.key`` / ``.value`` and ``present.{i}.key`` / ``.value`` are all ``[B, H_kv, C, D]``
+with ``C`` the capacity the runtime chose (any ``C >= P + S``, ``<= max_seq_len``); the runtime binds past and
+present of a layer to the same memory. Tokens ``[0, P)`` of each row are the cache, the step writes ``[P, P+S)``
+in place. ``attention_mask`` ``[B, P+S]`` is the same left-padding mask as the plain graph's; ``P`` is read from
+its width (``P + S - 1`` is GroupQueryAttention's ``seqlens_k`` for every row).
+
+Padding
+-------
+Left padding keeps the plain graph's semantics exactly: the mask becomes an additive ``attention_bias``
+(``-1e30`` on padded keys; GroupQueryAttention adds the causal mask) and the rotary angles come from
+``position_ids`` (``cumsum(mask) - 1``). ONNX Runtime's GroupQueryAttention reads only the first position of a
+prompt when it rotates inside (it assumes positions are cache slots), so the rotation runs in
+``RotaryEmbedding`` nodes, which read every row's positions. Keys at padded slots differ from eager PyTorch's
+after the first layer (an all-padding query averages other keys in each implementation), but no real token ever
+reads them; :mod:`decodekit.export.validate` compares the cache on real tokens only for this graph.
+
+Limits
+------
+ONNX Runtime's CPU GroupQueryAttention needs ``head_dim % 16 == 0`` (:func:`gqa_unsupported` says why a model
+cannot use it; the exporter then writes the plain graph with a one-line note). A step with ``S > 1`` after a
+non-empty cache needs ``B == 1`` (the op's rule; the runtime's loop only does that for ``B == 1``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from decodekit.models.decoder import Decoder
+from decodekit.models.layers import rotary_inv_freq
+
+MS = "com.microsoft"
+GRAPHS = ("plain", "gqa")
+#: additive bias on padded keys (finite: an all-padding query gets a uniform average, never NaN)
+_PAD_BIAS = {torch.float32: -1e30, torch.float16: -30000.0}
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_gqa(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool) -> str | None:
+    """Run one GroupQueryAttention node of these sizes on the installed ONNX Runtime's CPU provider, sharing the
+    past/present buffer, over a 3-token prompt and a 1-token step; compare with softmax attention in numpy. Returns
+    why it failed (one line) or None. Head sizes the CPU kernel rejects (older releases: not a multiple of 16) or
+    computes wrongly are found here, whatever the ORT version."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    elem, npt = (TensorProto.FLOAT16, np.float16) if fp16 else (TensorProto.FLOAT, np.float32)
+    h, hk, d, cap = n_heads, n_kv_heads, head_dim, 4
+    names = ["q", "k", "v", "pk", "pv", "seqlens_k", "total"]
+    node = helper.make_node("GroupQueryAttention", names, ["o", "kp", "vp"], domain=MS, num_heads=h,
+                            kv_num_heads=hk)
+    shapes = [["b", "s", h * d], ["b", "s", hk * d], ["b", "s", hk * d], ["b", hk, "c", d], ["b", hk, "c", d]]
+    ins = [helper.make_tensor_value_info(n, elem, sh) for n, sh in zip(names, shapes)]
+    ins += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
+            helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outs = [helper.make_tensor_value_info("o", elem, ["b", "s", h * d])] + [
+        helper.make_tensor_value_info(n, elem, ["b", hk, "c", d]) for n in ("kp", "vp")]
+    model = helper.make_model(helper.make_graph([node], "probe", ins, outs),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)], ir_version=10)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, h * d)).astype(npt)
+    k = rng.standard_normal((1, 4, hk * d)).astype(npt)
+    v = rng.standard_normal((1, 4, hk * d)).astype(npt)
+    kc, vc = np.zeros((1, hk, cap, d), npt), np.zeros((1, hk, cap, d), npt)
+    # the failure is the answer here, not an error for ORT to print (its executor logs through the default
+    # logger whatever the session says); ORT's default severity (2, warnings) is restored after
+    ort.set_default_logger_severity(4)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        io = sess.io_binding()
+        run_opts = ort.RunOptions()
+        run_opts.log_severity_level = 4  # the failure is the answer, not an error to print
+        for name, a in (("pk", kc), ("pv", vc)):
+            io.bind_input(name, "cpu", 0, npt, list(a.shape), a.ctypes.data)
+            io.bind_output(name.replace("p", "", 1) + "p", "cpu", 0, npt, list(a.shape), a.ctypes.data)
+        got = []
+        for lo, hi in ((0, 3), (3, 4)):
+            o = np.zeros((1, hi - lo, h * d), npt)
+            feeds = {"q": q[:, lo:hi], "k": k[:, lo:hi], "v": v[:, lo:hi],
+                     "seqlens_k": np.array([hi - 1], np.int32), "total": np.array(hi, np.int32)}
+            keep = {n: np.ascontiguousarray(a) for n, a in feeds.items()}
+            for name, a in keep.items():
+                io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            io.bind_output("o", "cpu", 0, npt, list(o.shape), o.ctypes.data)
+            sess.run_with_iobinding(io, run_opts)
+            got.append(o)
+    except Exception as e:  # noqa: BLE001 - ORT reports "not supported" as its own exception types
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0].split("Status Message:")[-1].strip()
+        return f"ONNX Runtime's CPU GroupQueryAttention rejects head size {d} ({text[:100]})"
+    finally:
+        ort.set_default_logger_severity(2)
+    out = np.concatenate(got, axis=1).astype(np.float64).reshape(1, 4, h, d)
+    qf = q.astype(np.float64).reshape(1, 4, h, d)
+    kf = np.repeat(k.astype(np.float64).reshape(1, 4, hk, d), h // hk, axis=2)
+    vf = np.repeat(v.astype(np.float64).reshape(1, 4, hk, d), h // hk, axis=2)
+    scores = np.einsum("bshd,bthd->bhst", qf, kf) / np.sqrt(d)
+    scores = np.where(np.tril(np.ones((4, 4), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = np.einsum("bhst,bthd->bshd", p / p.sum(-1, keepdims=True), vf)
+    if not np.allclose(out, ref, atol=2e-2 if fp16 else 1e-4):
+        return f"ONNX Runtime's CPU GroupQueryAttention computes head size {d} wrongly (max error " \
+            f"{float(np.abs(out - ref).max()):.2g})"
+    return None
+
+
+def gqa_unsupported(decoder: Decoder, *, all_logits: bool) -> str | None:
+    """Why ``decoder`` cannot be exported with ``graph="gqa"`` (a one-line reason), or None when it can.
+
+    The head size is probed on the installed ONNX Runtime (:func:`_probe_gqa`): releases differ in what their CPU
+    kernel accepts (some need a multiple of 16)."""
+    cfg = decoder.config
+    fp16 = decoder.tok_embeddings.weight.dtype == torch.float16
+    reason = _probe_gqa(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, fp16)
+    if reason is not None:
+        return reason
+    if not cfg.causal:
+        return "the model is bidirectional (config.causal=False); GroupQueryAttention here is causal"
+    if all_logits:
+        return "all_logits=True (diffusion-style steps) needs the plain graph"
+    return None
+
+
+class _Builder:
+    """Accumulates nodes and initializers with unique names."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        from onnx import TensorProto
+
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.dtype = dtype
+        self.np_dtype = np.float32 if dtype == torch.float32 else np.float16
+        self.elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
+        self._n = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d
+        return name
+
+    def weight(self, name: str, t: torch.Tensor, transpose: bool = False) -> str:
+        a = t.detach().to(self.dtype).cpu()
+        if transpose:
+            a = a.t()
+        return self.init(name, a.contiguous().numpy())
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str | None = None,
+             outputs: list[str] | None = None, **attrs: Any) -> list[str]:
+        from onnx import helper
+
+        self._n += 1
+        stem = name or f"{op}_{self._n}"
+        outs = outputs or [f"{stem}/out{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=stem, domain=domain or None, **attrs))
+        return outs
+
+    def one(self, op: str, inputs: list[str], **kw: Any) -> str:
+        return self.node(op, inputs, **kw)[0]
+
+
+def _linear(g: _Builder, x: str, lin: torch.nn.Linear, name: str, *, bias: bool = True) -> str:
+    """``x @ W^T (+ b)``: the weight stored transposed (what ONNX Runtime's MatMul prepacks)."""
+    y = g.one("MatMul", [x, g.weight(f"{name}.weight_t", lin.weight, transpose=True)], name=f"{name}/MatMul")
+    if bias and lin.bias is not None:
+        y = g.one("Add", [y, g.weight(f"{name}.bias", lin.bias)], name=f"{name}/Add")
+    return y
+
+
+def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False) -> Any:
+    """The fused-op ONNX model (an ``onnx.ModelProto``) of ``decoder`` (see the module docstring).
+
+    ``separate_qkv``: three q/k/v MatMuls per layer instead of one packed (4-bit weights keep one matrix each).
+    """
+    from onnx import TensorProto, helper
+
+    cfg = decoder.config
+    dtype = decoder.tok_embeddings.weight.dtype
+    g = _Builder(dtype)
+    H, Hkv, D, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    i64 = TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_seq"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", g.elem, ["batch", cfg.vocab_size])]
+    for i in range(L):
+        for w in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{w}", g.elem,
+                                                        ["batch", Hkv, "capacity", D]))
+    for i in range(L):
+        for w in ("key", "value"):
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{w}", g.elem, ["batch", Hkv, "capacity", D]))
+
+    # ---- per-step scalars shared by the layers: seqlens_k, total length, the padding bias
+    one64 = g.init("const.one_i64", np.array([1], np.int64))
+    total = g.one("Shape", ["attention_mask"], start=1, end=2, name="total/Shape")  # [1] = P + S
+    batch = g.one("Shape", ["input_ids"], start=0, end=1, name="batch/Shape")  # [1] = B
+    seq = g.one("Shape", ["input_ids"], start=1, end=2, name="seq/Shape")  # [1] = S
+    last = g.one("Sub", [total, one64], name="seqlens/Sub")
+    seqlens_k = g.one("Cast", [g.one("Expand", [last, batch], name="seqlens/Expand")], to=TensorProto.INT32,
+                      name="seqlens_k")  # [B] int32: P + S - 1 for every row
+    total_len = g.one("Cast", [g.one("Squeeze", [total], name="total/Squeeze")], to=TensorProto.INT32,
+                      name="total_sequence_length")  # [] int32
+    mask_f = g.one("Cast", ["attention_mask"], to=g.elem, name="bias/Cast")
+    bias2d = g.one("Mul", [g.one("Sub", [mask_f, g.init("const.one_f", np.array(1, g.np_dtype))], name="bias/Sub"),
+                           g.init("const.pad_bias", np.array(-_PAD_BIAS[dtype], g.np_dtype))], name="bias/Mul")
+    bias4d = g.one("Unsqueeze", [bias2d, g.init("const.axes12", np.array([1, 2], np.int64))], name="bias/Unsqueeze")
+    shape = g.one("Concat", [g.init("const.ones2", np.array([1, 1], np.int64)), seq, one64], axis=0,
+                  name="bias/Shape")
+    attention_bias = g.one("Expand", [bias4d, shape], name="attention_bias")  # [B, 1, S, P+S]
+
+    x = g.one("Gather", [g.weight("tok_embeddings.weight", decoder.tok_embeddings.weight), "input_ids"],
+              name="embed/Gather")
+    gqa_attrs = {"num_heads": H, "kv_num_heads": Hkv, "scale": 1.0 / float(np.sqrt(D))}
+    if cfg.arch == "llama":
+        inv = rotary_inv_freq(D, cfg.rope_theta)  # fp32, as the eager model
+        angles = torch.arange(cfg.max_seq_len, dtype=torch.float32)[:, None] * inv  # [max_seq_len, D/2]
+        cos = g.weight("rotary.cos_cache", torch.cos(angles))
+        sin = g.weight("rotary.sin_cache", torch.sin(angles))
+        interleaved = 1 if cfg.rope_layout == "adjacent" else 0
+        pending: str | None = None  # the previous block's MLP output, added to x by the next norm
+        for i, layer in enumerate(decoder.layers):
+            p = f"layers.{i}"
+            at = layer.attn
+            if pending is None:
+                w_norm = g.weight(f"{p}.attn_norm.weight", layer.attn_norm.weight)
+                h = g.one("SimplifiedLayerNormalization", [x, w_norm], axis=-1, epsilon=float(cfg.norm_eps),
+                          stash_type=1, name=f"{p}/attn_norm")
+            else:
+                h, _, _, x = g.node("SkipSimplifiedLayerNormalization",
+                                    [pending, x, g.weight(f"{p}.attn_norm.weight", layer.attn_norm.weight)], 4,
+                                    domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/attn_norm")
+            if separate_qkv:
+                q = _linear(g, h, at.wq, f"{p}.attn.wq")
+                k = _linear(g, h, at.wk, f"{p}.attn.wk")
+                v = _linear(g, h, at.wv, f"{p}.attn.wv")
+            else:
+                w = torch.cat([at.wq.weight, at.wk.weight, at.wv.weight], 0)
+                qkv = g.one("MatMul", [h, g.weight(f"{p}.attn.wqkv.weight_t", w, transpose=True)],
+                            name=f"{p}/qkv/MatMul")
+                if at.wq.bias is not None:
+                    b = torch.cat([at.wq.bias, at.wk.bias, at.wv.bias], 0)
+                    qkv = g.one("Add", [qkv, g.weight(f"{p}.attn.wqkv.bias", b)], name=f"{p}/qkv/Add")
+                q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D, Hkv * D, Hkv * D],
+                                                                                    np.int64))], 3, axis=-1,
+                                 name=f"{p}/qkv/Split")
+            q = g.one("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, interleaved=interleaved,
+                      name=f"{p}/q/rotary")
+            k = g.one("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, interleaved=interleaved,
+                      name=f"{p}/k/rotary")
+            a = g.node("GroupQueryAttention",
+                       [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                        "", "", "", attention_bias], domain=MS, name=f"{p}/attn/GroupQueryAttention",
+                       outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
+            o = _linear(g, a, at.wo, f"{p}.attn.wo")
+            h, _, _, x = g.node("SkipSimplifiedLayerNormalization",
+                                [o, x, g.weight(f"{p}.ffn_norm.weight", layer.ffn_norm.weight)], 4, domain=MS,
+                                epsilon=float(cfg.norm_eps), name=f"{p}/ffn_norm")
+            gate = _linear(g, h, layer.mlp.w1, f"{p}.mlp.w1")
+            gate = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"{p}/mlp/Sigmoid")], name=f"{p}/mlp/silu")
+            up = _linear(g, h, layer.mlp.w3, f"{p}.mlp.w3")
+            pending = _linear(g, g.one("Mul", [gate, up], name=f"{p}/mlp/Mul"), layer.mlp.w2, f"{p}.mlp.w2")
+        norm_w = g.weight("norm.weight", decoder.norm.weight)
+        if pending is None:  # pragma: no cover - n_layers >= 1
+            raise RuntimeError("a decoder without layers")
+        h = g.node("SkipSimplifiedLayerNormalization", [pending, x, norm_w], 1, domain=MS,
+                   epsilon=float(cfg.norm_eps), name="norm")[0]
+    else:  # gpt2: learned positions, LayerNorm, packed qkv, GELU (tanh)
+        x = g.one("Add", [x, g.one("Gather", [g.weight("pos_embeddings.weight", decoder.pos_embeddings.weight),
+                                              "position_ids"], name="pos/Gather")], name="embed/Add")
+        pending = None
+        pending_bias: str | None = None
+        for i, layer in enumerate(decoder.layers):
+            p = f"layers.{i}"
+            ln1 = [g.weight(f"{p}.ln_1.weight", layer.ln_1.weight), g.weight(f"{p}.ln_1.bias", layer.ln_1.bias)]
+            if pending is None:
+                h = g.one("LayerNormalization", [x, *ln1], axis=-1, epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
+            else:
+                h, _, _, x = g.node("SkipLayerNormalization", [pending, x, *ln1, pending_bias], 4, domain=MS,
+                                    epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
+            qkv = _linear(g, h, layer.attn.c_attn, f"{p}.attn.c_attn")
+            if separate_qkv:
+                q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D] * 3, np.int64))], 3,
+                                 axis=-1, name=f"{p}/qkv/Split")
+                qkv_in = [q, k, v]
+            else:
+                qkv_in = [qkv, "", ""]
+            a = g.node("GroupQueryAttention",
+                       [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                        "", "", "", attention_bias], domain=MS, name=f"{p}/attn/GroupQueryAttention",
+                       outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
+            o = _linear(g, a, layer.attn.c_proj, f"{p}.attn.c_proj", bias=False)
+            ln2 = [g.weight(f"{p}.ln_2.weight", layer.ln_2.weight), g.weight(f"{p}.ln_2.bias", layer.ln_2.bias)]
+            h, _, _, x = g.node("SkipLayerNormalization",
+                                [o, x, *ln2, g.weight(f"{p}.attn.c_proj.bias", layer.attn.c_proj.bias)], 4,
+                                domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ln_2")
+            f = _linear(g, h, layer.mlp.c_fc, f"{p}.mlp.c_fc", bias=False)
+            f = g.one("FastGelu", [f, g.weight(f"{p}.mlp.c_fc.bias", layer.mlp.c_fc.bias)], domain=MS,
+                      name=f"{p}/mlp/FastGelu")
+            pending = _linear(g, f, layer.mlp.c_proj, f"{p}.mlp.c_proj", bias=False)
+            pending_bias = g.weight(f"{p}.mlp.c_proj.bias", layer.mlp.c_proj.bias)
+        norm = [g.weight("norm.weight", decoder.norm.weight), g.weight("norm.bias", decoder.norm.bias)]
+        h = g.node("SkipLayerNormalization", [pending, x, *norm, pending_bias], 1, domain=MS,
+                   epsilon=float(cfg.norm_eps), name="norm")[0]
+    h_last = g.one("Gather", [h, g.init("const.last", np.array(-1, np.int64))], axis=1, name="last/Gather")  # [B, dim]
+    g.node("MatMul", [h_last, g.weight("lm_head.weight_t", decoder.lm_head.weight, transpose=True)],
+           name="lm_head/MatMul", outputs=["logits"])
+    graph = helper.make_graph(g.nodes, "decodekit_gqa", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                              producer_name="decodekit", ir_version=10)
+    return model
