@@ -81,7 +81,7 @@ def _forward(
             z = cpu.rms_norm_linear(x, norm_weight, weight, bias, eps, None)
         else:
             z = cpu.gelu_linear(x, weight, bias, "tanh" if pro == "gelu_tanh" else "none")
-        y = cpu.activation(z, epi)
+        y = cpu.activation(z, epi).contiguous()  # the fake implementation's layout, whatever x's strides are
         preact = z.reshape(math.prod(x.shape[:-1]), n) if save and epi is not None else None  # N may be 0
         mean, rstd = cpu.norm_stats(x.reshape(-1, k), norm, eps) if save else (None, None)
     empty = x.new_empty(0)
