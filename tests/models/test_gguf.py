@@ -3,12 +3,15 @@ transformers (weights, tokenizer ids on a few hundred strings, chat templates, l
 
 from __future__ import annotations
 
+import os
 import random
 import re
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from decodekit.errors import UsageError
 from decodekit.models import load_model, load_tokenizer, model_format
@@ -180,6 +183,16 @@ def _strings() -> list[str]:
     return out
 
 
+_DIGITS: dict[int, object] = {}
+
+
+def _digits_reference(hf_tokenizer):  # noqa: ANN001, ANN202
+    """:func:`_smollm_pre_tokenizer`, built once per transformers tokenizer."""
+    if id(hf_tokenizer) not in _DIGITS:
+        _DIGITS[id(hf_tokenizer)] = _smollm_pre_tokenizer(hf_tokenizer)
+    return _DIGITS[id(hf_tokenizer)]
+
+
 def _smollm_pre_tokenizer(hf_tokenizer):  # noqa: ANN001, ANN202
     """transformers' GGUF tokenizer with the pre-tokenizer of SmolLM2's own tokenizer.json and of llama.cpp's
     "smollm" type (every digit split apart, then GPT-2's expression), which transformers' GGUF loader omits."""
@@ -249,3 +262,57 @@ def test_smollm_eager_logits_equal_transformers(smollm_gguf, hf_smollm, hf_token
             ours, _ = model(ids, torch.arange(ids.shape[1])[None], torch.ones_like(ids))
             theirs = hf_smollm(ids).logits[:, -1]
         assert (ours - theirs).abs().max().item() <= 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ hypothesis fuzz
+
+_FUZZ_SCALE = int(os.environ.get("DECODEKIT_FUZZ_SCALE", "1"))
+
+
+@pytest.fixture(scope="module")
+def smollm_tok(smollm_gguf):  # noqa: ANN201
+    return load_tokenizer(smollm_gguf)
+_PIECES = st.one_of(st.characters(codec="utf-8"), st.sampled_from([" ", "  ", "\n", "\t", "0", "7", "<|im_end|>",
+                                                                    "<|im_start|>", " the", "Paris"]))
+_TEXT = st.lists(_PIECES, max_size=30).map("".join)
+
+
+@settings(max_examples=200 * _FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=_TEXT)
+def test_fuzz_smollm_tokenizer_equals_transformers_with_its_pre_tokenizer(smollm_tok, hf_tokenizer, text):
+    """Any text: the ids equal transformers' GGUF tokenizer with SmolLM2's digits-first pre-tokenizer, and decode
+    back as transformers decodes them."""
+    tok = smollm_tok
+    ids = tok.encode(text, bos=False)
+    assert ids == _digits_reference(hf_tokenizer).encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@settings(max_examples=60 * _FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(contents=st.lists(_TEXT, min_size=1, max_size=4), system=st.one_of(st.none(), _TEXT),
+       add_generation_prompt=st.booleans())
+def test_fuzz_smollm_chat_template_equals_transformers(smollm_tok, hf_tokenizer, contents, system,
+                                                       add_generation_prompt):
+    tok = smollm_tok
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+    if system is not None:
+        msgs = [{"role": "system", "content": system}, *msgs]
+    ours = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+    assert ours == hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def test_tokenizer_json_directory_reads_the_chat_template_beside_it(tiny_gguf, tmp_path):
+    """A Hugging Face tokenizer.json with tokenizer_config.json beside it gets that file's chat template."""
+    import json
+
+    from conftest import TINY_CHAT_TEMPLATE
+
+    path, _ = tiny_gguf()
+    d = tmp_path / "hfdir"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(load_tokenizer(path).to_str())
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TINY_CHAT_TEMPLATE}))
+    tok = load_tokenizer(d)
+    assert tok.chat_template == TINY_CHAT_TEMPLATE
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=False) == (
+        "<|im_start|>user\nx<|im_end|>\n")
