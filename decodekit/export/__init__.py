@@ -404,6 +404,7 @@ def export_decoder(
     tokenizer: str | os.PathLike | None = None,
     progress: bool | Progress = True,
     weights: str = "fp32",
+    graph: str = "plain",
 ) -> ExportResult:
     """Export a decoder to ``out_dir/model.onnx`` + ``out_dir/decodekit.json`` (+ its tokenizer).
 
@@ -442,6 +443,12 @@ def export_decoder(
         ``"int4"`` (GGUF sources, ``dtype="fp32"``): keep the file's Q4_0/Q4_1 matrices as 4-bit blocks in ONNX
         Runtime's ``com.microsoft::MatMulNBits`` (block size 32), everything else dequantized; see
         :mod:`decodekit.export.int4`. ``decodekit.json`` records them under ``"weights"``.
+    graph : {"plain", "gqa"}
+        ``"plain"``: standard ONNX ops only (any runtime). ``"gqa"``: ONNX Runtime's fused ops, with the KV cache
+        appended in place into one buffer that is both past and present (``GroupQueryAttention``), packed q/k/v,
+        the residual add inside the norms: far fewer nodes per step (see :mod:`decodekit.export.gqa`). A model that
+        cannot use it (a head size the installed ORT's CPU kernel rejects, a bidirectional model, ``all_logits``)
+        gets the plain graph and a one-line note; ``decodekit.json`` records the graph written under ``"graph"``.
 
     Returns
     -------
@@ -465,8 +472,11 @@ def export_decoder(
     prog = progress if isinstance(progress, Progress) else Progress(enabled=bool(progress))
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    from decodekit.export.gqa import GRAPHS
     from decodekit.export.int4 import INT4_ATOL, INT4_RTOL, WEIGHTS
 
+    if graph not in GRAPHS:
+        raise UsageError(f"graph must be one of {list(GRAPHS)}, got {graph!r}")
     if weights not in WEIGHTS:
         raise UsageError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
     if weights == "int4" and dtype != "fp32":
@@ -537,6 +547,14 @@ def export_decoder(
     # .eval() must not change the caller's module for good: its modes come back when the export is done
     modes = [(m, m.training) for m in decoder.modules()] if isinstance(model, Decoder) else []
     decoder = decoder.to(dtype=torch_dtype).eval()
+    graph_note = None
+    if graph == "gqa":
+        from decodekit.export.gqa import gqa_unsupported
+
+        graph_note = gqa_unsupported(decoder, all_logits=all_logits)
+        if graph_note is not None:
+            prog.info(f"note: writing the plain graph instead of graph='gqa': {graph_note}")
+            graph = "plain"
     prog.info(f"{cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads ({cfg.n_kv_heads} KV), "
               f"vocab {cfg.vocab_size}, {sum(p.numel() for p in decoder.parameters()):,} parameters, {dtype}")
 
@@ -558,7 +576,8 @@ def export_decoder(
                 os.mkdir(tmp)  # mode 0o777 & ~umask, as any mkdir
                 meta, report = _write_export(decoder, tmp, prog, opset=opset, all_logits=all_logits, source=source,
                                              tok_path=tok_path, tok_entry=tok_entry, validate=validate, atol=atol,
-                                             rtol=rtol, tok_text=tok_text, int4=int4)
+                                             rtol=rtol, tok_text=tok_text, int4=int4, graph=graph,
+                                             graph_note=graph_note)
                 _outdir.commit(tmp, out)
             except BaseException as e:
                 if not isinstance(e, FileExistsError) or str(e.filename) != str(tmp):
@@ -590,17 +609,25 @@ def _under(path: Path, folder: Path) -> bool:
 def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | None, all_logits: bool,
                   source: dict[str, Any], tok_path: Path | None, tok_entry: dict[str, Any] | None, validate: bool,
                   atol: float, rtol: float, tok_text: str | None = None,
-                  int4: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+                  int4: dict[str, Any] | None = None, graph: str = "plain",
+                  graph_note: str | None = None) -> tuple[dict[str, Any], Any]:
     """Write ``model.onnx``, ``decodekit.json`` and the tokenizer into ``tmp``; validate them when asked.
 
     ``tok_text``: the ``tokenizer.json`` text to write as ``tok_entry["file"]`` (a GGUF file's tokenizer), instead of
     copying ``tok_path``. ``int4``: 4-bit blocks by parameter name, packed into the graph as MatMulNBits."""
-    with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
-        program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)
-    opset_used = int(program.model.opset_imports.get("", opset or 0))
+    if graph == "gqa":
+        from decodekit.export.gqa import save_gqa_graph
+
+        with prog.step("writing the fused-op ONNX graph (GroupQueryAttention, in-place KV cache)"):
+            opset_used = save_gqa_graph(decoder, tmp / MODEL_FILE, opset=opset or MIN_OPSET,
+                                        separate_qkv=int4 is not None, external_bytes=EXTERNAL_DATA_BYTES)
+    else:
+        with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
+            program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)
+        opset_used = int(program.model.opset_imports.get("", opset or 0))
+        del program  # the fp32 graph in memory: the int4 rewrite loads the saved file
     if opset is not None and opset_used != opset:
         raise UsageError(f"the exporter wrote opset {opset_used} instead of the requested {opset}; nothing written")
-    del program  # the fp32 graph in memory: the int4 rewrite loads the saved file
     external = (tmp / (MODEL_FILE + ".data")).exists()
     weights_entry = {"format": "fp32" if decoder.tok_embeddings.weight.dtype == torch.float32 else "fp16"}
     if int4 is not None:
@@ -612,6 +639,13 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
     meta = _metadata(decoder, dtype=decoder.tok_embeddings.weight.dtype, opset=opset_used, all_logits=all_logits,
                      source=source, tokenizer=tok_entry, external=external)
     meta["weights"] = weights_entry
+    if graph == "gqa":
+        from decodekit.export.gqa import gqa_metadata
+
+        gqa_metadata(meta)
+    else:
+        meta["graph"] = "plain"
+    meta["graph_note"] = graph_note  # why graph='gqa' was asked for and the plain graph written, or null
     if tok_text is not None and tok_entry is not None:
         (tmp / tok_entry["file"]).write_text(tok_text, encoding="utf-8")
     elif tok_path is not None:

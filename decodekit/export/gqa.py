@@ -46,6 +46,7 @@ non-empty cache needs ``B == 1`` (the op's rule; the runtime's loop only does th
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -338,3 +339,31 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                               producer_name="decodekit", ir_version=10)
     return model
+
+
+def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_qkv: bool, external_bytes: int) -> int:
+    """Build the graph and write it to ``path`` (weights above ``external_bytes`` into ``path.name + ".data"``
+    beside it); returns the opset written."""
+    import onnx
+
+    model = build_gqa_graph(decoder, opset=opset, separate_qkv=separate_qkv)
+    n_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in decoder.parameters()}.values())
+    if n_bytes > external_bytes:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=Path(path).name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return opset
+
+
+def gqa_metadata(meta: dict[str, Any]) -> None:
+    """Rewrite the plain graph's ``decodekit.json`` entries for this graph: ``"graph": "gqa"``, every cache tensor
+    ``[batch, H_kv, capacity, D]`` and ``kv_cache.shared_buffer`` (bind past and present to one buffer)."""
+    kv = meta["kv_cache"]
+    shape = ["batch", kv["num_kv_heads"], "capacity", kv["head_dim"]]
+    kv["shape"] = shape
+    kv["shared_buffer"] = True
+    for pair in kv["past_names"] + kv["present_names"]:
+        for name in pair:
+            meta["io"][name]["shape"] = list(shape)
+    meta["graph"] = "gqa"
