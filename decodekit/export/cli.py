@@ -26,6 +26,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("fp32", "int4"), default="fp32",
                    help="int4: keep a GGUF file's Q4_0/Q4_1 matrices as 4-bit MatMulNBits blocks (ONNX Runtime), "
                         "validated against the dequantized fp32 model (default: fp32, every weight dequantized)")
+    p.add_argument("--graph", choices=("plain", "gqa"), default="plain",
+                   help="gqa: ONNX Runtime's fused ops with the KV cache appended in place (GroupQueryAttention on "
+                        "one shared past/present buffer, packed q/k/v, residual add inside the norms); falls back to "
+                        "the plain graph with a note when the model cannot use it (default: plain, standard ops only)")
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help="ONNX opset, 18 up to what onnx and ONNX Runtime know (default: the exporter's)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="override the context length")
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.out_dir, dtype=args.dtype, opset=args.opset, max_seq_len=args.max_seq_len,
         atol=args.atol, rtol=args.rtol,
         validate=args.validate, force=args.force, all_logits=args.all_logits, tokenizer=args.tokenizer,
-        progress=not args.quiet, weights=args.weights,
+        progress=not args.quiet, weights=args.weights, graph=args.graph,
     )
     line = f"exported {args.model} -> {result.out_dir}"
     if result.validation is not None:

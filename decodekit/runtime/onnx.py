@@ -457,6 +457,13 @@ class OnnxDecoder(GenerateMixin):
         types = self._check_graph(meta)  # model.onnx agrees with decodekit.json ...
         self._check_memory(max_batch, max_seq_len, types, from_metadata=max_seq_len == export_max)  # ... and fits
         self.io_binding_enabled = io_binding
+        # graph="gqa" exports: each layer's past and present are ONE buffer of capacity max_seq_len that
+        # GroupQueryAttention appends to in place; it is bound once per generation (see step)
+        kv_entry = meta.get("kv_cache")
+        self.shared_kv = isinstance(kv_entry, dict) and kv_entry.get("shared_buffer") is True
+        if self.shared_kv and not io_binding:
+            raise UsageError(f"{self.model_dir} is a graph='gqa' export (one KV buffer shared by past and present): "
+                             "it runs with io_binding=True only; export with graph='plain' for plain session.run")
         self.vocab_size = self.config.vocab_size
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -489,14 +496,17 @@ class OnnxDecoder(GenerateMixin):
         ]
         self._kv_np = _NP_DTYPES[self.kv_dtype]
         # per storage holding the past: [(past name, its address), ...], [(present name, address in the other), ...]
+        # (shared_kv: past and present of a layer at the same address, the other storage only serves reorder_cache)
         self._kv_binds = [
             (
                 [(self.past_names[i][w], self._kv_ptr[st][i][w]) for i in range(n) for w in (0, 1)],
-                [(self.present_names[i][w], self._kv_ptr[1 - st][i][w]) for i in range(n) for w in (0, 1)],
+                [(self.present_names[i][w], self._kv_ptr[st if self.shared_kv else 1 - st][i][w])
+                 for i in range(n) for w in (0, 1)],
                 self._kv_np,
             )
             for st in (0, 1)
         ]
+        self._kv_bound: tuple[int, int] | None = None  # shared_kv: (storage, batch) the cache is bound to
         self._cur = 0  # which storage holds the current cache
         self._len = 0  # P: tokens in the cache
         self._batch = 0
@@ -604,6 +614,10 @@ class OnnxDecoder(GenerateMixin):
     def kv_view(self, storage: int, layer: int, which: int, batch: int, length: int) -> torch.Tensor:
         """``[batch, H_kv, length, D]`` contiguous view of one layer's key (0) or value (1) region."""
         cfg = self.config
+        if self.shared_kv:  # the first ``length`` slots of a [batch, H_kv, max_seq_len, D] buffer: a strided view
+            n = batch * cfg.n_kv_heads * self.max_seq_len * cfg.head_dim
+            full = self._kv[storage, layer, which, :n].view(batch, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
+            return full[:, :, :length]
         n = batch * cfg.n_kv_heads * length * cfg.head_dim
         return self._kv[storage, layer, which, :n].view(batch, cfg.n_kv_heads, length, cfg.head_dim)
 
@@ -630,6 +644,9 @@ class OnnxDecoder(GenerateMixin):
             )
         if p + s > self.max_seq_len:
             raise UsageError(f"{p + s} tokens exceed max_seq_len={self.max_seq_len}")
+        if self.shared_kv and p > 0 and s > 1 and b > 1:
+            raise UsageError(f"a step of {s} tokens after a cache of {p} needs batch 1 with a graph='gqa' export "
+                             f"(GroupQueryAttention's rule), got batch {b}; export with graph='plain' for that")
         if not self.io_binding_enabled:
             return self._step_numpy(input_ids, position_ids, attention_mask)
 
@@ -638,15 +655,25 @@ class OnnxDecoder(GenerateMixin):
         bind.input("position_ids", self._staged(position_ids, self._pos, "position_ids"))
         bind.input("attention_mask", self._staged(attention_mask, self._mask, "attention_mask"))
         cfg = self.config
-        past_shape = (b, cfg.n_kv_heads, p, cfg.head_dim)
-        present_shape = (b, cfg.n_kv_heads, p + s, cfg.head_dim)
-        bind.kv(self._kv_binds[self._cur], past_shape, present_shape)
+        if self.shared_kv:
+            # one buffer per cache tensor, past == present, bound again only when the batch or the storage changed
+            # (a new generation, reorder_cache): the op writes slots [P, P+S) in place, nothing is copied
+            if self._kv_bound != (self._cur, b):
+                shape = (b, cfg.n_kv_heads, self.max_seq_len, cfg.head_dim)
+                bind.kv(self._kv_binds[self._cur], shape, shape)
+                self._kv_bound = (self._cur, b)
+        else:
+            past_shape = (b, cfg.n_kv_heads, p, cfg.head_dim)
+            present_shape = (b, cfg.n_kv_heads, p + s, cfg.head_dim)
+            bind.kv(self._kv_binds[self._cur], past_shape, present_shape)
         logits = self._logits[:b]
         bind.output("logits", logits)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the input copies above must land before ORT reads them
         bind.run()
-        self._cur, self._len = 1 - self._cur, p + s
+        if not self.shared_kv:
+            self._cur = 1 - self._cur
+        self._len = p + s
         return logits
 
     def reorder_cache(self, index: torch.Tensor) -> None:
