@@ -95,14 +95,13 @@ def test_sample_shared_seed_and_probs(backend):
     assert (probs_c[torch.arange(4), tok_c] > 0).all()  # the drawn token is in the kept set
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch"])  # their kernels: test_opcheck (fake vs real), the time budget
 def test_sample_logits_and_simple_batch(backend):
     logits = _logits(6, 53, 5)
     seeds = torch.tensor([3, 1, 4, 1, 5, 9], dtype=torch.int64)
 
     def fn(logits, seeds):
-        top_p, top_k = (0.95, 20) if backend == "torch" else (0.0, 0)  # see FILTERS
-        a = decodekit.sample_logits(logits, 1.0, top_p, top_k, seed=seeds, backend=backend)
+        a = decodekit.sample_logits(logits, 1.0, 0.95, 20, seed=seeds, backend=backend)
         b = decodekit.sampler_simple_batch(logits, noise=0.5, temp=0.8, seed=7, backend=backend)
         return a, b
 
