@@ -190,6 +190,7 @@ def run_beam_search(
     scorer = BeamScorer(config, B, K, new_tokens, stops)
     batch_offset = (torch.arange(B) * N)[:, None]
     identity = torch.arange(R)
+    src_dev = torch.empty(R, dtype=torch.int64, device=device)  # the parents' rows, on the device (reused)
     model.reset(B)
     t0 = time.perf_counter()
     ttft = decode_start = 0.0
@@ -218,7 +219,7 @@ def run_beam_search(
         src_host = (batch_offset + parents).reshape(R)  # the parent row of each next beam row
         moved = not torch.equal(src_host, identity)  # every beam continuing itself needs no gather
         if moved:
-            src = src_host.to(device)
+            src = src_dev.copy_(src_host)
             model.reorder_cache(src)
         next_ids.copy_(scorer.run_seq[:, :, t].reshape(R, 1))
         beam_scores.copy_(scorer.run_scores.reshape(R))
