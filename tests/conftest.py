@@ -278,6 +278,12 @@ def write_tiny_gguf(path: Path, *, weight_type: str = "Q4_1", arch: str = "llama
 
 
 @pytest.fixture
+def tiny_gguf_config() -> dict:
+    """The tiny GGUF file's sizes (:data:`TINY_GGUF`) and chat template (``"chat_template"``)."""
+    return {**TINY_GGUF, "chat_template": TINY_CHAT_TEMPLATE}
+
+
+@pytest.fixture
 def tiny_gguf(tmp_path):  # noqa: ANN201
     """``tiny_gguf(**kwargs) -> (path, expected HF-layout parameters)``; see :func:`write_tiny_gguf`."""
     count = [0]

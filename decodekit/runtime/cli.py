@@ -184,6 +184,9 @@ def _checkpoint_in(path: Path) -> Path:
     return path
 
 
+DEMO_QUESTION = "What is the capital of France?"
+
+
 def run_demo(args: DemoArgs) -> int:
     from decodekit.runtime import OnnxDecoder, load_backend, resolve_export_dir
     from decodekit.runtime.loop import encode_prompts, generate_on
@@ -194,12 +197,21 @@ def run_demo(args: DemoArgs) -> int:
     _progress(f"export ready in {export_dir} ({time.perf_counter() - t0:.1f} s)")
 
     fused = OnnxDecoder(export_dir, "cpu", max_batch=1)
-    prompt_ids = encode_prompts(fused, [args.prompt])[0]
-    print("=== a story (ONNX Runtime + IO binding + decodekit.sample, temperature 0.8, top-p 0.95, seed "
-          f"{args.seed}) ===")
-    stream = TextStream(fused.tokenizer, prompt_ids)
-    story = GenerationConfig(max_new_tokens=256, temperature=0.8, top_p=0.95, seed=args.seed)
-    generate_on(fused, [prompt_ids], story, stream=stream)
+    if getattr(fused.tokenizer, "chat_template", None) is not None:  # a chat model (e.g. from a GGUF file)
+        from decodekit.runtime import chat
+
+        question = args.prompt or DEMO_QUESTION
+        print("=== a chat (the model's chat template; ONNX Runtime + IO binding + decodekit.sample, greedy) ===")
+        print(f"> {question}")
+        stream = TextStream(fused.tokenizer, chat_prompt_ids(fused.tokenizer, question, None), echo=False)
+        chat(fused, question, max_new_tokens=256, temperature=0.0, stream=stream)
+    else:
+        prompt_ids = encode_prompts(fused, [args.prompt])[0]
+        print("=== a story (ONNX Runtime + IO binding + decodekit.sample, temperature 0.8, top-p 0.95, seed "
+              f"{args.seed}) ===")
+        stream = TextStream(fused.tokenizer, prompt_ids)
+        story = GenerationConfig(max_new_tokens=256, temperature=0.8, top_p=0.95, seed=args.seed)
+        generate_on(fused, [prompt_ids], story, stream=stream)
     print("\n")
 
     plain = OnnxDecoder(export_dir, "cpu", max_batch=1, io_binding=False)
@@ -245,8 +257,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="export a model, tell a story, and compare eager PyTorch with ONNX Runtime (with and without IO binding)",
     )
-    d.add_argument("--model", default="../shared/models/stories260K", help="checkpoint file or its folder")
-    d.add_argument("--prompt", default="")
+    d.add_argument("--model", default="../shared/models/stories260K",
+                   help="checkpoint file (llama2.c .bin or GGUF) or its folder, or a Hugging Face directory")
+    d.add_argument("--prompt", default="", help="story start; for a chat model the question (default: "
+                   f"{DEMO_QUESTION!r})")
     d.add_argument("--max-new-tokens", type=int, default=128, help="tokens per timed run")
     d.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median reported)")
     d.set_defaults(func=_cmd_demo)

@@ -38,10 +38,11 @@ def _ort_logits(onnx_path, ids: np.ndarray, n_layers: int, kv_heads: int, head_d
 
 
 @pytest.fixture
-def hf_reference():  # noqa: ANN201
+def hf_reference(tiny_gguf_config):  # noqa: ANN201
     """(expected HF-layout weights) -> transformers LlamaForCausalLM for the tiny GGUF config."""
-    from conftest import TINY_GGUF as C  # noqa: N811 - the tiny file's sizes
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    C = tiny_gguf_config  # noqa: N806 - the tiny file's sizes
 
     def build(expected: dict) -> torch.nn.Module:
         vocab = expected["tok_embeddings.weight"].shape[0]

@@ -301,12 +301,11 @@ def test_fuzz_smollm_chat_template_equals_transformers(smollm_tok, hf_tokenizer,
     assert ours == hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def test_tokenizer_json_directory_reads_the_chat_template_beside_it(tiny_gguf, tmp_path):
+def test_tokenizer_json_directory_reads_the_chat_template_beside_it(tiny_gguf, tiny_gguf_config, tmp_path):
     """A Hugging Face tokenizer.json with tokenizer_config.json beside it gets that file's chat template."""
     import json
 
-    from conftest import TINY_CHAT_TEMPLATE
-
+    TINY_CHAT_TEMPLATE = tiny_gguf_config["chat_template"]  # noqa: N806
     path, _ = tiny_gguf()
     d = tmp_path / "hfdir"
     d.mkdir()
