@@ -1,0 +1,184 @@
+"""``export_decoder(graph="gqa")``: ONNX Runtime's fused ops with an in-place KV cache (issue 16).
+
+The references are eager PyTorch (the decodekit ``Decoder`` the graph was written from) and the plain graph, whose
+own tests compare it with eager PyTorch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from decodekit.errors import UsageError
+from decodekit.export import export_decoder
+from decodekit.export.gqa import _probe_gqa, gqa_unsupported
+from decodekit.models.config import DecoderConfig
+from decodekit.models.decoder import Decoder
+from decodekit.runtime import OnnxDecoder, chat_prompt, load_backend
+from decodekit.runtime.eager import EagerDecoder
+
+
+def _random_decoder(arch: str, head_dim: int, **kw) -> Decoder:
+    n_heads, n_kv = (6, 2) if arch == "llama" else (3, 3)
+    cfg = DecoderConfig(arch=arch, vocab_size=131, dim=n_heads * head_dim, n_layers=3, n_heads=n_heads,
+                        n_kv_heads=n_kv, hidden_dim=72, max_seq_len=96, **kw)
+    model = Decoder(cfg).eval()
+    with torch.no_grad():  # larger than the 0.02 init: logits spread out, greedy ties are rare
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.08)
+    return model
+
+
+def _kv_concats(path: Path) -> int:
+    """Concat nodes whose output is a graph output (the plain graph's per-step copy of the cache)."""
+    model = onnx.load(str(path), load_external_data=False)
+    outs = {o.name for o in model.graph.output}
+    return sum(1 for n in model.graph.node if n.op_type == "Concat" and set(n.output) & outs)
+
+
+@pytest.fixture(scope="module")
+def stories_gqa(stories_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gqa") / "stories260K"
+    export_decoder(stories_dir / "stories260K.bin", out, graph="gqa", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("arch, layout, bias", [("llama", "adjacent", False), ("llama", "halves", True),
+                                                ("gpt2", "adjacent", False)])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim, tmp_path):
+    model = _random_decoder(arch, head_dim, rope_layout=layout, attn_bias=bias, mlp_bias=bias)
+    res = export_decoder(model, tmp_path / "gqa", graph="gqa", progress=False)
+    meta = res.metadata
+    assert meta["graph"] == "gqa" and meta["graph_note"] is None
+    assert meta["kv_cache"]["shared_buffer"] is True
+    assert meta["io"]["present.0.key"]["shape"] == ["batch", model.config.n_kv_heads, "capacity", head_dim]
+    assert max(res.validation.max_abs_diff.values()) <= 1e-4
+    graph = onnx.load(str(res.onnx_path))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("GroupQueryAttention") == 3
+    assert ops.count("SkipSimplifiedLayerNormalization" if arch == "llama" else "SkipLayerNormalization") == 6
+    assert _kv_concats(res.onnx_path) == 0
+    # left-padded batch of three prompts of different lengths, then single-token steps
+    prompts = [[5, 17, 99, 3, 42, 8, 77], [1], [64, 2, 30]]
+    onnx_dec = OnnxDecoder(res.out_dir, max_batch=4)
+    eager = EagerDecoder(model, max_batch=4)
+    a = onnx_dec.generate(prompts, max_new_tokens=40, temperature=0.0, stop_ids=[])
+    b = eager.generate(prompts, max_new_tokens=40, temperature=0.0, stop_ids=[])
+    assert a.tokens == b.tokens
+    for i, p in enumerate(prompts):  # each row alone (no padding) gives the batched row's tokens
+        assert onnx_dec.generate([p], max_new_tokens=40, temperature=0.0, stop_ids=[]).tokens[0] == a.tokens[i]
+
+
+def test_stories260k_gqa_greedy_sampled_and_beam_equal_eager(stories_gqa, stories_export_dir, stories_dir):
+    meta = json.loads((stories_gqa / "decodekit.json").read_text())
+    assert meta["graph"] == "gqa", meta["graph_note"]  # head size 8: the installed ORT's CPU kernel takes it
+    nodes = len(onnx.load(str(stories_gqa / "model.onnx")).graph.node)
+    plain = len(onnx.load(str(stories_export_dir / "model.onnx")).graph.node)
+    assert nodes < plain / 3, (nodes, plain)
+    eager = load_backend(stories_dir / "stories260K.bin", "eager", max_batch=6)
+    dec = OnnxDecoder(stories_gqa, max_batch=6)
+    a = dec.generate([[1]], max_new_tokens=200, temperature=0.0, stop_ids=[])
+    assert a.tokens == eager.generate([[1]], max_new_tokens=200, temperature=0.0, stop_ids=[]).tokens
+    assert a.text[0].startswith("Once upon a time, there was a little girl named Lily.")
+    prompts = ["Once upon a time there was a dog", "Tom", "The sun was hot and the"]
+    kw = dict(max_new_tokens=32, temperature=0.8, top_p=0.9, seed=7, stop_ids=[])
+    assert dec.generate(prompts, **kw).tokens == eager.generate(prompts, **kw).tokens
+    kw = dict(max_new_tokens=24, num_beams=3, do_sample=False, num_return_sequences=2, stop_ids=[1, 2])
+    assert dec.generate(prompts[:2], **kw).tokens == eager.generate(prompts[:2], **kw).tokens
+
+
+def test_shared_buffer_is_bound_once_per_generation(stories_gqa, monkeypatch):
+    dec = OnnxDecoder(stories_gqa, max_batch=2)
+    calls = []
+    real = dec._binder.kv
+    monkeypatch.setattr(dec._binder, "kv", lambda *a: (calls.append(a[1]), real(*a)))
+    ptr = dec._kv.data_ptr()
+    dec.generate(["Once upon a time", "Tom"], max_new_tokens=20, temperature=0.0, stop_ids=[])
+    assert len(calls) == 1 and calls[0] == (2, 4, dec.max_seq_len, 8)  # [B, H_kv, capacity, D]
+    assert dec._kv.data_ptr() == ptr
+    dec.generate(["Tom"], max_new_tokens=5, temperature=0.0, stop_ids=[])
+    assert len(calls) == 2 and calls[1][0] == 1  # a new batch size: bound again, once
+
+
+def test_gqa_export_refusals(stories_gqa):
+    with pytest.raises(UsageError, match="io_binding=True only"):
+        OnnxDecoder(stories_gqa, io_binding=False)
+    dec = OnnxDecoder(stories_gqa, max_batch=2)
+    dec.reset(2)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    dec.step(torch.tensor([[1, 5, 6], [1, 7, 8]]), torch.arange(3).expand(2, 3), mask)
+    with pytest.raises(UsageError, match="needs batch 1"):
+        dec.step(torch.tensor([[1, 5], [1, 7]]), torch.tensor([[3, 4], [3, 4]]), torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(UsageError, match="graph must be one of"):
+        export_decoder(_random_decoder("llama", 16), "/nonexistent", graph="fused")
+
+
+def test_unsupported_model_falls_back_to_the_plain_graph_with_a_note(tmp_path, capsys):
+    model = _random_decoder("llama", 12)  # ORT 1.2x's CPU kernel: head sizes in multiples of 8
+    res = export_decoder(model, tmp_path / "out", graph="gqa")
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "instead of graph='gqa'" in line]
+    assert len(notes) == 1 and "rejects head size 12" in notes[0], err
+    assert res.metadata["graph"] == "plain" and "head size 12" in res.metadata["graph_note"]
+    assert "shared_buffer" not in res.metadata["kv_cache"]
+    assert _kv_concats(res.onnx_path) == 2 * model.config.n_layers  # the plain graph, validated as always
+    assert max(res.validation.max_abs_diff.values()) <= 1e-4
+
+
+def test_bidirectional_and_all_logits_keep_the_plain_graph():
+    assert gqa_unsupported(_random_decoder("llama", 16), all_logits=False) is None
+    assert "bidirectional" in gqa_unsupported(_random_decoder("llama", 16, causal=False), all_logits=False)
+    assert "all_logits" in gqa_unsupported(_random_decoder("gpt2", 16), all_logits=True)
+
+
+def test_probe_finds_the_cpu_kernel_head_sizes():
+    assert _probe_gqa(4, 2, 16, False) is None
+    assert _probe_gqa(4, 4, 64, True) is None
+    assert "head size 12" in _probe_gqa(4, 2, 12, False)
+
+
+def test_cli_export_graph_flag(stories_dir, tmp_path, capsys):
+    from decodekit.cli import main
+
+    assert main(["export", str(stories_dir / "stories260K.bin"), "-o", str(tmp_path / "e"), "--graph", "gqa",
+                 "-q"]) == 0
+    assert json.loads((tmp_path / "e" / "decodekit.json").read_text())["graph"] == "gqa"
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(stories_dir / "stories260K.bin"), "-o", str(tmp_path / "f"), "--graph", "fast"])
+    assert exc.value.code == 2 and "--graph" in capsys.readouterr().err
+
+
+def test_int4_gguf_gqa_graph_keeps_q_k_v_as_matmul_nbits(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf(weight_type="Q4_1", seed=5)
+    res = export_decoder(path, tmp_path / "gqa4", graph="gqa", weights="int4", progress=False)
+    meta = res.metadata
+    assert meta["graph"] == "gqa" and meta["weights"]["matrices"] == 14 and res.validation.ok
+    ops = [n.op_type for n in onnx.load(str(res.onnx_path)).graph.node]
+    assert ops.count("MatMulNBits") == 14 and ops.count("GroupQueryAttention") == 2
+    assert ops.count("MatMul") == 1  # only the float classifier (the tied Q8_0 embedding)
+    onnx_dec, eager = OnnxDecoder(res.out_dir, max_batch=2), load_backend(path, "eager", max_batch=2)
+    kw = dict(max_new_tokens=12, temperature=0, stop_ids=())
+    assert onnx_dec.generate(["the", "he the"], **kw).tokens == eager.generate(["the", "he the"], **kw).tokens
+
+
+# ------------------------------------------------------------------------------------------- SmolLM2-135M (real)
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write one sentence about the sea."]
+
+
+def test_smollm_gqa_greedy_equals_the_plain_graph(smollm_gguf, smollm_export_fp32, tmp_path_factory):
+    from conftest import shared_export
+
+    gqa = shared_export(tmp_path_factory, "smollm2-gqa", smollm_gguf, graph="gqa")
+    meta = json.loads((gqa / "decodekit.json").read_text())
+    assert meta["graph"] == "gqa" and meta["weights"]["format"] == "fp32"
+    assert max(meta["validation"]["max_abs_diff"].values()) <= 1e-4
+    a, b = OnnxDecoder(gqa, max_batch=2, max_seq_len=128), OnnxDecoder(smollm_export_fp32, max_batch=2, max_seq_len=128)
+    rows = [chat_prompt(a.tokenizer, q)[0] for q in CHAT_PROMPTS]
+    kw = dict(max_new_tokens=24, temperature=0.0, stop_ids=[])
+    assert a.generate(rows, **kw).tokens == b.generate(rows, **kw).tokens
