@@ -927,11 +927,20 @@ def _block_kernel(
 
 
 def _block_config(V: int, device: torch.device) -> tuple[int, int, int]:
-    """Tiles of the block kernel: (race / stats tile, search tile ([BLOCK_S, NPIV] compares), num_warps); big
-    tiles under the interpreter, where each tile costs a few NumPy calls."""
+    """Tiles of the block kernel: (race / stats tile, search tile ([BLOCK_S, NPIV] compares), num_warps).
+
+    One program streams a whole vocabulary row per pass, and a block step has few positions (32 per row: fewer
+    programs than SMs), so a program is bound by the latency of its tile loop, not by occupancy: long rows take
+    wide tiles and many warps (a 126k row is 31 iterations of 4096, not 124 of 1024). Big tiles under the
+    interpreter, where each tile costs a few NumPy calls."""
+    np2 = triton.next_power_of_2(V)
     if device.type == "cuda":
-        return min(1024, triton.next_power_of_2(V)), min(256, triton.next_power_of_2(V)), 4
-    block = min(2048, triton.next_power_of_2(V))
+        if V >= 32768:
+            return 4096, 1024, 16
+        if V >= 4096:
+            return 2048, 512, 8
+        return min(1024, np2), min(256, np2), 4
+    block = min(2048, np2)
     return block, block, 1
 
 
