@@ -15,7 +15,7 @@ import numbers
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, interpreter_enabled, resolve_backend
-from decodekit.ops._library import compiling, custom_op
+from decodekit.ops._library import call, compiling, custom_op
 from decodekit.ops.attention import cpu
 
 __all__ = ["attention", "decode_attention", "decoder_attention", "left_padding_starts", "MAX_DECODE_QUERIES"]
@@ -234,7 +234,7 @@ def attention(
     return_lse = bool(return_lse)
     # the Triton backward reads lse: keep it whenever a gradient can be asked for (known at trace time)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out, lse = torch.ops.decodekit.attention(q, k, v, causal, scale, q_offset, kv_start,
+    out, lse = call("attention", q, k, v, causal, scale, q_offset, kv_start,
                                              return_lse or (grad and path == "triton"), path)
     return (out, lse) if return_lse else out
 
@@ -313,7 +313,7 @@ def decode_attention(
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"{op}: num_splits must be a positive int or None, got {num_splits!r}")
     path = resolve_backend(backend, q.device, op)
-    return torch.ops.decodekit.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, kv_start, num_splits or 0,
+    return call("decode_attention", q, k_cache, v_cache, cache_seqlens, scale, kv_start, num_splits or 0,
                                                 bool(validate_lengths), path)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, resolve_backend
-from decodekit.ops._library import custom_op
+from decodekit.ops._library import call, custom_op
 from decodekit.ops.norm_linear import cpu
 
 if TYPE_CHECKING:
@@ -157,9 +157,8 @@ def _call(op, x, norm_weight, norm_bias, weight, bias, eps, prologue, epilogue, 
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, norm_weight, norm_bias, weight, bias)
     )
-    fn = getattr(torch.ops.decodekit, op)
-    return fn(x, norm_weight, norm_bias, weight, bias, float(eps), prologue or "", epilogue or "",
-              _config_list(config), save, path)[0]
+    return call(op, x, norm_weight, norm_bias, weight, bias, float(eps), prologue or "", epilogue or "",
+                _config_list(config), save, path)[0]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -21,7 +21,7 @@ import math
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, resolve_backend
-from decodekit.ops._library import compiling, custom_op, fake_rows, join_params, split_params
+from decodekit.ops._library import call, compiling, custom_op, fake_rows, join_params, split_params
 from decodekit.ops.sampling import cpu as _st
 
 __all__ = ["sample", "sampling_probs", "sample_logits", "sampler_simple_batch"]
@@ -510,7 +510,7 @@ def sample(
         tokens, logprobs = torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, device=dev)
     else:
         npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True) if path == "triton" else 0
-        tokens, logprobs = torch.ops.decodekit.sample(logits, *_op_params(prm), counts, *_seed_args(seed, dev), npass,
+        tokens, logprobs = call("sample", logits, *_op_params(prm), counts, *_seed_args(seed, dev), npass,
                                                       return_logprobs, bool(check), path)
     return (tokens, logprobs) if return_logprobs else tokens
 
@@ -547,7 +547,7 @@ def sampling_probs(
     if logits.shape[0] == 0:
         return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True) if path == "triton" else 0
-    return torch.ops.decodekit.sampling_probs(logits, *_op_params(prm), counts, npass, path)
+    return call("sampling_probs", logits, *_op_params(prm), counts, npass, path)
 
 
 def _sample_logits_impl(
@@ -565,8 +565,8 @@ def _sample_logits_impl(
                            dtype=torch.float32 if probs else torch.int64)
     npass = _npass(temperature, top_k, top_p, tts=True, greedy_top1=False) if path == "triton" else 0
     if probs:
-        return torch.ops.decodekit.sample_logits_probs(logits, *_op_params(prm), npass, path)
-    return torch.ops.decodekit.sample_logits(logits, *_op_params(prm), *_seed_args(seed, dev), npass, path)[:, None]
+        return call("sample_logits_probs", logits, *_op_params(prm), npass, path)
+    return call("sample_logits", logits, *_op_params(prm), *_seed_args(seed, dev), npass, path)[:, None]
 
 
 def sample_logits(
@@ -632,7 +632,7 @@ def sampler_simple_batch(
     path = resolve_backend(backend, dev, op)
     if B == 0:
         return torch.empty(0, 1, dtype=torch.int64, device=dev)
-    return torch.ops.decodekit.sampler_simple_batch(logits, *_op_params(prm, _SIMPLE_PARAMS), *_seed_args(seed, dev),
+    return call("sampler_simple_batch", logits, *_op_params(prm, _SIMPLE_PARAMS), *_seed_args(seed, dev),
                                                     path)[:, None]
 
 
@@ -798,7 +798,7 @@ def beam_candidates(
         return empty, empty.clone(), torch.empty(0, K, dtype=torch.float32, device=dev)
     seed = _draw_seed(seed, dev) if do_sample else 0
     seed_t, seed_int = (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
-    return _beam_candidates_op(logits, beam_scores.reshape(R).contiguous(), counts, seed_t, seed_int, num_beams, K,
+    return call("beam_candidates", logits, beam_scores.reshape(R).contiguous(), counts, seed_t, seed_int, num_beams, K,
                                temperature, top_k, top_p, repetition_penalty, min_tokens_to_keep, do_sample, path)
 
 
@@ -1066,7 +1066,7 @@ def sample_block(
     dev = logits.device
     path = resolve_backend(backend, dev, op)
     scalars, tensors = split_params([t, k, p])
-    return _sample_block_op(logits, masked, input_ids, scalars, tensors, _block_seeds(seed, B, dev), confidence,
+    return call("sample_block", logits, masked, input_ids, scalars, tensors, _block_seeds(seed, B, dev), confidence,
                             order == "top_p_first", bool(check), path)
 
 
@@ -1081,7 +1081,7 @@ def block_probs(
         op, logits, masked, None, temperature, top_k, top_p, order, "prob", 0)
     path = resolve_backend(backend, logits.device, op)
     scalars, tensors = split_params([t, k, p])
-    return _block_probs_op(logits, masked, scalars, tensors, order == "top_p_first", path)
+    return call("block_probs", logits, masked, scalars, tensors, order == "top_p_first", path)
 
 
 def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -1276,7 +1276,7 @@ def rwkv_sample_logits(
     dev = x.device
     seed = _check_seed(seed, B, dev, op)
     path = resolve_backend(backend, dev, op)
-    tokens = _rwkv_sample_logits_op(x, scalars, tensors, _block_seeds(seed, B, dev), path)
+    tokens = call("rwkv_sample_logits", x, scalars, tensors, _block_seeds(seed, B, dev), path)
     return tokens[0] if one_row else tokens
 
 
@@ -1288,5 +1288,5 @@ def rwkv_sampling_probs(
     op = "rwkv_sampling_probs"
     one_row = isinstance(logits, torch.Tensor) and logits.dim() == 1
     x, (scalars, tensors) = _rwkv_setup(op, logits, temperature, top_p, top_k)
-    probs = _rwkv_sampling_probs_op(x, scalars, tensors, resolve_backend(backend, x.device, op))
+    probs = call("rwkv_sampling_probs", x, scalars, tensors, resolve_backend(backend, x.device, op))
     return probs[0] if one_row else probs
