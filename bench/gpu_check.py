@@ -111,7 +111,12 @@ def stage_correctness(chk: Check, dev) -> None:  # noqa: ANN001
     import decodekit
     from decodekit.ops.attention.reference import attention_ref, decode_attention_ref
     from decodekit.ops.norm_linear.reference import gelu_linear_ref, layer_norm_linear_ref, rms_norm_linear_ref
-    from decodekit.ops.sampling.reference import sampling_probs_ref
+    from decodekit.ops.sampling.reference import (
+        beam_candidates_ref,
+        rwkv_probs_ref,
+        sample_block_ref,
+        sampling_probs_ref,
+    )
 
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -130,6 +135,30 @@ def stage_correctness(chk: Check, dev) -> None:  # noqa: ANN001
             ok = bool(torch.equal(greedy.cpu(), x.float().argmax(-1).cpu()))
             chk.emit("correctness", op="sampling_probs+sample", dtype=str(dt)[6:], shape=f"{B}x{V}",
                      err=rel_err(p, ref), greedy_ok=ok, passed=ok and rel_err(p, ref) < 1e-4)  # fmt: skip
+        # the other sampling ops: rwkv distribution, block sampling (greedy: exact), beam candidates (top 2N: exact)
+        for B, V in ((2, 8193), (3, 4096)) if not chk.dry else ((2, 37),):
+            x = rnd(B, V, dtype=dt, scale=3.0)
+            p = decodekit.rwkv_sampling_probs(x, temperature=1.0, top_p=0.95, top_k=min(80, V), backend="triton")
+            e = rel_err(p, rwkv_probs_ref(x.float().cpu(), temperature=1.0, top_p=0.95, top_k=min(80, V)))
+            chk.emit("correctness", op="rwkv_sampling_probs", dtype=str(dt)[6:], shape=f"{B}x{V}", err=e,
+                     passed=e < 1e-4)  # fmt: skip
+            L = 5
+            xl = rnd(B, L, V, dtype=dt, scale=3.0)
+            masked = torch.rand(B, L, generator=g).to(dev) < 0.7
+            tok, conf = decodekit.sample_block(xl, masked, temperature=0.0, top_k=20, confidence="margin",
+                                               backend="triton")  # fmt: skip
+            rtok, rconf = sample_block_ref(xl.cpu(), masked.cpu(), temperature=0.0, top_k=20, confidence="margin")
+            m = masked.cpu()
+            ok = bool(torch.equal(tok.cpu()[m], rtok[m])) and bool(torch.allclose(conf.cpu()[m].double(), rconf[m],
+                                                                                   atol=1e-4))  # fmt: skip
+            chk.emit("correctness", op="sample_block", dtype=str(dt)[6:], shape=f"{B}x{L}x{V}", passed=ok)
+            N = 3
+            xb, scores = rnd(B * N, V, dtype=dt, scale=3.0), rnd(B * N).float()
+            out = decodekit.beam_candidates(xb, scores, N, top_k=30, top_p=0.8, backend="triton")
+            ref = beam_candidates_ref(xb.float().cpu(), scores.cpu(), N, top_k=30, top_p=0.8)
+            ok = all(bool(torch.equal(a.cpu(), b)) for a, b in zip(out[:2], ref[:2])) and bool(
+                torch.allclose(out[2].cpu(), ref[2].float(), atol=1e-4))  # fmt: skip
+            chk.emit("correctness", op="beam_candidates", dtype=str(dt)[6:], shape=f"{B}x{N}x{V}", passed=ok)
         # norm + linear: [M, K] @ [K, N]^T with awkward M, K, N
         for M, K, N in ((1, 4096, 4096), (17, 1000, 333), (300, 777, 515)) if not chk.dry else ((3, 40, 24),):
             x, w, nw, nb, b = rnd(M, K, dtype=dt), rnd(N, K, dtype=dt, scale=K**-0.5), rnd(K, dtype=dt), rnd(

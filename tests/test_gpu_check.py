@@ -29,8 +29,8 @@ def test_dry_run_runs_every_stage(tmp_path):
             "tests"} <= stages, stages  # fmt: skip
     assert not [r for r in recs if "error" in r or r.get("passed") is False], recs
     ops = {r["op"] for r in recs if r["stage"] == "correctness"}
-    assert ops == {"sampling_probs+sample", "layer_norm_linear", "rms_norm_linear", "gelu_linear", "attention",
-                   "decode_attention"}  # fmt: skip
+    assert ops == {"sampling_probs+sample", "rwkv_sampling_probs", "sample_block", "beam_candidates",
+                   "layer_norm_linear", "rms_norm_linear", "gelu_linear", "attention", "decode_attention"}  # fmt: skip
     timed = [r for r in recs if r["stage"].startswith("bench_") and "decodekit_us" in r]
     assert len(timed) >= 4 and all(r["decodekit_us"] > 0 for r in timed)
     md = (tmp_path / "cpu-dry-run.md").read_text()
