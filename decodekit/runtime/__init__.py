@@ -74,7 +74,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DECODEKIT_CACHE") or Path.home() / ".cache" / "decodekit") / "exports"
 
 
-def _cache_key(src: Path, dtype: str) -> str:
+def _cache_key(src: Path, dtype: str, graph: str = "plain") -> str:
     """16 hex digits naming the cached export of ``src`` (see :func:`resolve_export_dir`)."""
     import hashlib
 
@@ -83,6 +83,8 @@ def _cache_key(src: Path, dtype: str) -> str:
     key = hashlib.sha256()
     key.update(str(src.resolve()).encode())
     key.update(f"{dtype}:graph-revision-{GRAPH_REVISION}".encode())
+    if graph != "plain":  # the plain graph keeps the keys it always had
+        key.update(f":graph-{graph}".encode())
     for p in [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file()):
         st = p.stat()
         key.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -118,13 +120,16 @@ def resolve_export_dir(
     cache_dir: str | os.PathLike | None = None,
     dtype: str = "fp32",
     progress: Callable[[str], None] | None = None,
+    graph: str = "plain",
 ) -> Path:
     """Return an export directory for ``source``, exporting a checkpoint into the cache when needed.
 
     The cache key covers the source's absolute path, size and modification time, the dtype and the
     exporter's graph revision, so an edited checkpoint, or a decodekit that writes a different graph, is
     exported again. A cached export that is incomplete is never used: the export writes a temporary
-    directory and renames it into place.
+    directory and renames it into place. ``graph`` is :func:`decodekit.export.export_decoder`'s (``"gqa"``: the
+    fused-op graph with the in-place KV cache, or the plain graph when the model cannot use it); each graph has its
+    own cache entry. An export directory given as ``source`` is used as it is, whatever its graph.
     """
     src = Path(source)
     if _is_export_dir(src):
@@ -133,7 +138,8 @@ def resolve_export_dir(
         raise UsageError(f"model {src} does not exist")
     _check_source(src)  # before anything is printed or created: a bad checkpoint is one error line
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out = out / f"{src.stem}-{_cache_key(src, dtype)}"
+    _check_choice("graph", graph, ("plain", "gqa"))
+    out = out / f"{src.stem}-{_cache_key(src, dtype, graph)}"
     if _is_export_dir(out):
         return out
     from decodekit.export import export_decoder
@@ -141,7 +147,7 @@ def resolve_export_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress is not None:
         progress(f"exporting {src} to {out} (once; cached)")
-    export_decoder(src, out, dtype=dtype, validate=True, force=True, progress=progress is not None)
+    export_decoder(src, out, dtype=dtype, validate=True, force=True, progress=progress is not None, graph=graph)
     return out
 
 
@@ -155,8 +161,12 @@ def load_backend(
     io_binding: bool = True,
     cache_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    graph: str = "auto",
 ) -> StepModel:
     """Open ``source`` on ``backend`` ("onnx" or "eager") and return a step model with a ``tokenizer``.
+
+    ``graph`` (ONNX backend, a checkpoint exported into the cache): ``"auto"`` takes the fused-op graph with the
+    in-place KV cache (``"gqa"``) when ``io_binding`` (it needs the binding), else the plain one.
 
     The arguments are checked before anything is loaded (``TypeError`` / ``UsageError`` naming the argument).
     """
@@ -166,11 +176,14 @@ def load_backend(
     if max_seq_len is not None:
         check_int("max_seq_len", max_seq_len, lo=2)
     check_bool("io_binding", io_binding)
+    _check_choice("graph", graph, ("auto", "plain", "gqa"))
+    if graph == "auto":
+        graph = "gqa" if io_binding else "plain"
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path, got {type(source).__name__}")
     src = Path(source)
     if backend == "onnx":
-        export_dir = resolve_export_dir(src, cache_dir=cache_dir, progress=progress)
+        export_dir = resolve_export_dir(src, cache_dir=cache_dir, progress=progress, graph=graph)
         return OnnxDecoder(export_dir, device, max_batch=max_batch, max_seq_len=max_seq_len, io_binding=io_binding)
 
     from decodekit.models import find_tokenizer_file, load_model, load_tokenizer
