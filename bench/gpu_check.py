@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 # stage name -> seconds it may start within (cumulative deadlines are computed from these, in this order)
-STAGES: dict[str, float] = {"correctness": 90.0, "cuda_graph": 30.0, "bench_sampling": 60.0,
-                            "bench_norm_linear": 80.0, "bench_attention": 70.0, "tests": 0.0}  # fmt: skip
+STAGES: dict[str, float] = {"correctness": 90.0, "cuda_graph": 30.0, "bench_sampling": 50.0,
+                            "bench_block_beam": 30.0, "bench_norm_linear": 70.0, "bench_attention": 60.0,
+                            "tests": 0.0}  # fmt: skip
 
 
 @dataclass
@@ -247,6 +248,41 @@ def stage_bench_sampling(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
                  x_of_one_read=round(rows["decodekit"] / read_s, 2), kept_ok=bool(kept.all()))  # fmt: skip
 
 
+def stage_bench_block_beam(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
+    """sample_block on the diffusion shapes against the same step in PyTorch (``bench/bench_block.py``'s); one
+    IndexTTS2 beam-sampling step (3 beams, V 8194, top-k 30, top-p 0.8, penalty 10) against its reference."""
+    import torch
+
+    import decodekit
+    from bench.bench_block import PARAM_SETS, eager_block
+    from decodekit.ops.sampling.reference import beam_candidates_ref
+
+    time_it = timer(chk)
+    for B, L, V in ((1, 32, 126464), (8, 32, 32000)) if not chk.dry else ((1, 4, 300),):
+        for pname, kw in PARAM_SETS.items():
+            if time.monotonic() > stop:
+                chk.emit("bench_block_beam", skipped=f"sample_block {B}x{L}x{V} {pname}: stage budget spent")
+                continue
+            x = torch.randn(B, L, V, device=dev) * 3
+            masked = torch.ones(B, L, dtype=torch.bool, device=dev)
+            ids = torch.zeros(B, L, dtype=torch.int64, device=dev)
+            ours = lambda: decodekit.sample_block(x, masked, input_ids=ids, seed=1, backend="triton", **kw)  # noqa: E731
+            rows = {"decodekit": time_it(ours), "eager": time_it(lambda: eager_block(x, masked, ids, **kw))}
+            _row(chk, "bench_block_beam", f"sample_block {B}x{L}x{V} {pname}", rows["eager"], rows)
+    V, N = (8194, 3) if not chk.dry else (300, 3)
+    if time.monotonic() > stop:
+        chk.emit("bench_block_beam", skipped="beam_candidates: stage budget spent")
+        return
+    x, scores = torch.randn(N, V, device=dev) * 3, torch.zeros(N, device=dev)
+    counts = torch.zeros(N, V, dtype=torch.int32, device=dev)
+    counts[:, :50] = 1
+    kw = dict(temperature=0.8, top_k=30, top_p=0.8, repetition_penalty=10.0, token_counts=counts)
+    ours = lambda: decodekit.beam_candidates(x, scores, N, do_sample=True, seed=1, backend="triton", **kw)  # noqa: E731
+    ref = lambda: beam_candidates_ref(x, scores, N, do_sample=True, **kw)  # noqa: E731
+    rows = {"decodekit": time_it(ours), "eager": time_it(ref)}
+    _row(chk, "bench_block_beam", f"beam_candidates 1x{N} beams V={V} IndexTTS2 settings", rows["eager"], rows)
+
+
 def stage_bench_norm_linear(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
     import torch
     import torch.nn.functional as F
@@ -403,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [("correctness", lambda stop: stage_correctness(chk, dev)),
               ("cuda_graph", lambda stop: stage_cuda_graph(chk, dev)),
               ("bench_sampling", lambda stop: stage_bench_sampling(chk, dev, stop)),
+              ("bench_block_beam", lambda stop: stage_bench_block_beam(chk, dev, stop)),
               ("bench_norm_linear", lambda stop: stage_bench_norm_linear(chk, dev, stop)),
               ("bench_attention", lambda stop: stage_bench_attention(chk, dev, stop))]  # fmt: skip
     failed = False
