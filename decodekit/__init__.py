@@ -52,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "chat": "decodekit.runtime",
     "GenerationConfig": "decodekit.runtime",
     "diffusion_generate": "decodekit.runtime.diffusion",
+    "DiffusionSampling": "decodekit.runtime.config",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

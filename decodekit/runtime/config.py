@@ -225,6 +225,51 @@ class GenerationConfig:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+@dataclass(frozen=True)
+class DiffusionSampling:
+    """The sampling and commit parameters of :func:`decodekit.diffusion_generate`, declared once (the defaults are
+    LLaDA's: greedy steps ranked by the raw probability). See :func:`decodekit.sample_block` and
+    :func:`decodekit.select_positions` for their meaning."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    order: str = "top_k_first"  # or "top_p_first" (Dream)
+    confidence: str = "raw_prob"  # prob | raw_prob | margin | neg_entropy | random
+    threshold: float | None = None  # Fast-dLLM: commit every position at least this confident
+    entropy_bound: float | None = None  # SDAR: commit the lowest-entropy prefix within this bound
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        set_("temperature", check_float("temperature", self.temperature, lo=0.0))
+        set_("top_k", check_int("top_k", self.top_k, lo=0))
+        set_("top_p", check_float("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0))
+        if self.order not in ("top_k_first", "top_p_first"):
+            raise UsageError(f"order must be 'top_k_first' or 'top_p_first', got {self.order!r}")
+        if not isinstance(self.confidence, str):
+            raise TypeError(f"confidence must be a str, got {_type_name(self.confidence)}")
+        for name in ("threshold", "entropy_bound"):
+            if getattr(self, name) is not None:
+                set_(name, check_float(name, getattr(self, name)))
+        set_("seed", check_int("seed", self.seed, lo=0, hi=2**63 - 1))
+
+
+def resolve_diffusion_sampling(sampling: DiffusionSampling | None = None, /, **params: Any) -> DiffusionSampling:
+    """``sampling`` (default: LLaDA's) with ``params`` applied on top, validated; an unknown keyword is a
+    ``TypeError`` naming it."""
+    if sampling is not None and not isinstance(sampling, DiffusionSampling):
+        raise TypeError(f"sampling must be a DiffusionSampling, got {_type_name(sampling)}")
+    known = {f.name for f in dataclasses.fields(DiffusionSampling)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument {unknown[0]!r} (diffusion parameters: {', '.join(sorted(known))})"
+        )
+    base = sampling if sampling is not None else DiffusionSampling()
+    return dataclasses.replace(base, **params) if params else base
+
+
 def field_types() -> dict[str, Any]:
     """Each field's annotation as a type (the module uses postponed annotations, so ``Field.type`` is a string)."""
     return typing.get_type_hints(GenerationConfig)

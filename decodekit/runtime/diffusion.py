@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from decodekit.errors import UsageError
-from decodekit.runtime.config import check_int
+from decodekit.runtime.config import DiffusionSampling, check_int, resolve_diffusion_sampling
 from decodekit.runtime.onnx import _NP_DTYPES, _ORT_TYPES, METADATA_FILE, _Binder, read_metadata
 
 __all__ = ["DiffusionResult", "EagerDiffusionModel", "OnnxDiffusionModel", "diffusion_generate"]
@@ -290,17 +290,11 @@ def diffusion_generate(
     gen_length: int = 128,
     block_length: int = 32,
     steps: int = 128,
+    sampling: DiffusionSampling | None = None,
     *,
     mask_id: int | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    order: str = "top_k_first",
-    confidence: str = "raw_prob",
-    threshold: float | None = None,
-    entropy_bound: float | None = None,
-    seed: int = 0,
     kv_cache: bool = False,
+    **params: Any,
 ) -> DiffusionResult:
     """Generate ``gen_length`` tokens after ``prompt`` by block diffusion (LLaDA's ``generate`` and its variants).
 
@@ -314,6 +308,9 @@ def diffusion_generate(
         ``gen_length`` a multiple of ``block_length``; with the schedule (no ``threshold`` / ``entropy_bound``)
         ``steps`` a multiple of the block count, ``steps / blocks`` steps per block each committing ``k_i`` of
         :func:`decodekit.transfer_schedule` positions.
+    sampling : DiffusionSampling, optional
+        The sampling and commit parameters below as one frozen dataclass (declared once in
+        ``decodekit/runtime/config.py``); keyword arguments override its fields.
     mask_id : the mask token (default ``config.mask_id``).
     temperature, top_k, top_p, order, confidence : :func:`decodekit.sample_block`'s (LLaDA: ``temperature 0``,
         ``confidence="raw_prob"``; Dream: ``order="top_p_first"``, ``"neg_entropy"``).
@@ -342,6 +339,9 @@ def diffusion_generate(
     """
     from decodekit.ops.sampling import BLOCK_CONFIDENCES, sample_block, select_positions, transfer_schedule
 
+    sp = resolve_diffusion_sampling(sampling, **params)
+    temperature, top_k, top_p, order, confidence = sp.temperature, sp.top_k, sp.top_p, sp.order, sp.confidence
+    threshold, entropy_bound, seed = sp.threshold, sp.entropy_bound, sp.seed
     x0 = _prompt_tensor(prompt)
     B, P = x0.shape
     m = _as_model(model, B)
@@ -362,8 +362,6 @@ def diffusion_generate(
     mask_id = cfg.mask_id if mask_id is None else check_int("mask_id", mask_id, lo=0, hi=cfg.vocab_size - 1)
     if mask_id < 0:
         raise UsageError("the model has no mask token (config.mask_id is -1): pass mask_id")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise UsageError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if B > m.max_batch or P + gen_length > m.max_seq_len:
         raise UsageError(f"{B} x {P + gen_length} tokens exceed the model's max_batch={m.max_batch} / "
                          f"max_seq_len={m.max_seq_len}")

@@ -209,3 +209,19 @@ def test_config_causal_and_mask_id():
     later[0, 5] = MASK
     run = lambda t: model(t, torch.arange(6)[None], torch.ones_like(t), None, all_logits=True)[0]  # noqa: E731
     assert not torch.allclose(run(ids)[0, 0], run(later)[0, 0])  # bidirectional: a later token moves position 0
+
+
+def test_sampling_dataclass_equals_keywords(llada):
+    """The sampling parameters are one frozen dataclass (declared once); keywords override its fields."""
+    from decodekit.runtime.config import DiffusionSampling
+
+    model, _ = llada
+    sp = DiffusionSampling(temperature=0.7, top_k=5, confidence="prob", seed=3)
+    a = diffusion_generate(model, PROMPTS, 16, 8, 8, sp)
+    b = diffusion_generate(model, PROMPTS, 16, 8, 8, temperature=0.7, top_k=5, confidence="prob", seed=3)
+    c = diffusion_generate(model, PROMPTS, 16, 8, 8, sp, seed=4)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    with pytest.raises(TypeError, match="top_n"):
+        diffusion_generate(model, PROMPTS, 16, 8, 8, top_n=3)
+    with pytest.raises(TypeError, match="sampling"):
+        diffusion_generate(model, PROMPTS, 16, 8, 8, {"temperature": 1.0})
