@@ -74,6 +74,17 @@ def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim
         assert onnx_dec.generate([p], max_new_tokens=40, temperature=0.0, stop_ids=[]).tokens[0] == a.tokens[i]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fp16_gqa_graph_validates(arch, tmp_path):
+    res = export_decoder(_random_decoder(arch, 16).half(), tmp_path / "fp16", graph="gqa", dtype="fp16",
+                         progress=False)
+    assert res.metadata["graph"] == "gqa" and res.metadata["kv_cache"]["dtype"] == "float16"
+    assert res.validation.ok and res.validation.atol == 1e-2  # the fp16 default, as the plain graph
+    dec = OnnxDecoder(res.out_dir, max_batch=2)
+    out = dec.generate([[5, 6, 7], [9]], max_new_tokens=8, temperature=0.0, stop_ids=[])
+    assert all(len(t) == 8 and all(0 <= x < 131 for x in t) for t in out.tokens)
+
+
 def test_stories260k_gqa_greedy_sampled_and_beam_equal_eager(stories_gqa, stories_export_dir, stories_dir):
     meta = json.loads((stories_gqa / "decodekit.json").read_text())
     assert meta["graph"] == "gqa", meta["graph_note"]  # head size 8: the installed ORT's CPU kernel takes it
