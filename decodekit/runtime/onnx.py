@@ -455,15 +455,16 @@ class OnnxDecoder(GenerateMixin):
             ) from None
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         types = self._check_graph(meta)  # model.onnx agrees with decodekit.json ...
-        self._check_memory(max_batch, max_seq_len, types, from_metadata=max_seq_len == export_max)  # ... and fits
-        self.io_binding_enabled = io_binding
         # graph="gqa" exports: each layer's past and present are ONE buffer of capacity max_seq_len that
-        # GroupQueryAttention appends to in place; it is bound once per generation (see step)
+        # GroupQueryAttention appends to in place; it is bound once per generation (see step), and there is no
+        # second (ping-pong) storage
         kv_entry = meta.get("kv_cache")
         self.shared_kv = isinstance(kv_entry, dict) and kv_entry.get("shared_buffer") is True
         if self.shared_kv and not io_binding:
             raise UsageError(f"{self.model_dir} is a graph='gqa' export (one KV buffer shared by past and present): "
                              "it runs with io_binding=True only; export with graph='plain' for plain session.run")
+        self._check_memory(max_batch, max_seq_len, types, from_metadata=max_seq_len == export_max)  # ... and fits
+        self.io_binding_enabled = io_binding
         self.vocab_size = self.config.vocab_size
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
@@ -481,7 +482,9 @@ class OnnxDecoder(GenerateMixin):
 
         # ---- buffers allocated once (their memory is what ORT reads and writes)
         region = max_batch * cfg.n_kv_heads * max_seq_len * cfg.head_dim  # one layer's keys (or values)
-        self._kv = torch.zeros(2, n, 2, region, dtype=self.kv_dtype, device=self.device)  # [pingpong, layer, k/v, ...]
+        n_storages = 1 if self.shared_kv else 2
+        # [pingpong (plain graph) | 1 (shared), layer, k/v, ...]
+        self._kv = torch.zeros(n_storages, n, 2, region, dtype=self.kv_dtype, device=self.device)
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=self.logits_dtype, device=self.device)
         flat = max_batch * max_seq_len
         self._ids = torch.zeros(flat, dtype=self._int_dtypes["input_ids"], device=self.device)
@@ -490,13 +493,14 @@ class OnnxDecoder(GenerateMixin):
         self._binder = _Binder(self.session, self.device) if io_binding else None
         # byte address of each (storage, layer, key/value) region: steps bind pointers, not new tensors
         el = self._kv.element_size()
-        base = [self._kv[i].data_ptr() for i in range(2)]
+        base = [self._kv[i].data_ptr() for i in range(n_storages)]
         self._kv_ptr = [
-            [[base[st] + ((layer * 2 + w) * region) * el for w in (0, 1)] for layer in range(n)] for st in (0, 1)
+            [[base[st] + ((layer * 2 + w) * region) * el for w in (0, 1)] for layer in range(n)]
+            for st in range(n_storages)
         ]
         self._kv_np = _NP_DTYPES[self.kv_dtype]
         # per storage holding the past: [(past name, its address), ...], [(present name, address in the other), ...]
-        # (shared_kv: past and present of a layer at the same address, the other storage only serves reorder_cache)
+        # (shared_kv: past and present of a layer at the same address)
         self._kv_binds = [
             (
                 [(self.past_names[i][w], self._kv_ptr[st][i][w]) for i in range(n) for w in (0, 1)],
@@ -504,7 +508,7 @@ class OnnxDecoder(GenerateMixin):
                  for i in range(n) for w in (0, 1)],
                 self._kv_np,
             )
-            for st in (0, 1)
+            for st in range(n_storages)
         ]
         self._kv_bound: tuple[int, int] | None = None  # shared_kv: (storage, batch) the cache is bound to
         self._cur = 0  # which storage holds the current cache
@@ -576,7 +580,8 @@ class OnnxDecoder(GenerateMixin):
         """Refuse buffers larger than the memory left on the device, before allocating them."""
         cfg = self.config
         kv_el = _ORT_TYPES[types["past_key_values.0.key"]].itemsize
-        need = 2 * cfg.n_layers * 2 * max_batch * cfg.n_kv_heads * max_seq_len * cfg.head_dim * kv_el
+        need = (1 if self.shared_kv else 2) * cfg.n_layers * 2 * max_batch * cfg.n_kv_heads * max_seq_len * \
+            cfg.head_dim * kv_el
         need += max_batch * cfg.vocab_size * _ORT_TYPES[types["logits"]].itemsize
         need += sum(_ORT_TYPES[types[n]].itemsize for n in ("input_ids", "position_ids", "attention_mask")) * (
             max_batch * max_seq_len
@@ -682,7 +687,8 @@ class OnnxDecoder(GenerateMixin):
 
         With IO binding this is one gather per layer's keys and values from the storage holding the cache into
         the other ping-pong storage (``torch.index_select(..., out=)`` into its preallocated region: nothing is
-        allocated), which then holds the cache; the next step reads its past from there.
+        allocated), which then holds the cache; the next step reads its past from there. A ``graph="gqa"`` export
+        has one storage: each layer's selected rows are gathered into a temporary and written back in place.
         """
         n = index.shape[0] if index.dim() == 1 else -1
         if index.dtype != torch.int64 or not 1 <= n <= self.max_batch or index.device != self.device:
@@ -696,6 +702,13 @@ class OnnxDecoder(GenerateMixin):
                 idx = index.cpu().numpy()
                 self._np_past = [np.ascontiguousarray(a[idx]) for a in self._np_past]
             self._batch = n
+            return
+        if self.shared_kv:  # one storage: each layer's rows gathered out (a small copy), then written back in place
+            for layer in range(self.config.n_layers):
+                for which in (0, 1):
+                    rows = self.kv_view(0, layer, which, self._batch, self._len).index_select(0, index)
+                    self.kv_view(0, layer, which, n, self._len).copy_(rows)
+            self._batch = n  # a new batch size binds the buffer again (step)
             return
         src, dst = self._cur, 1 - self._cur
         for layer in range(self.config.n_layers):

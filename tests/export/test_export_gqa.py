@@ -105,6 +105,7 @@ def test_stories260k_gqa_greedy_sampled_and_beam_equal_eager(stories_gqa, storie
 
 def test_shared_buffer_is_bound_once_per_generation(stories_gqa, monkeypatch):
     dec = OnnxDecoder(stories_gqa, max_batch=2)
+    assert dec._kv.shape[0] == 1  # one storage: no ping-pong copy to hold
     calls = []
     real = dec._binder.kv
     monkeypatch.setattr(dec._binder, "kv", lambda *a: (calls.append(a[1]), real(*a)))
