@@ -183,10 +183,18 @@ def test_int4_gguf_gqa_graph_keeps_q_k_v_as_matmul_nbits(tiny_gguf, tmp_path):
 CHAT_PROMPTS = ["What is the capital of France?", "Write one sentence about the sea."]
 
 
-def test_smollm_gqa_greedy_equals_the_plain_graph(smollm_gguf, smollm_export_fp32, tmp_path_factory):
-    from conftest import shared_export
+@pytest.fixture(scope="module")
+def smollm_export_gqa(request, smollm_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M exported with graph='gqa' once per test run (tests/conftest.py's shared_export; found through
+    pytest's plugin manager, since ``import conftest`` may name another folder's conftest)."""
+    root = Path(__file__).resolve().parents[1] / "conftest.py"
+    plugin = next(p for p in request.config.pluginmanager.get_plugins()
+                  if getattr(p, "__file__", None) and Path(p.__file__).resolve() == root)
+    return plugin.shared_export(tmp_path_factory, "smollm2-gqa", smollm_gguf, graph="gqa")
 
-    gqa = shared_export(tmp_path_factory, "smollm2-gqa", smollm_gguf, graph="gqa")
+
+def test_smollm_gqa_greedy_equals_the_plain_graph(smollm_export_gqa, smollm_export_fp32):
+    gqa = smollm_export_gqa
     meta = json.loads((gqa / "decodekit.json").read_text())
     assert meta["graph"] == "gqa" and meta["weights"]["format"] == "fp32"
     assert max(meta["validation"]["max_abs_diff"].values()) <= 1e-4
