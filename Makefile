@@ -91,6 +91,10 @@ BENCH_TIMING ?= --benchmark-max-time=0.1 --benchmark-min-rounds=3
 bench: setup
 	@mkdir -p bench/results
 	$(PY) -m pip install -q -e '.[bench]'
+	@# the peers of bench/bench_peers.py (benchmark-only; skipped there with the reason when they do not install);
+	@# onnxruntime-genai without its `onnxruntime` requirement, which would overwrite onnxruntime-gpu's files
+	$(PY) -m pip install -q -e '.[peers]' || echo "bench: ctranslate2 not installed (bench_peers.py skips it)"
+	$(PY) -m pip install -q --no-deps 'onnxruntime-genai>=0.8' || echo "bench: onnxruntime-genai not installed"
 	$(PY) -m pytest bench -q --benchmark-only $(BENCH_TIMING) --benchmark-json=bench/results/.last.json $(BENCH_ARGS)
 	$(PY) -m bench.report bench/results/.last.json
 	$(PY) -m bench.report_sampling bench/results/.last.json
