@@ -473,9 +473,13 @@ def run_generation(
         else:
             nxt = sample(logits, seed=step_seeds(step), **sample_kwargs)  # [B] int64, from the bound logits in place
             buf.next_ids[:, 0] = nxt
-            if counts is not None:
-                counts.scatter_add_(1, buf.next_ids, ones)
             host = nxt.tolist()  # the one host sync of a step: stop checks and streaming need the ids
+            if counts is not None:
+                if min(host) >= 0:
+                    counts.scatter_add_(1, buf.next_ids, ones)
+                else:  # a bad row (-1: NaN / +inf / all -inf logits) counts nothing
+                    ids = buf.next_ids.clamp(min=0)
+                    counts.scatter_add_(1, ids, (buf.next_ids >= 0).to(counts.dtype))
         if step == 0:
             ttft = time.perf_counter() - t0
             decode_start = time.perf_counter()

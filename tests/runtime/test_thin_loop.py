@@ -86,3 +86,12 @@ def test_penalties_keep_the_sampler(monkeypatch):
     run_generation(_Scripted(script, False), [[1], [2]],
                    resolve_config(max_new_tokens=2, temperature=0.0, repetition_penalty=1.3, stop_ids=[]))
     assert len(calls) == 2 and calls[0]["token_counts"] is not None
+
+
+def test_penalties_with_a_bad_row_do_not_crash():
+    """A row whose logits go bad (NaN, all -inf) under a penalty: the sampler's -1, no count update for it."""
+    script = _script(torch.float32, 3, 31, 5)  # NaN: row 1 at step 2; all -inf: row 2 at step 3; +inf: row 0 at 4
+    res = run_generation(_Scripted(script, False), [[1], [2], [3]],
+                         resolve_config(max_new_tokens=5, temperature=0.0, repetition_penalty=1.3, stop_ids=[]))
+    bad = {(1, 2), (2, 3), (0, 4)}
+    assert all((t == -1) == ((i, s) in bad) for i, row in enumerate(res.tokens) for s, t in enumerate(row))
