@@ -336,44 +336,5 @@ def test_decode_unchecked_lengths_are_clamped(device):
     torch.testing.assert_close(out, decode_attention_ref(q, kc, kc, torch.tensor([16], device=device)))
 
 
-# --------------------------------------------------------------------------- compiled code generation
-
-_AOT_SCRIPT = r"""
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import decodekit.ops.attention.triton as A
-
-def build(kern, types, consts, warps, stages):
-    names = list(inspect.signature(kern.fn).parameters)
-    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-    src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-
-for dt, causal, ks in (("bf16", True, True),):
-    f = {"DOT_PRECISION": "ieee" if dt == "fp32" else None, "DOT_UPCAST": False}
-    io = {n: "*" + dt for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
-    io.update(LSE="*fp32", DELTA="*fp32", O_PART="*fp32", LSE_PART="*fp32", KV_START="*i32", SEQLENS="*i32",
-              sm_scale_log2="fp32", sm_scale="fp32")
-    mask = dict(CAUSAL=causal, HAS_KV_START=ks)
-    shared = [
-        build(A._attn_fwd_kernel, io, dict(mask, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, **f), 8, 3),
-        build(A._attn_bwd_preprocess_kernel, io, dict(BLOCK_M=64, BLOCK_D=128), 4, 1),
-        build(A._attn_bwd_dkdv_kernel, io, dict(mask, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, **f), 8, 2),
-        build(A._attn_bwd_dq_kernel, io, dict(mask, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, **f), 8, 2),
-        build(A._decode_split_kernel, io, dict(HAS_KV_START=ks, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, **f), 4, 3),
-        build(A._decode_merge_kernel, io, dict(BLOCK_S=32, BLOCK_D=128), 4, 1),
-    ]
-    assert all(k.asm.get("cubin") for k in shared), "no cubin"
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_sm90(compile_offline):
-    """Without a GPU, still compile every kernel (bf16, every mask on) to sm_90 machine code.
-
-    The interpreter does not type-check loops or lower tl.dot layouts; this catches compiled-only errors.
-    (fp32 variants compile too but take ~10 s each, so they are left out of the suite.)
-    """
-    compile_offline(_AOT_SCRIPT, timeout=600)
+# Compiled code generation: every attention kernel configuration is compiled for sm_90 / sm_100 with its
+# resources checked in tests/ops/test_compile_sm90.py (bf16, fp16 and fp32, every head-dim class and flag).
