@@ -693,6 +693,36 @@ def _block_kept(z: torch.Tensor, lw: torch.Tensor, k: torch.Tensor, p: torch.Ten
     return keep
 
 
+_BLOCK_CAND_MAX = 1024  # top-k up to this: the filters, weights and draw run on the k candidates, not the row
+
+
+def _block_candidates(z: torch.Tensor, lw: torch.Tensor, k: torch.Tensor, p: torch.Tensor, nfin: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Top-k then top-p on each row's ``k`` largest values only: ``(lw, keep, tok)`` ``[R, C]`` in token order
+    (``C`` = the largest k), the same kept set as :func:`_block_kept`; None where it does not apply (a row without
+    top-k, a large k, or a tie group at a k-th value that runs past the candidates)."""
+    if not bool(((k > 0) & (k < nfin)).all()):
+        return None
+    kmax = int(k.max())
+    if kmax > _BLOCK_CAND_MAX:
+        return None
+    n = min(kmax + 1, z.shape[1])
+    vals, idx = torch.topk(z, n, dim=1)  # descending
+    kth = vals.gather(1, (k - 1)[:, None])  # [R, 1]
+    if bool((vals.gather(1, k[:, None]) == kth).any()):  # k < nfin <= V, so column k exists
+        return None  # ties at the k-th value past the candidates: the whole-row path keeps them all
+    vals, idx = vals[:, :kmax], idx[:, :kmax]
+    keep = torch.arange(kmax, device=z.device)[None, :] < k[:, None]
+    base = torch.where(keep, lw.gather(1, idx), _NEG_INF)  # sorted descending
+    p_on = p < 1.0
+    if bool(p_on.any()):
+        w = base.exp()
+        keep_p = _group_start_mass(base, w) < torch.where(p_on, p, 1.0)[:, None] * w.sum(dim=1, keepdim=True)
+        keep &= keep_p | (base == 0.0) | ~p_on[:, None]
+    order = idx.argsort(dim=1)  # token order, as the whole-row draw walks the vocabulary
+    return base.gather(1, order), keep.gather(1, order), idx.gather(1, order)
+
+
 def block_torch(
     logits: torch.Tensor,
     masked: torch.Tensor,
@@ -751,7 +781,13 @@ def block_torch(
     if f.numel():
         zf = z[f]
         lw = zf - zmax[f][:, None]
-        keep = _block_kept(zf, lw, K[f], P[f], nfin[f], topp_first)
+        cand = None if topp_first or post_temp or probs is not None else _block_candidates(zf, lw, K[f], P[f], nfin[f])
+        ctok = None
+        if cand is not None:  # the k candidates of each row stand for the row (the rest weighs 0)
+            lw, keep, ctok = cand
+        else:
+            keep = _block_kept(zf, lw, K[f], P[f], nfin[f], topp_first)
+        C = lw.shape[1]
         if post_temp:
             inv = (1.0 / T[f])[:, None]
             lw = torch.where(lw == 0.0, 0.0, lw * inv)  # no 0 * inf at the max when 1 / T overflows
@@ -760,14 +796,14 @@ def block_torch(
         ws = w.sum(dim=1)
         w_sum[f] = ws
         e_sum[f] = torch.where(w > 0, w * lw, 0.0).sum(dim=1)
-        w2[f] = torch.topk(w, 2, dim=1).values[:, 1] if V > 1 else 0.0
+        w2[f] = torch.topk(w, 2, dim=1).values[:, 1] if C > 1 else 0.0
         draw = ~greedy[f]
         if bool(draw.any()):
             d = draw.nonzero().flatten()
             cdf = w[d].double().cumsum_(dim=1)
             u = counter_uniform(seeds[rb[f[d]]], rl[f[d]] << 32).double()[:, None]
-            pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1)
-            tok[f[d]] = pick[:, 0]
+            pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=C - 1)
+            tok[f[d]] = (ctok[d].gather(1, pick) if ctok is not None else pick)[:, 0]
             tok_lw[f[d]] = lw[d].gather(1, pick)[:, 0]
         if probs is not None and bool(draw.any()):
             d = draw.nonzero().flatten()

@@ -405,3 +405,27 @@ def test_fuzz_backends_agree(B, L, V, temperature, top_k, top_p, order, confiden
             assert torch.equal(tok, rt)
             torch.testing.assert_close(conf.double(), rc, atol=2e-6, rtol=1e-5)
     assert math.isfinite(float(ref.sum()))
+
+
+@pytest.mark.parametrize("confidence", ["prob", "margin", "neg_entropy", "raw_prob"])
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 50, 0.9), (0.7, 3, 1.0), (0.0, 7, 0.5), (1.3, 1, 0.9)])
+@pytest.mark.parametrize("B, L, V", [(2, 5, 97), (1, 3, 1000)])
+def test_candidate_path_equals_the_whole_row_path(B, L, V, temperature, top_k, top_p, confidence, monkeypatch):
+    """The PyTorch path's top-k-first shortcut (filters, weights and draw on the k candidates) draws the tokens of
+    the whole-row path and gives its confidences; coarse logits make tie groups at the k-th value (the shortcut
+    then steps aside)."""
+    import decodekit.ops.sampling.cpu as cpu
+
+    gen = torch.Generator().manual_seed(V + top_k)
+    x = (torch.randn(B, L, V, generator=gen) * 3).round(decimals=1)
+    masked = torch.rand(B, L, generator=gen) < 0.8
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence, seed=5, backend="torch")
+    calls = []
+    real = cpu._block_candidates
+    monkeypatch.setattr(cpu, "_block_candidates", lambda *a: calls.append(1) or real(*a))
+    tok, conf = decodekit.sample_block(x, masked, **kw)
+    monkeypatch.setattr(cpu, "_block_candidates", lambda *a: None)
+    tok_full, conf_full = decodekit.sample_block(x, masked, **kw)
+    greedy_raw = temperature == 0.0 and confidence == "raw_prob"  # nothing filtered: neither path runs
+    assert bool(calls) != greedy_raw and torch.equal(tok, tok_full)
+    torch.testing.assert_close(conf, conf_full, rtol=1e-5, atol=1e-6, equal_nan=True)
