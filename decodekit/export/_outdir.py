@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,15 @@ def locked(out: Path, info: Callable[[str], None]) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 info(f"waiting for {_holder(fd)}, which is exporting to {out} ({lock_path.name})")
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                # poll rather than block in flock: CPython runs signal handlers between calls, so a Ctrl-C that
+                # lands just before a blocking flock starts would wait unseen until the holder finishes
+                while True:
+                    time.sleep(_LOCK_POLL_S)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        continue
             held = _is_current(fd, lock_path)
             if held:
                 break
@@ -252,6 +261,7 @@ def locked(out: Path, info: Callable[[str], None]) -> Iterator[None]:
                 os.close(fd)
 
 
+_LOCK_POLL_S = 0.05  # how often a waiting export retries the lock
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
