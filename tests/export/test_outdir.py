@@ -462,6 +462,8 @@ def test_interrupted_while_waiting_for_the_lock_leaves_the_holders_file(tmp_path
     out = tmp_path / "out"
     fd = os.open(tmp_path / ".out.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    # Ctrl-C's own handler, whatever an earlier test in this worker left installed (else the signal may be ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     timer.start()
     try:
@@ -471,6 +473,7 @@ def test_interrupted_while_waiting_for_the_lock_leaves_the_holders_file(tmp_path
     finally:
         timer.cancel()
         os.close(fd)
+        signal.signal(signal.SIGINT, previous)
     with _outdir.locked(out, print):
         pass
     assert os.listdir(tmp_path) == []
