@@ -43,6 +43,18 @@ def write_tiny_llama2c(path, *, dim=16, hidden=32, layers=1, heads=2, kv=2, voca
     return path
 
 
+
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """Python's own SIGINT handler for every test here: an earlier test in the same xdist worker (torch's compile
+    workers, for one) can leave SIGINT ignored, and the interrupt tests would then see no interrupt."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def ckpt(tmp_path):
     d = tmp_path / "src"
@@ -95,6 +107,7 @@ def run_cli(capsys, *argv):
 
 
 @pytest.mark.parametrize("where", ["same dir", "ancestor", "the file", "grandparent"])
+
 def test_out_dir_holding_the_source_is_refused(ckpt, tmp_path, capsys, stub_export, where):
     """Issue 10's data loss: `export DIR/model.bin -o DIR --force` deleted the checkpoint and DIR's files."""
     out = {"same dir": ckpt.parent, "ancestor": tmp_path, "the file": ckpt, "grandparent": tmp_path.parent}[where]
