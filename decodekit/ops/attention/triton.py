@@ -97,14 +97,15 @@ def attention_config(
         if wide:  # fp32 "ieee" dots keep their operands in registers: wider tiles spill (sm_90 / sm_100 compiles)
             block_m, block_n = 32, 32 if block_d <= 64 else 16
     elif op == "bwd":
-        if block_d <= 64:
-            block_m, block_n, warps, stages = 64, 64, 4, 2
-        elif block_d <= 128:
+        # 8 warps even at head dim 64: with 4 the dK/dV/K/V tiles take 255 registers per thread (spilling under
+        # triton 3.6's ptxas, sm_90 compile)
+        if block_d <= 128:
             block_m, block_n, warps, stages = 64, 64, 8, 2
         else:
             block_m, block_n, warps, stages = 32, 32, 8, 1
-        if wide:  # fp32: half the tiles, and 16 keys per step (32 spills at head dim 64 on sm_90)
-            block_m, block_n = max(16, block_m // 2), 16
+        if wide:  # fp32: half the tiles, and 16 keys per step (32 spills at head dim 64 on sm_90); 8 warps (at 4
+            # the ieee dots' operands take 255 registers and spill)
+            block_m, block_n, warps = max(16, block_m // 2), 16, 8
     else:  # decode: memory bound; wide key tiles keep many loads in flight
         block_m = 0
         block_n = 64 if block_d <= 128 else 32
@@ -116,6 +117,8 @@ def attention_config(
     if interpreter_enabled() or device.type != "cuda":
         block_n = 16
     block_r = max(16, triton.next_power_of_2(rows))
+    if wide and block_r * block_d > 2048 and device.type == "cuda" and not interpreter_enabled():
+        warps = 8  # fp32 query rows x head dim over 2048 elements: 4 warps spill (255 registers, sm_90 compile)
     n_tiles = triton.cdiv(max(s_max, 1), block_n)
     if num_splits is None:
         sms = _multiprocessor_count(device.index or 0) if device.type == "cuda" else 1
