@@ -80,12 +80,18 @@ _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
 def _plain(args: Sequence[Any], grad: bool) -> bool:
     """Every tensor in ``args`` (lists included) is a plain ``torch.Tensor`` that needs no gradient."""
     for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) is not torch.Tensor or (grad and a.requires_grad):
+        t = type(a)
+        if t is torch.Tensor:
+            if grad and a.requires_grad:
                 return False
-        elif isinstance(a, list | tuple) and not _plain(a, grad):
-            return False
+        elif t in _LEAF:  # the common case first: a Python scalar, string or None
+            continue
+        elif isinstance(a, torch.Tensor) or (isinstance(a, list | tuple) and not _plain(a, grad)):
+            return False  # a tensor subclass (FakeTensor, DTensor, ...), or a list holding something not plain
     return True
+
+
+_LEAF = frozenset({float, int, bool, str, type(None)})
 
 
 def call(name: str, *args: Any) -> Any:

@@ -238,9 +238,25 @@ def _filter_setup(
     B, _ = logits.shape
     dev = logits.device
     given = (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
+    key = None
+    if not any(isinstance(v, torch.Tensor) for v in given) and not compiling():
+        # Python scalars only (a server's usual call): their checked values depend on nothing else, so they are
+        # checked once per distinct setting (a small call spends more time here than in the sampler itself)
+        key = (op, tts, *((type(v), v) for v in given))
+        prm = _SCALAR_PARAMS.get(key)
+        if prm is not None:
+            return logits, prm, _check_counts(token_counts, logits, op)
     prm = {name: _row_param(name, v, B, dev, op, **_bounds(name, tts)) for name, v in zip(_PARAM_ORDER, given)}
+    if key is not None:
+        if len(_SCALAR_PARAMS) >= 256:
+            _SCALAR_PARAMS.clear()
+        _SCALAR_PARAMS[key] = prm
     counts = _check_counts(token_counts, logits, op)
     return logits, prm, counts
+
+
+#: checked scalar parameters by (op, tts, (type, value) of each); values are never mutated by their users
+_SCALAR_PARAMS: dict[tuple, dict[str, float | int | torch.Tensor]] = {}
 
 
 def _op_params(prm: dict[str, float | int | torch.Tensor], names: tuple[str, ...] = _PARAM_ORDER):
@@ -253,8 +269,13 @@ def _finish_params(
     names: tuple[str, ...] = _PARAM_ORDER,
 ) -> dict[str, float | int | torch.Tensor]:
     """Inside an op: the parameters by name, per-row tensors range-checked (CPU) and made fp32 [B]."""
-    vals = join_params(scalars, tensors, [bool(_bounds(n, tts).get("integer")) for n in names])
+    if not any(t is not None for t in tensors):  # Python scalars only (checked at trace time): nothing to convert
+        return {n: int(v) if n in _INTEGER else v for n, v in zip(names, scalars)}
+    vals = join_params(scalars, tensors, [n in _INTEGER for n in names])
     return {n: _row_tensor(n, v, B, op, **_bounds(n, tts)) for n, v in zip(names, vals)}
+
+
+_INTEGER = frozenset(n for n, b in _BOUNDS.items() if b.get("integer"))
 
 
 def _seed_args(seed: int | torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor | None, int]:
