@@ -63,7 +63,6 @@ def row_path(request, monkeypatch):
         monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 0)
     else:
         monkeypatch.setattr(sampling_cpu, "_HOST_ELEMS", 1 << 30)
-        monkeypatch.setattr(sampling_cpu, "_SORT_V", 1 << 30)
     return request.param
 
 
