@@ -103,11 +103,16 @@ def call(name: str, *args: Any) -> Any:
     result is the op's, bit for bit; only the dispatcher's overhead is gone.
     """
     fn = IMPLS.get(name)
-    if (fn is not None and _DISPATCH_DEPTH is not None and _FUNCTORCH_ACTIVE is not None
-            and not torch.compiler.is_compiling() and _DISPATCH_DEPTH() == 0 and not _FUNCTORCH_ACTIVE()
-            and _plain(args, torch.is_grad_enabled())):  # fmt: skip
+    if fn is not None and direct(args):
         return fn(*args)
     return getattr(torch.ops.decodekit, name)(*args)
+
+
+def direct(args: Sequence[Any]) -> bool:
+    """Whether an op called with ``args`` may run its implementation directly (see :func:`call`): plain eager
+    code, no dispatch mode or functorch transform active, only plain tensors that need no gradient."""
+    return (_DISPATCH_DEPTH is not None and _FUNCTORCH_ACTIVE is not None and not torch.compiler.is_compiling()
+            and _DISPATCH_DEPTH() == 0 and not _FUNCTORCH_ACTIVE() and _plain(args, torch.is_grad_enabled()))
 
 
 def compiling() -> bool:

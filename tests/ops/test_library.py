@@ -28,7 +28,7 @@ def spy(monkeypatch):
 
 
 def test_direct_path_equals_dispatcher(spy, monkeypatch):
-    x = torch.randn(5, 777) * 3
+    x = torch.randn(5, 7777) * 3  # past the sampler's NumPy lane (20K logits): the call goes through ``call``
     direct = decodekit.sample(x, temperature=0.8, top_k=40, top_p=0.9, seed=torch.arange(5))
     assert spy.get("sample") == 1
     monkeypatch.setattr(_library, "IMPLS", {})  # every call through torch.ops.decodekit
@@ -56,3 +56,23 @@ def test_dispatch_mode_goes_through_the_op(spy):
         x = mode.from_tensor(torch.randn(4, 100))
         tok = decodekit.sample(x, temperature=1.0, seed=1)
     assert tok.shape == (4,) and "sample" not in spy
+
+
+@pytest.mark.parametrize("op", ["sample", "sample_logits"])
+def test_small_calls_take_the_host_lane_with_the_ops_result(spy, monkeypatch, op):
+    """A small eager CPU call runs the NumPy path from the public function (no ``call``); it gives the op's tokens
+    and log-probabilities bit for bit, with and without a repetition penalty."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1000, generator=g) * 3
+    counts = torch.randint(0, 3, (3, 1000), generator=g, dtype=torch.int32)
+    if op == "sample":
+        run = lambda: decodekit.sample(x, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.3,  # noqa: E731
+                                       token_counts=counts, seed=torch.arange(3), return_logprobs=True)
+    else:
+        run = lambda: (decodekit.sample_logits(x, 1.0, 0.85, 0, seed=torch.arange(3)),)  # noqa: E731
+    lane = run()
+    assert op not in spy  # the lane: no op implementation was called
+    monkeypatch.setattr(_library, "IMPLS", {})  # every call through torch.ops.decodekit
+    via_op = run()
+    for a, b in zip(lane, via_op, strict=True):
+        assert torch.equal(a, b)

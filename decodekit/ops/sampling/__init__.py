@@ -21,7 +21,7 @@ import math
 import torch
 
 from decodekit.ops._dispatch import FLOAT_DTYPES, check_tensor, resolve_backend
-from decodekit.ops._library import call, compiling, custom_op, fake_rows, join_params, split_params
+from decodekit.ops._library import call, compiling, custom_op, direct, fake_rows, join_params, split_params
 from decodekit.ops.sampling import cpu as _st
 
 __all__ = ["sample", "sampling_probs", "sample_logits", "sampler_simple_batch"]
@@ -309,6 +309,14 @@ def _row_params(
 # the implementations run the Triton kernels or the PyTorch path and do every check that reads tensor values.
 
 
+def _host_lane(logits: torch.Tensor, prm: dict, path: str, *tensors: torch.Tensor | int | None) -> bool:
+    """A small eager CPU call with scalar parameters: the public function runs the op's NumPy path itself (the
+    implementation ``call`` would run, minus the layers between; a decode step's sampler is mostly those layers
+    at B = 1 and a small vocabulary)."""
+    return (path == "torch" and logits.device.type == "cpu" and logits.numel() <= _st._HOST_ELEMS
+            and not any(isinstance(v, torch.Tensor) for v in prm.values()) and direct((logits, *tensors)))
+
+
 def _checked_seed(seed: torch.Tensor | None, seed_int: int) -> int | torch.Tensor:
     return seed if seed is not None else seed_int
 
@@ -531,6 +539,10 @@ def sample(
         tokens, logprobs = torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, device=dev)
     else:
         npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True) if path == "triton" else 0
+        if _host_lane(logits, prm, path, seed, counts) and not check:
+            rp = _row_params(prm, counts, tts=False, greedy_top1=True)
+            tokens, logprobs = _st.host_sample(logits, rp, _torch_seed(seed, B, dev), return_logprobs)
+            return (tokens, logprobs) if return_logprobs else tokens
         tokens, logprobs = call("sample", logits, *_op_params(prm), counts, *_seed_args(seed, dev), npass,
                                                       return_logprobs, bool(check), path)
     return (tokens, logprobs) if return_logprobs else tokens
@@ -585,6 +597,9 @@ def _sample_logits_impl(
         return torch.empty((0, logits.shape[1]) if probs else (0, 1), device=dev,
                            dtype=torch.float32 if probs else torch.int64)
     npass = _npass(temperature, top_k, top_p, tts=True, greedy_top1=False) if path == "triton" else 0
+    if not probs and _host_lane(logits, prm, path, seed):
+        rp = _row_params(prm, None, tts=True, greedy_top1=False)
+        return _st.host_sample(logits, rp, _torch_seed(seed, B, dev), False)[0][:, None]
     if probs:
         return call("sample_logits_probs", logits, *_op_params(prm), npass, path)
     return call("sample_logits", logits, *_op_params(prm), *_seed_args(seed, dev), npass, path)[:, None]

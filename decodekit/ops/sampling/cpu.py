@@ -343,7 +343,7 @@ def _host_kept(z: np.ndarray, prm: RowParams) -> tuple:
     T, k, p, mp = float(prm.temperature), int(prm.top_k), float(prm.top_p), float(prm.min_p)
     zs = z / np.float32(T) if T != 1.0 else z  # [B, V] the values top-k ranks (the division can make ties)
     m = zs.max(axis=1, keepdims=True)  # [B, 1]
-    bad = ~np.isfinite(z.max(axis=1))
+    bad = ~np.isfinite(m[:, 0] if zs is z else z.max(axis=1))
     greedy = np.isinf(m[:, 0]) & ~bad  # z / T overflows: the limit T -> 0
     lw = zs - m
     w = np.exp(lw)
@@ -363,8 +363,12 @@ def _host_kept(z: np.ndarray, prm: RowParams) -> tuple:
         c = np.cumsum(ws / total[:, None], axis=1)  # [B, K] the mass down to each candidate
         # a candidate is dropped once the mass above it exceeds p (TTS: "> p"; Hugging Face: ">= p"): the
         # first n are kept, and the n-th value is the cut (its whole tie group stays)
-        n = (c <= p).sum(axis=1) if prm.tts else (c < p).sum(axis=1)
-        cut = _take(srt, np.minimum(n, srt.shape[1] - 1)[:, None])  # [B, 1]
+        side = "right" if prm.tts else "left"
+        if B == 1:  # c is non-decreasing: a binary search instead of a pass
+            cut = srt[:, min(int(np.searchsorted(c[0], p, side)), srt.shape[1] - 1), None]  # [1, 1]
+        else:
+            n = (c <= p).sum(axis=1) if prm.tts else (c < p).sum(axis=1)
+            cut = _take(srt, np.minimum(n, srt.shape[1] - 1)[:, None])  # [B, 1]
         w *= zs >= cut
     if not prm.tts and mp > 0:
         w *= w >= mp
@@ -391,7 +395,7 @@ def _all_greedy(prm: RowParams) -> bool:
     return float(prm.temperature) == 0.0 or (prm.greedy_top1 and int(prm.top_k) == 1)
 
 
-def _host_sample(logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: bool):
+def host_sample(logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: bool):
     zn = _host_penalized(logits, prm)
     B = zn.shape[0]
     if _all_greedy(prm):
@@ -403,7 +407,10 @@ def _host_sample(logits: torch.Tensor, prm: RowParams, seed: Seed, logprobs: boo
             lw, w, greedy, bad = _host_kept(zn, prm)
             # inverse-CDF draw over the kept tokens in token order (as the torch path draws: the same tokens)
             cdf = np.cumsum(w, axis=1, dtype=np.float64)
-            pos = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), w.shape[1] - 1)[:, None]  # [B, 1]
+            if B == 1:  # the cdf is non-decreasing: a binary search instead of a pass
+                pos = np.array([[min(int(np.searchsorted(cdf[0], u[0] * cdf[0, -1], "right")), w.shape[1] - 1)]])
+            else:
+                pos = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), w.shape[1] - 1)[:, None]  # [B, 1]
             token = pos[:, 0].astype(np.int64)
             lp = (_take(lw, pos)[:, 0] - np.log(cdf[:, -1])).astype(np.float32) if logprobs else None
     if greedy.any():
@@ -473,7 +480,7 @@ def sample_torch(
     """Tokens ``[B]`` (int64; -1 for bad rows) and, with ``logprobs``, their fp32 log-probabilities under the
     kept, renormalized distribution (0 for greedy rows, NaN for bad rows; else None)."""
     if _host_eligible(logits, prm):
-        return _host_sample(logits, prm, seed, logprobs)
+        return host_sample(logits, prm, seed, logprobs)
     plan = _plan(logits, prm)
     B = plan.z.shape[0]
     dev = plan.z.device
