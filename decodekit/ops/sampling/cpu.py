@@ -382,12 +382,16 @@ def _host_penalized(logits: torch.Tensor, prm: RowParams) -> np.ndarray:
     if prm.token_counts is None or (rep == 1.0 and pres == 0.0 and freq == 0.0):
         return z
     counts = prm.token_counts.numpy()
-    r, c = np.nonzero(counts)
-    z = z.copy()
+    seen = counts > 0
+    # whole-row operations (these rows are short): a zero count changes nothing, as in the torch path (z - 0 * x
+    # is z), and a zero presence / frequency penalty is skipped (subtracting 0 is the identity)
     with np.errstate(all="ignore"):  # extreme penalties overflow to +-inf as in torch, without a warning
-        x, cnt = z[r, c], counts[r, c].astype(np.float32)
-        x = np.where(cnt > 0, np.where(x > 0, x / np.float32(rep), x * np.float32(rep)), x)
-        z[r, c] = x - np.float32(pres) * (cnt > 0) - np.float32(freq) * cnt
+        if rep != 1.0:
+            z = np.where(seen, np.where(z > 0, z / np.float32(rep), z * np.float32(rep)), z)
+        if pres != 0.0:
+            z = z - np.float32(pres) * seen
+        if freq != 0.0:
+            z = z - np.float32(freq) * counts.astype(np.float32)
     return z
 
 
