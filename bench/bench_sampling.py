@@ -77,7 +77,8 @@ def _rounds(B: int, V: int) -> int | None:
 
 
 def _interleaved(eager, mine, budget_s: float = 0.6) -> tuple[float, float, int]:
-    """Medians of ``eager()`` and ``mine()`` timed alternately (5 to 41 pairs within about ``budget_s``)."""
+    """Medians of ``eager()`` and ``mine()`` timed alternately (9 to 41 pairs within about ``budget_s``; at least
+    9 even past it, so that one burst of other work on the two cores cannot move a median)."""
     eager(), mine()  # warm-up (caches, lazy imports, the first-call allocations)
     t0 = time.perf_counter()
     eager()
@@ -85,7 +86,7 @@ def _interleaved(eager, mine, budget_s: float = 0.6) -> tuple[float, float, int]
     mine()
     pair = max(time.perf_counter() - t0, 1e-6)
     te, tm = [t1 - t0], [time.perf_counter() - t1]
-    for _ in range(max(4, min(40, int(budget_s / pair)))):
+    for _ in range(max(8, min(40, int(budget_s / pair)))):
         t0 = time.perf_counter()
         eager()
         t1 = time.perf_counter()
