@@ -454,6 +454,7 @@ class OnnxDecoder(GenerateMixin):
                 f"{model_file} cannot be loaded by ONNX Runtime (truncated, or not an ONNX model?): {first}"
             ) from None
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        self.owns_cpu_threads = self.device.type == "cpu"  # ORT's workers do the heavy work: see run_generation
         types = self._check_graph(meta)  # model.onnx agrees with decodekit.json ...
         # graph="gqa" exports: each layer's past and present are ONE buffer of capacity max_seq_len that
         # GroupQueryAttention appends to in place; it is bound once per generation (see step), and there is no
