@@ -429,3 +429,39 @@ def test_candidate_path_equals_the_whole_row_path(B, L, V, temperature, top_k, t
     greedy_raw = temperature == 0.0 and confidence == "raw_prob"  # nothing filtered: neither path runs
     assert bool(calls) != greedy_raw and torch.equal(tok, tok_full)
     torch.testing.assert_close(conf, conf_full, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("confidence", ["prob", "margin", "neg_entropy", "raw_prob"])
+@pytest.mark.parametrize("temperature, top_k, top_p, taken", [
+    (0.2, 0, 0.95, True),  # Dream's step on peaked rows: the 65 candidates hold every kept set
+    (0.3, 5, 0.9, True),  # top-p then top-k
+    (0.3, 200, 0.9, True),  # a k past the list keeps every candidate
+    (1.0, 0, 0.95, False),  # flat rows: the kept sets run past the list, the whole-row path runs
+])
+@pytest.mark.parametrize("B, L, V", [(2, 5, 97), (1, 3, 1000)])
+def test_top_p_first_candidates_equal_the_whole_row_path(B, L, V, temperature, top_k, top_p, taken, confidence,
+                                                         monkeypatch):
+    """The PyTorch path's top-p-first shortcut (the kept set found among each row's 65 largest values, with the
+    full row's mass as normalizer) draws the whole-row path's tokens and gives its confidences; coarse logits make
+    ties. On rows whose kept set may run past the list it steps aside."""
+    import decodekit.ops.sampling.cpu as cpu
+
+    gen = torch.Generator().manual_seed(V + top_k)
+    x = (torch.randn(B, L, V, generator=gen) * 3).round(decimals=1)
+    masked = torch.rand(B, L, generator=gen) < 0.8
+    masked[0, 0] = True
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, confidence=confidence, order="top_p_first", seed=5,
+              backend="torch")
+    results = []
+    real = cpu._block_topp_candidates
+    monkeypatch.setattr(cpu, "_block_topp_candidates", lambda *a: results.append(real(*a)) or results[-1])
+    tok, conf = decodekit.sample_block(x, masked, **kw)
+    monkeypatch.setattr(cpu, "_block_topp_candidates", lambda *a: None)
+    tok_full, conf_full = decodekit.sample_block(x, masked, **kw)
+    assert len(results) == 1
+    if taken:
+        assert results[0] is not None
+    elif V > 10 * cpu._BLOCK_TOPP_CAND:  # a flat row of 1000 tokens keeps more than 65 at top-p 0.95
+        assert results[0] is None
+    assert torch.equal(tok, tok_full)
+    torch.testing.assert_close(conf, conf_full, rtol=1e-5, atol=1e-6, equal_nan=True)
