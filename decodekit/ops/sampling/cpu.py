@@ -711,6 +711,17 @@ def _block_kept(z: torch.Tensor, lw: torch.Tensor, k: torch.Tensor, p: torch.Ten
     return keep
 
 
+def _finite_count(z: torch.Tensor) -> torch.Tensor:
+    """int64 ``[R]``: the finite values of each ``[R, V]`` row. A row whose minimum is finite has ``V`` (one fast
+    reduction); only the others are counted (``isfinite(z).sum(1)`` on 256 x 32000: 26 ms, ``amin`` 0.5 ms)."""
+    R, V = z.shape
+    n = torch.full((R,), V, dtype=torch.int64, device=z.device)
+    rows = (~(z.amin(dim=1) > _NEG_INF)).nonzero().flatten()  # a -inf (or a NaN) somewhere
+    if rows.numel():
+        n[rows] = torch.isfinite(z[rows]).sum(dim=1, dtype=torch.int64)
+    return n
+
+
 def _row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x.max(dim=1)`` of fp32 ``[R, V]`` rows: the values and the index of each row's first maximum (a NaN, if
     any, is the maximum). On the CPU NumPy's argmax, which is vectorized where torch's is not (32 x 126464: 0.2
@@ -844,7 +855,7 @@ def block_torch(
     bad = ~torch.isfinite(xmax)  # a NaN, a +inf, or nothing but -inf
     onehot = (zmax == _INF) & ~bad  # logits / T overflows: the T -> 0 limit
     bad |= (zmax == _NEG_INF) & ~bad  # every logits / T underflows to -inf
-    nfin = torch.isfinite(z).sum(dim=1) if bool((K > 0).any()) else torch.full_like(K, V)  # top-k needs the count
+    nfin = _finite_count(z) if bool((K > 0).any()) else torch.full_like(K, V)  # top-k needs the count
     use = ~bad & ~onehot
     if confidence not in _CONF_FILTERED:
         use &= ~greedy

@@ -465,3 +465,17 @@ def test_top_p_first_candidates_equal_the_whole_row_path(B, L, V, temperature, t
         assert results[0] is None
     assert torch.equal(tok, tok_full)
     torch.testing.assert_close(conf, conf_full, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_finite_count_counts_every_row():
+    """The PyTorch path's count of finite logits (the min-first shortcut) against ``isfinite(...).sum``."""
+    import decodekit.ops.sampling.cpu as cpu
+
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(7, 301, generator=gen)
+    z[1, ::3] = float("-inf")
+    z[2] = float("-inf")
+    z[3, 5] = float("nan")
+    z[4, 7] = float("inf")
+    z[5, -1] = float("-inf")
+    assert torch.equal(cpu._finite_count(z), torch.isfinite(z).sum(dim=1))
