@@ -315,6 +315,7 @@ class Int4Blocks:
     packed: np.ndarray  # [N, K/32, 16] uint8
     scales: np.ndarray  # [N, K/32] float32
     zero_points: np.ndarray | None  # [N, K/32] float32, or None (= 8)
+    mins: np.ndarray | None = None  # [N, K/32] float32: Q4_1's m itself (the int4 export adds it apart)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -345,7 +346,7 @@ def _repack(raw: np.ndarray, gguf_type: str) -> Int4Blocks | None:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         zp = np.where(d == 0, 0.0, -m / d).astype(np.float32)
-    return Int4Blocks(gguf_type, packed, d, zp)
+    return Int4Blocks(gguf_type, packed, d, zp, m)
 
 
 def read_int4_blocks(path: str | os.PathLike, cfg: DecoderConfig | None = None) -> dict[str, Int4Blocks]:
@@ -376,6 +377,8 @@ def read_int4_blocks(path: str | os.PathLike, cfg: DecoderConfig | None = None) 
             blocks.scales = unpermute_rows(blocks.scales, heads)
             if blocks.zero_points is not None:
                 blocks.zero_points = unpermute_rows(blocks.zero_points, heads)
+            if blocks.mins is not None:
+                blocks.mins = unpermute_rows(blocks.mins, heads)
         out[target] = blocks
     return out
 

@@ -83,6 +83,10 @@ def test_tiny_int4_export_uses_matmul_nbits_and_matches_transformers(tiny_gguf, 
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 14 and all(n.domain == "com.microsoft" for n in nbits)
     assert all(len(n.input) == (3 if weight_type == "Q4_0" else 4) for n in nbits)  # Q4_0: the default zero point 8
+    if weight_type == "Q4_1":  # uint8 zero points (ONNX Runtime's fast kernel; float ones fall back to a slow path)
+        inits = {i.name: i for i in model.graph.initializer}
+        assert all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in nbits)
+        assert sum(n.op_type == "Add" and n.name.endswith(".Add") for n in model.graph.node) == 14  # + minimums
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
     assert (attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]) == (4, 32, 64, 64)  # layer 0's wq
     floats = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
