@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON file into ``bench/results/<machine>.json`` + ``.md``.
 
-Usage: ``python -m bench.report bench/results/.last.json``
+Usage: ``python -m bench.report bench/results/.last.json`` (``--peers JSON``: the peers table and bar chart from a
+run of ``bench/bench_peers.py``; ``--gpu-check FOLDER``: a GPU check's report)
 
 For each group, the speedup of every implementation is ``median(baseline) / median(impl)``,
 from medians measured side by side in the same run. GB/s and TFLOP/s come from the
@@ -86,13 +87,64 @@ def gpu_check_report(folder: Path) -> Path:
     return out
 
 
+def peers_report(src: Path) -> tuple[Path, Path]:
+    """``bench/results/<machine>-peers.md`` (the table) and ``.png`` (tokens/s per runtime as bars, one panel per
+    model and batch) from a run of ``bench/bench_peers.py``. The bars are each runtime's tokens/s over its
+    interleaved rounds (``interleaved_tok_s``), else from pytest-benchmark's median; a runtime whose greedy tokens
+    differ from decodekit's plain graph is hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(src.read_text())
+    data["benchmarks"] = [b for b in data.get("benchmarks", []) if (b.get("group") or "").startswith("peers ")]
+    if not data["benchmarks"]:
+        raise SystemExit(f"{src}: no bench_peers.py rows")
+    machine, table = build_table(data)
+    groups: dict[str, list[dict]] = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], []).append(b)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.2), squeeze=False)
+    for ax, (group, rows) in zip(axes[0], sorted(groups.items()), strict=True):
+        bars = []
+        for b in rows:
+            ex = b.get("extra_info", {})
+            tok_s = ex.get("interleaved_tok_s") or (ex.get("tokens", 0) / _median_s(b))
+            bars.append((ex.get("impl", b["name"]), float(tok_s), ex.get("greedy_equal", True)))
+        bars.sort(key=lambda r: -r[1])
+        names = [n for n, _, _ in bars]
+        colors = ["tab:blue" if n.startswith("decodekit") else "tab:gray" for n in names]
+        drawn = ax.bar(range(len(bars)), [v for _, v, _ in bars], color=colors)
+        for rect, (_, v, equal) in zip(drawn, bars, strict=True):
+            rect.set_hatch("" if equal else "//")
+            ax.annotate(f"{v:,.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(bars)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(group.removeprefix("peers ").split(" greedy")[0] + group[group.rfind("("):], fontsize=9)
+        ax.set_ylabel("tokens / s (greedy)")
+    fig.suptitle(f"decodekit's ONNX runtime and its peers on {machine} ({data.get('datetime', '?')[:16]})",
+                 fontsize=10)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png, md = RESULTS / f"{machine}-peers.png", RESULTS / f"{machine}-peers.md"
+    fig.savefig(png, dpi=110)
+    md.write_text(f"# decodekit's ONNX runtime against its peers on {machine}\n\n"
+                  f"`python -m bench.report --peers {src.name}` from one run of `bench/bench_peers.py`; plot: "
+                  f"[{png.name}]({png.name}).\n\n{table}")
+    return md, png
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--gpu-check":
         print(f"wrote {gpu_check_report(Path(argv[1]))}")
         return 0
+    if len(argv) == 2 and argv[0] == "--peers":
+        md, png = peers_report(Path(argv[1]))
+        print(f"wrote {md} and {png}")
+        return 0
     if len(argv) != 1:
-        print("usage: python -m bench.report RESULTS.json | --gpu-check FOLDER", file=sys.stderr)
+        print("usage: python -m bench.report RESULTS.json | --gpu-check FOLDER | --peers PEERS.json", file=sys.stderr)
         return 2
     src = Path(argv[0])
     data = json.loads(src.read_text())

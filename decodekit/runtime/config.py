@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 from decodekit.errors import UsageError
 
+C = TypeVar("C")  # a config dataclass (see _resolve)
+
 __all__ = ["GenerationConfig", "check_bool", "check_int", "generation_params", "resolve_config"]
 
 _SEED_LIMIT = 1 << 63
@@ -258,15 +260,21 @@ class DiffusionSampling:
 def resolve_diffusion_sampling(sampling: DiffusionSampling | None = None, /, **params: Any) -> DiffusionSampling:
     """``sampling`` (default: LLaDA's) with ``params`` applied on top, validated; an unknown keyword is a
     ``TypeError`` naming it."""
-    if sampling is not None and not isinstance(sampling, DiffusionSampling):
-        raise TypeError(f"sampling must be a DiffusionSampling, got {_type_name(sampling)}")
-    known = {f.name for f in dataclasses.fields(DiffusionSampling)}
+    return _resolve(DiffusionSampling, sampling, "sampling", "diffusion", params)
+
+
+def _resolve(cls: type[C], base: C | None, arg: str, what: str, params: dict[str, Any]) -> C:
+    """``base`` (default: ``cls()``) with ``params`` applied on top and validated by the dataclass itself: the one
+    resolver of every config dataclass. ``TypeError`` for a ``base`` of another type (naming ``arg``) and for an
+    unknown keyword (naming it, as Python does for a function's keyword arguments)."""
+    if base is not None and not isinstance(base, cls):
+        raise TypeError(f"{arg} must be a {cls.__name__}, got {_type_name(base)}")
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise TypeError(
-            f"unexpected keyword argument {unknown[0]!r} (diffusion parameters: {', '.join(sorted(known))})"
-        )
-    base = sampling if sampling is not None else DiffusionSampling()
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r} ({what} parameters: {', '.join(sorted(known))})")
+    if base is None:
+        return cls(**params)
     return dataclasses.replace(base, **params) if params else base
 
 
@@ -280,17 +288,7 @@ def resolve_config(config: GenerationConfig | None = None, /, **params: Any) -> 
 
     An unknown keyword raises ``TypeError`` naming it, as Python does for a function's keyword arguments.
     """
-    if config is not None and not isinstance(config, GenerationConfig):
-        raise TypeError(f"config must be a GenerationConfig, got {_type_name(config)}")
-    known = {f.name for f in dataclasses.fields(GenerationConfig)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword argument {unknown[0]!r} (generation parameters: {', '.join(sorted(known))})"
-        )
-    if config is None:
-        return GenerationConfig(**params)
-    return dataclasses.replace(config, **params) if params else config
+    return _resolve(GenerationConfig, config, "config", "generation", params)
 
 
 def _params_doc(indent: str) -> str:
