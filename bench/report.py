@@ -89,9 +89,8 @@ def gpu_check_report(folder: Path) -> Path:
 
 def peers_report(src: Path) -> tuple[Path, Path]:
     """``bench/results/<machine>-peers.md`` (the table) and ``.png`` (tokens/s per runtime as bars, one panel per
-    model and batch) from a run of ``bench/bench_peers.py``. The bars are each runtime's tokens/s over its
-    interleaved rounds (``interleaved_tok_s``), else from pytest-benchmark's median; a runtime whose greedy tokens
-    differ from decodekit's plain graph is hatched."""
+    model and batch) from a run of ``bench/bench_peers.py``. The bars are the table's tokens/s (pytest-benchmark's
+    median); a runtime whose greedy tokens differ from decodekit's plain graph is hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +109,7 @@ def peers_report(src: Path) -> tuple[Path, Path]:
         bars = []
         for b in rows:
             ex = b.get("extra_info", {})
-            tok_s = ex.get("interleaved_tok_s") or (ex.get("tokens", 0) / _median_s(b))
+            tok_s = ex.get("tokens", 0) / _median_s(b)  # the table's throughput
             bars.append((ex.get("impl", b["name"]), float(tok_s), ex.get("greedy_equal", True)))
         bars.sort(key=lambda r: -r[1])
         names = [n for n, _, _ in bars]
@@ -120,7 +119,8 @@ def peers_report(src: Path) -> tuple[Path, Path]:
             rect.set_hatch("" if equal else "//")
             ax.annotate(f"{v:,.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(bars)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(group.removeprefix("peers ").split(" greedy")[0] + group[group.rfind("("):], fontsize=9)
+        threads = group[group.rfind(" (") + 2 : -1].split(", ")[-1]  # "... (fp32, CPU, 2 thread(s))"
+        ax.set_title(f"{group.removeprefix('peers ').split(' greedy')[0]}, {threads}", fontsize=9)
         ax.set_ylabel("tokens / s (greedy)")
     fig.suptitle(f"decodekit's ONNX runtime and its peers on {machine} ({data.get('datetime', '?')[:16]})",
                  fontsize=10)
