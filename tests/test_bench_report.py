@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-pytest.importorskip("matplotlib")
-
 
 def _row(group: str, impl: str, median: float, tok_s: float | None, equal: bool = True) -> dict:
     extra = {"impl": impl, "baseline": impl == "decodekit-ort-plain", "device": "CPU x86_64 x2", "tokens": 128,
