@@ -130,7 +130,7 @@ def pack_matmul_nbits(onnx_path: str | os.PathLike, decoder: Decoder, blocks: di
         if b.zero_points is not None:  # Q4_1: w = code * d + m, as code * d (zero point 0) plus the block minimums
             inputs.append(f"{stem}.zero_points")  # uint8, two 4-bit zeros a byte: ONNX Runtime's fast kernel
             new_inits.append(numpy_helper.from_array(np.zeros(n * ((nb + 1) // 2), dtype=np.uint8), inputs[3]))
-            mins = (b.mins if b.mins is not None else -b.zero_points * b.scales).astype(np.float32).reshape(n, nb)
+            mins = b.mins.astype(np.float32).reshape(n, nb)  # Q4_1 blocks always carry theirs (models/gguf.py)
             new_inits += [numpy_helper.from_array(_block_sum_matrix(k), f"{stem}.block_sum"),
                           numpy_helper.from_array(np.ascontiguousarray(mins.T), f"{stem}.mins")]
             out = [f"{stem}.codes_out"]

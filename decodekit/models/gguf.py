@@ -308,7 +308,8 @@ class Int4Blocks:
     ``W[n, k] = (code[n, k] - zero_points[n, k // 32]) * scales[n, k // 32]`` where ``code`` is the 4-bit value
     packed two to a byte, low nibble first along ``K`` (``packed [N, K/32, 16] uint8``). ``zero_points`` is None
     for Q4_0 (the operator's default 8, exactly Q4_0's offset); for Q4_1 (``W = code * d + m``) it is the float
-    ``-m / d`` per block (the block's minimum expressed as a zero point).
+    ``-m / d`` per block (the block's minimum expressed as a zero point), and ``mins`` holds ``m`` itself (the
+    int4 export adds the minimums apart: ONNX Runtime's fast kernel takes uint8 zero points only).
     """
 
     gguf_type: str

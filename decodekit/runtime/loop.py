@@ -371,7 +371,8 @@ def _torch_on_one_thread(model: object) -> Iterator[None]:
 
     Why: torch's OpenMP workers spin-wait after each parallel op, on the cores ONNX Runtime's workers need for the
     next step. Measured on this 2-core machine (GPT-2-small shape, V 8194, 128 tokens, beam-sampling settings):
-    1 beam 1.46 -> 1.09 s, 3 beams 2.25 -> 2.02 s. The per-step torch work is small, so one thread loses little.
+    3 beams 2.25 -> 2.0 s (1 beam unchanged, 1.4 s: its sampler runs in NumPy). The per-step torch work is small,
+    so one thread loses little.
     ``torch.set_num_threads`` sets the OpenMP thread count of the calling thread; it is restored on exit.
     """
     n = torch.get_num_threads()

@@ -309,12 +309,12 @@ def _row_params(
 # the implementations run the Triton kernels or the PyTorch path and do every check that reads tensor values.
 
 
-def _host_lane(logits: torch.Tensor, prm: dict, path: str, *tensors: torch.Tensor | int | None) -> bool:
-    """A small eager CPU call with scalar parameters: the public function runs the op's NumPy path itself (the
-    implementation ``call`` would run, minus the layers between; a decode step's sampler is mostly those layers
-    at B = 1 and a small vocabulary)."""
-    return (path == "torch" and logits.device.type == "cpu" and logits.numel() <= _st._HOST_ELEMS
-            and not any(isinstance(v, torch.Tensor) for v in prm.values()) and direct((logits, *tensors)))
+def _host_lane(logits: torch.Tensor, rp: _st.RowParams, path: str, *tensors: torch.Tensor | int | None) -> bool:
+    """The public function runs the op's NumPy path itself (the implementation ``call`` would run, minus the
+    layers between; a decode step's sampler is mostly those layers at B = 1 and a small vocabulary) where the
+    op's PyTorch path would take it (:func:`~decodekit.ops.sampling.cpu.host_eligible`) and ``call`` would run
+    the implementation directly."""
+    return path == "torch" and _st.host_eligible(logits, rp) and direct((logits, *tensors))
 
 
 def _checked_seed(seed: torch.Tensor | None, seed_int: int) -> int | torch.Tensor:
@@ -539,8 +539,8 @@ def sample(
         tokens, logprobs = torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, device=dev)
     else:
         npass = _npass(temperature, top_k, top_p, tts=False, greedy_top1=True) if path == "triton" else 0
-        if _host_lane(logits, prm, path, seed, counts) and not check:
-            rp = _row_params(prm, counts, tts=False, greedy_top1=True)
+        rp = _row_params(prm, counts, tts=False, greedy_top1=True) if path == "torch" and not check else None
+        if rp is not None and _host_lane(logits, rp, path, seed, counts):
             tokens, logprobs = _st.host_sample(logits, rp, _torch_seed(seed, B, dev), return_logprobs)
             return (tokens, logprobs) if return_logprobs else tokens
         tokens, logprobs = call("sample", logits, *_op_params(prm), counts, *_seed_args(seed, dev), npass,
@@ -597,8 +597,8 @@ def _sample_logits_impl(
         return torch.empty((0, logits.shape[1]) if probs else (0, 1), device=dev,
                            dtype=torch.float32 if probs else torch.int64)
     npass = _npass(temperature, top_k, top_p, tts=True, greedy_top1=False) if path == "triton" else 0
-    if not probs and _host_lane(logits, prm, path, seed):
-        rp = _row_params(prm, None, tts=True, greedy_top1=False)
+    rp = _row_params(prm, None, tts=True, greedy_top1=False) if path == "torch" and not probs else None
+    if rp is not None and _host_lane(logits, rp, path, seed):
         return _st.host_sample(logits, rp, _torch_seed(seed, B, dev), False)[0][:, None]
     if probs:
         return call("sample_logits_probs", logits, *_op_params(prm), npass, path)

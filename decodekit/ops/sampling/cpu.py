@@ -317,7 +317,7 @@ def _plan(logits: torch.Tensor, prm: RowParams) -> _Plan:
 _HOST_ELEMS = 20_000
 
 
-def _host_eligible(logits: torch.Tensor, prm: RowParams) -> bool:
+def host_eligible(logits: torch.Tensor, prm: RowParams) -> bool:
     """A small CPU call with scalar parameters: there a torch op is mostly dispatch (~3 us), a NumPy call ~1 us,
     and the whole sampler is ~30 calls, so the same steps run in NumPy (measured in bench_sampling's sweep)."""
     params = (prm.temperature, prm.top_k, prm.top_p, prm.min_p, prm.repetition_penalty, prm.presence_penalty,
@@ -445,7 +445,6 @@ def _host_probs(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -483,7 +482,7 @@ def sample_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tokens ``[B]`` (int64; -1 for bad rows) and, with ``logprobs``, their fp32 log-probabilities under the
     kept, renormalized distribution (0 for greedy rows, NaN for bad rows; else None)."""
-    if _host_eligible(logits, prm):
+    if host_eligible(logits, prm):
         return host_sample(logits, prm, seed, logprobs)
     plan = _plan(logits, prm)
     B = plan.z.shape[0]
@@ -513,7 +512,7 @@ def sample_torch(
 def sampling_probs_torch(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
     """Filtered, renormalized probabilities ``[B, V]`` fp32: zeros outside the kept set, a one-hot for greedy
     rows, all zeros for bad rows."""
-    if _host_eligible(logits, prm):
+    if host_eligible(logits, prm):
         return _host_probs(logits, prm)
     plan = _plan(logits, prm)
     out = torch.zeros(plan.z.shape, dtype=torch.float32, device=plan.z.device)
@@ -711,13 +710,14 @@ def _block_kept(z: torch.Tensor, lw: torch.Tensor, k: torch.Tensor, p: torch.Ten
     return keep
 
 
-def _finite_count(z: torch.Tensor) -> torch.Tensor:
-    """int64 ``[R]``: the finite values of each ``[R, V]`` row. A row whose minimum and maximum are finite has
-    ``V`` (two fast reductions); only the others are counted (``isfinite(z).sum(1)`` on 256 x 32000: 26 ms,
-    ``amin`` 0.5 ms)."""
+def _finite_count(z: torch.Tensor, zmax: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 ``[R]``: the finite values of each ``[R, V]`` row (``zmax``: the rows' maxima, when known). A row
+    whose minimum and maximum are finite has ``V`` (fast reductions); only the others are counted
+    (``isfinite(z).sum(1)`` on 256 x 32000: 26 ms, ``amin`` 0.5 ms)."""
     R, V = z.shape
     n = torch.full((R,), V, dtype=torch.int64, device=z.device)
-    rows = (~((z.amin(dim=1) > _NEG_INF) & (z.amax(dim=1) < _INF))).nonzero().flatten()  # +-inf or NaN somewhere
+    zmax = z.amax(dim=1) if zmax is None else zmax
+    rows = (~((z.amin(dim=1) > _NEG_INF) & (zmax < _INF))).nonzero().flatten()  # +-inf or NaN somewhere
     if rows.numel():
         n[rows] = torch.isfinite(z[rows]).sum(dim=1, dtype=torch.int64)
     return n
@@ -748,6 +748,12 @@ def _exp_sum(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _in_token_order(base: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A candidate list ``(lw, keep, tok)`` sorted by token id, as the whole-row draw walks the vocabulary."""
+    order = idx.argsort(dim=1)
+    return base.gather(1, order), keep.gather(1, order), idx.gather(1, order)
+
+
 _BLOCK_CAND_MAX = 1024  # top-k up to this: the filters, weights and draw run on the k candidates, not the row
 
 
@@ -774,8 +780,7 @@ def _block_candidates(z: torch.Tensor, zmax: torch.Tensor, k: torch.Tensor, p: t
         w = base.exp()
         keep_p = _group_start_mass(base, w) < torch.where(p_on, p, 1.0)[:, None] * w.sum(dim=1, keepdim=True)
         keep &= keep_p | (base == 0.0) | ~p_on[:, None]
-    order = idx.argsort(dim=1)  # token order, as the whole-row draw walks the vocabulary
-    return base.gather(1, order), keep.gather(1, order), idx.gather(1, order)
+    return _in_token_order(base, keep, idx)
 
 
 _BLOCK_TOPP_CAND = 64  # top-p first: the candidates that stand for a row when they hold its whole kept set
@@ -807,8 +812,7 @@ def _block_topp_candidates(z: torch.Tensor, zmax: torch.Tensor, k: torch.Tensor,
     if bool(k_on.any()):
         kth = vals.gather(1, (torch.where(k_on, k, 1) - 1)[:, None])  # [R, 1]
         keep &= (vals >= kth) | ~k_on[:, None]
-    order = idx.argsort(dim=1)  # token order, as the whole-row draw walks the vocabulary
-    return base.gather(1, order), keep.gather(1, order), idx.gather(1, order)
+    return _in_token_order(base, keep, idx)
 
 
 def block_torch(
@@ -856,7 +860,7 @@ def block_torch(
     bad = ~torch.isfinite(xmax)  # a NaN, a +inf, or nothing but -inf
     onehot = (zmax == _INF) & ~bad  # logits / T overflows: the T -> 0 limit
     bad |= (zmax == _NEG_INF) & ~bad  # every logits / T underflows to -inf
-    nfin = _finite_count(z) if bool((K > 0).any()) else torch.full_like(K, V)  # top-k needs the count
+    nfin = _finite_count(z, zmax) if bool((K > 0).any()) else torch.full_like(K, V)  # top-k needs the count
     use = ~bad & ~onehot
     if confidence not in _CONF_FILTERED:
         use &= ~greedy
