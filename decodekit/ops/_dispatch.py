@@ -85,6 +85,24 @@ def count_launches() -> Iterator[collections.Counter[str]]:
         delta.update({k: v for k, v in after.items() if v > 0})
 
 
+def register_budget(warps_per_sm: int) -> int:
+    """Registers per thread that still leave ``warps_per_sm`` warps resident on one SM: a launch's ``maxnreg``.
+
+    Every NVIDIA SM from sm_80 to sm_100 holds 64K 32-bit registers, allocated in units of 8 per thread, and a thread
+    may use at most 255. Why state it: without ``maxnreg`` ptxas picks its own target and, with registers to spare,
+    sometimes keeps a few values in local memory (a spill) to stay at 64 or 80 registers; told the budget the
+    kernel's occupancy allows, it keeps them in registers. ``tests/ops/test_compile_sm90.py`` compiles every
+    configuration for sm_90 and sm_100 and fails on any spill and on an occupancy below the kernel's floor.
+    The interpreter ignores the option.
+
+    >>> register_budget(16), register_budget(4)
+    (128, 255)
+    """
+    if warps_per_sm < 1:
+        raise ValueError(f"warps_per_sm must be >= 1, got {warps_per_sm}")
+    return min(255, 65536 // (warps_per_sm * 32) // 8 * 8)
+
+
 # --------------------------------------------------------------------------- validation helpers
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -47,7 +47,7 @@ SMS = 132  # the launchers size their grids from this (an H100/H200 SXM)
 
 _DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
        torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
-LAUNCHES: list[tuple[JITFunction, dict, int, int]] = []
+LAUNCHES: list[tuple[JITFunction, dict, int, int, int | None]] = []  # kernel, arguments, warps, stages, maxnreg
 
 
 class Recorder:
@@ -57,9 +57,9 @@ class Recorder:
         self.fn = fn
 
     def __getitem__(self, grid):  # noqa: ANN001 - a grid tuple or callable, unused
-        def launch(*args, num_warps=4, num_stages=3, **kwargs):  # noqa: ANN002, ANN003
+        def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **kwargs):  # noqa: ANN002, ANN003
             bound = dict(zip(self.fn.arg_names, args), **kwargs)
-            LAUNCHES.append((self.fn, bound, num_warps, num_stages))
+            LAUNCHES.append((self.fn, bound, num_warps, num_stages, maxnreg))
             # "write" the real float buffers (zeros): the sampler's off-GPU early exit reads its state buffer
             # and must not stop on uninitialized memory, so every search pass is recorded as on CUDA
             for v in bound.values():
@@ -142,13 +142,13 @@ def _label(fn: JITFunction, sig: dict, consts: dict) -> str:
 def compile_all(expected: set[str], arch: int) -> list[dict]:
     """Compile every distinct recorded specialization for ``arch``; one resource row per compiled kernel."""
     seen, rows = set(), []
-    for fn, bound, warps, stages in LAUNCHES:
+    for fn, bound, warps, stages, maxnreg in LAUNCHES:
         sig, consts, attrs = specialize(fn, bound)
-        key = (fn.__name__, repr(sig), repr(sorted(consts.items())), repr(sorted(attrs)), warps, stages)
+        key = (fn.__name__, repr(sig), repr(sorted(consts.items())), repr(sorted(attrs)), warps, stages, maxnreg)
         if key in seen:
             continue
         seen.add(key)
-        opts = {"num_warps": warps, "num_stages": stages}
+        opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
         t0 = time.time()
         try:
             k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
@@ -160,7 +160,8 @@ def compile_all(expected: set[str], arch: int) -> list[dict]:
         smem = int(k.metadata.shared) + res["shared"]
         blocks, by = occupancy(res["reg"], smem, warps)
         rows.append(dict(
-            kernel=fn.__name__, spec=_label(fn, sig, consts), num_warps=warps, num_stages=stages, regs=res["reg"],
+            kernel=fn.__name__, spec=_label(fn, sig, consts), num_warps=warps, num_stages=stages, maxnreg=maxnreg,
+            regs=res["reg"],
             spill_bytes=res["local"], stack_bytes=res["stack"], shared_bytes=smem, blocks_per_sm=blocks,
             warps_per_sm=blocks * warps, limited_by=by, compile_s=round(time.time() - t0, 2),
         ))  # fmt: skip
@@ -207,7 +208,7 @@ def launch_norm_linear() -> set[str]:
                 b = torch.empty(N, dtype=dt, device=META) if has_b else None
                 NL.norm_linear_fwd(x, nw, nb, w, b, eps=1e-5, norm=norm, pro_act=pro, epi_act=epi,
                                    store_preact=train and epi != 0, store_stats=train, config=cfg)
-    assert all(not bound["INTERP_BF16"] for _, bound, _, _ in LAUNCHES), "interpreter-only path taken"
+    assert all(not bound["INTERP_BF16"] for _, bound, *_ in LAUNCHES), "interpreter-only path taken"
     return expected
 
 

@@ -34,7 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from decodekit.ops._dispatch import interpreter_enabled, record_launch
+from decodekit.ops._dispatch import interpreter_enabled, record_launch, register_budget
+
+# ``maxnreg`` of the backward's row-wise dot(out, dout), which streams (16 warps per SM: its floor in
+# tests/ops/test_compile_sm90.py). Without it Blackwell's ptxas spills 16-32 bytes at 48 registers.
+MAXNREG_STREAM = register_budget(16)
 
 _LOG2E = 1.4426950408889634
 
@@ -54,6 +58,7 @@ class AttentionConfig:
     num_splits: int = 1  # decode only: cache chunks per (batch, kv head)
     chunk_size: int = 0  # decode only: keys per split (a multiple of block_n)
     block_r: int = 0  # decode only: packed (query head, query) rows, padded to >= 16
+    maxnreg: int | None = None  # registers per thread stated to ptxas for the forward / dK/dV kernel (None: its choice)
 
 
 @functools.cache
@@ -72,6 +77,7 @@ def attention_config(
     s_max: int = 1,
     rows: int = 1,
     num_splits: int | None = None,
+    kv_start: bool = False,
 ) -> AttentionConfig:
     """The one block-size heuristic for every attention kernel in this file.
 
@@ -81,7 +87,8 @@ def attention_config(
     than 32 x 32 there (and 16 x 16 another 5x slower), so the interpreter uses 64 x 64 for prefill. For decode, ``num_splits`` (unless given)
     targets about two programs per multiprocessor (a fixed count of 1 multiprocessor off-GPU), never
     fewer than one key tile per split; it depends on ``batch``, ``kv_heads`` and ``s_max`` only, never on
-    the per-row lengths, so choosing it does not sync.
+    the per-row lengths, so choosing it does not sync. ``kv_start``: the launch passes per-row key starts (its
+    register budget can differ).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     wide = dtype == torch.float32
@@ -113,7 +120,16 @@ def attention_config(
         if wide:  # fp32: 32 keys of a head dim over 64 spill registers (sm_90 compile)
             block_n, stages = 32 if block_d <= 64 else 16, 2
     if op != "decode":
-        return AttentionConfig(block_m, block_n, block_d, warps, stages)
+        # Register budgets stated to ptxas where, left to choose, it keeps 8-16 bytes in local memory at 64-80
+        # registers (sm_90 / sm_100 compiles, triton 3.6-3.9): the fp32 dK/dV kernel at head dims 64 and 256, and
+        # the fp32 forward at head dim 128 with key starts. Elsewhere a budget makes it worse (ptxas fills it and
+        # spills; measured for 80-255 registers), so the others state none. 104 = the smallest clean on all three.
+        maxnreg = None
+        if wide and op == "bwd" and block_d != 128:
+            maxnreg = register_budget(16)
+        elif wide and op == "fwd" and block_d == 128 and kv_start:
+            maxnreg = 104
+        return AttentionConfig(block_m, block_n, block_d, warps, stages, maxnreg=maxnreg)
     if interpreter_enabled() or device.type != "cuda":
         block_n = 16
     block_r = max(16, triton.next_power_of_2(rows))
@@ -517,7 +533,7 @@ def _attention_fwd(
     lse = torch.empty((B, H, S_q), device=q.device, dtype=torch.float32) if store_lse else None
     if out.numel() == 0:
         return out, lse
-    cfg = attention_config("fwd", D, q.dtype, q.device)
+    cfg = attention_config("fwd", D, q.dtype, q.device, kv_start=kv_start is not None)
     grid = (triton.cdiv(S_q, cfg.block_m), B * H)
     record_launch("attn_fwd")
     _attn_fwd_kernel[grid](
@@ -526,7 +542,7 @@ def _attention_fwd(
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         CAUSAL=causal, HAS_KV_START=kv_start is not None, STORE_LSE=store_lse,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **_dot_flags(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip
     return out, lse
 
@@ -558,6 +574,7 @@ def _attention_bwd(
     record_launch("attn_bwd_preprocess")
     _attn_bwd_preprocess_kernel[(triton.cdiv(S_q, cfg.block_m), B * H)](
         out, do, delta, S_q, D, H, *_strides(out), *_strides(do), BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        maxnreg=MAXNREG_STREAM,
     )  # fmt: skip
     record_launch("attn_bwd_dkdv")
     _attn_bwd_dkdv_kernel[(triton.cdiv(S_k, cfg.block_n), B * H_kv)](
@@ -565,7 +582,7 @@ def _attention_bwd(
         *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         CAUSAL=causal, HAS_KV_START=kv_start is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip
     record_launch("attn_bwd_dq")
     _attn_bwd_dq_kernel[(triton.cdiv(S_q, cfg.block_m), B * H)](
@@ -573,7 +590,7 @@ def _attention_bwd(
         *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         CAUSAL=causal, HAS_KV_START=kv_start is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, **flags,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -43,7 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from decodekit.ops._dispatch import record_launch
+from decodekit.ops._dispatch import record_launch, register_budget
+
+# ``maxnreg`` of each launch: the registers per thread that keep a kernel's occupancy floor (warps per SM; the
+# floors and their reasons are in tests/ops/test_compile_sm90.py). Streaming kernels want 16 warps per SM.
+MAXNREG_STREAM = register_budget(16)  # the row-streaming kernels: stats, search, race, probs, block
+MAXNREG_SMALL_GRID = register_budget(4)  # beam rows / merges and the finalize: fewer programs than SMs
 
 NPIV = 16  # pivots per search pass
 # Buffers and their columns. Values are fp32; token indices, counts, phases and flags are int32 buffers of their
@@ -633,7 +638,7 @@ def run(
     race_idx = torch.empty(B, C, device=dev, dtype=i32)
     final = torch.empty(B, NFINAL.value, device=dev, dtype=f32)
     final_i = torch.empty(B, 2, device=dev, dtype=i32)
-    common = dict(num_warps=cfg.num_warps)
+    common = dict(num_warps=cfg.num_warps, maxnreg=MAXNREG_STREAM)
     search_bufs = (stats, stats_i, state, state_i, piv, part, part_i)
     record_launch("sampling_stats")
     _stats_kernel[(B, C)](
@@ -668,7 +673,9 @@ def run(
     tokens = torch.empty(B, device=dev, dtype=torch.int64)
     logprobs = torch.empty(B, device=dev, dtype=f32)
     record_launch("sampling_finalize")
-    _finalize_kernel[(B,)](race, race_idx, final, final_i, tokens, logprobs, C, CP2=CP2, num_warps=1)
+    _finalize_kernel[(B,)](
+        race, race_idx, final, final_i, tokens, logprobs, C, CP2=CP2, num_warps=1, maxnreg=MAXNREG_SMALL_GRID
+    )
     return tokens, logprobs
 
 
@@ -990,7 +997,7 @@ def block_run(
             L, V, logits.stride(0), logits.stride(1),
             HAS_IDS=input_ids is not None, HAS_KEPT=want_kept, CONF=CONF_MODES.index(confidence),
             TOPP_FIRST=topp_first, POST_TEMP=post_temp, NPASS=BLK_NPASS, NP=NPIV, BLOCK=block, BLOCK_S=block_s,
-            num_warps=num_warps,
+            num_warps=num_warps, maxnreg=MAXNREG_STREAM,
         )
     return tokens, conf, (kept if want_kept else None)
 
@@ -1314,11 +1321,11 @@ def beam_run(
         float(temperature), float(repetition_penalty), k_eff, float(top_p), min_tokens_to_keep,
         row_key_mult, BEAM_MAX_PASS,
         HAS_COUNTS=has_counts, HAS_TOPK=0 < k_eff < V, HAS_TOPP=0.0 < top_p < 1.0, DO_SAMPLE=do_sample,
-        K=K, KP=KP, NP=BEAM_NP, BLOCK=block, BLOCK_S=block_s, num_warps=num_warps,
+        K=K, KP=KP, NP=BEAM_NP, BLOCK=block, BLOCK_S=block_s, num_warps=num_warps, maxnreg=MAXNREG_SMALL_GRID,
     )
     record_launch("beam_merge")
     _beam_merge_kernel[(B,)](
         keys, part_scores, part_toks, tokens, beams, scores, V, N, K=K, KP=KP, NKP=NKP, DO_SAMPLE=do_sample,
-        num_warps=num_warps,
+        num_warps=num_warps, maxnreg=MAXNREG_SMALL_GRID,
     )
     return tokens, beams, scores
