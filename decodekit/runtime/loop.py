@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from decodekit.errors import UsageError
+from decodekit.ops._dispatch import torch_threads
 from decodekit.runtime.config import GenerationConfig, check_int, generation_params, resolve_config
 
 #: The largest ``max_batch`` a decoder accepts (a typo such as ``10**7`` fails with a clear error instead of a
@@ -375,15 +376,11 @@ def _torch_on_one_thread(model: object) -> Iterator[None]:
     so one thread loses little.
     ``torch.set_num_threads`` sets the OpenMP thread count of the calling thread; it is restored on exit.
     """
-    n = torch.get_num_threads()
-    if not getattr(model, "owns_cpu_threads", False) or n == 1:
+    if not getattr(model, "owns_cpu_threads", False):
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def run_generation(

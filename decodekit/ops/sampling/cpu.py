@@ -34,10 +34,13 @@ kept sets and probabilities are the same on both.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from decodekit.ops._dispatch import torch_threads
 
 Param = float | int | torch.Tensor
 
@@ -302,8 +305,9 @@ def _plan(logits: torch.Tensor, prm: RowParams) -> _Plan:
         zr, cols = (z, P.cols) if rows is None else (z[rows], P.rows(rows))
         if name == "topk":
             kept.append(_topk_kept(zr, rows, [int(P.host["top_k"][i]) for i in idx], cols, prm.tts))
-        else:
-            kept.append(_full_row_kept(zr, rows, cols, prm.tts))
+        else:  # a dozen full-row passes: on one thread, so that a busy core cannot stall each one (torch_threads)
+            with torch_threads(1):
+                kept.append(_full_row_kept(zr, rows, cols, prm.tts))
     greedy = torch.tensor(groups["greedy"], dtype=torch.int64, device=dev) if groups["greedy"] else None
     return _Plan(z, kept, greedy, any(f >= 2 for f in flags))
 
@@ -495,10 +499,11 @@ def sample_torch(
         if tok is not None:  # candidates in token order: the draw must not depend on how topk ordered ties
             tok, order = tok.sort(dim=1)
             w, lw = w.gather(1, order), lw.gather(1, order)
-        cdf = w.double().cumsum_(dim=1)
-        total = cdf[:, -1:]
-        # u < 1, so u * total < total in float64: the first entry above it exists and has a positive weight
-        pos = torch.searchsorted(cdf, _row_uniforms(seed, kp.rows, B, dev) * total, right=True)
+        with torch_threads(1) if tok is None else contextlib.nullcontext():  # full rows: as in _plan
+            cdf = w.double().cumsum_(dim=1)
+            total = cdf[:, -1:]
+            # u < 1, so u * total < total in float64: the first entry above it exists and has a positive weight
+            pos = torch.searchsorted(cdf, _row_uniforms(seed, kp.rows, B, dev) * total, right=True)
         token[at] = (tok.gather(1, pos) if tok is not None else pos).squeeze(1)
         if logprobs:
             logprob[at] = (lw.gather(1, pos) - total.log().float()).squeeze(1)
