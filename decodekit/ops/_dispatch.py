@@ -85,25 +85,6 @@ def count_launches() -> Iterator[collections.Counter[str]]:
         delta.update({k: v for k, v in after.items() if v > 0})
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the torch CPU ops of the block on at most ``n`` intra-op threads; the caller's setting is restored on exit.
-
-    Why: each parallel torch op ends in a barrier. When another process holds one of the cores, a worker waits for
-    a time slice at every barrier, so a path of many short full-row passes slows 5-10x while one thread runs on
-    the free core at its quiet speed. ``torch.set_num_threads`` sets the OpenMP team size of the calling thread.
-    """
-    before = torch.get_num_threads()
-    if before <= n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def register_budget(warps_per_sm: int) -> int:
     """Registers per thread that still leave ``warps_per_sm`` warps resident on one SM: a launch's ``maxnreg``.
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from decodekit.errors import UsageError
-from decodekit.ops._dispatch import torch_threads
+from decodekit.ops._threads import torch_threads
 from decodekit.runtime.config import GenerationConfig, check_int, generation_params, resolve_config
 
 #: The largest ``max_batch`` a decoder accepts (a typo such as ``10**7`` fails with a clear error instead of a

@@ -1,4 +1,4 @@
-"""The launch and thread helpers every op family shares (``decodekit/ops/_dispatch.py``)."""
+"""The launch and thread helpers every op family shares (``decodekit/ops/_dispatch.py``, ``_threads.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import decodekit
-from decodekit.ops._dispatch import register_budget, torch_threads
+from decodekit.ops._dispatch import register_budget
+from decodekit.ops._threads import torch_threads
 
 
 @pytest.mark.parametrize(

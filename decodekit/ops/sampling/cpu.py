@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from decodekit.ops._dispatch import torch_threads
+from decodekit.ops._threads import torch_threads
 
 Param = float | int | torch.Tensor
 
