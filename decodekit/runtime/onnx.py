@@ -445,10 +445,7 @@ class OnnxDecoder(GenerateMixin):
         if device == "cpu":
             # ORT's CPU workers spin after each run by default; between two steps the sampler and the host loop
             # need those cores (measured here, GPT-2-small shape, 2 ORT threads: 57 -> 34 ms/token at batch 1).
-            spin = os.environ.get("DECODEKIT_ORT_SPIN", "0")  # EXPERIMENT
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin == "1" else "0")
-            if spin == "1":
-                opts.add_session_config_entry("session.force_spinning_stop", "1")
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
         except Exception as e:  # ORT's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
