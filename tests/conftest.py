@@ -300,3 +300,12 @@ def tiny_gguf(tmp_path):  # noqa: ANN201
         return path, write_tiny_gguf(path, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for the test (the thread-count tests), the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

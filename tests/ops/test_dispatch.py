@@ -26,14 +26,6 @@ def test_register_budget_rejects_no_warps(bad):
         register_budget(bad)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_torch_threads_sets_and_restores(two_threads):
     with torch_threads(1):
         assert torch.get_num_threads() == 1

@@ -13,14 +13,6 @@ class _Owner:
     owns_cpu_threads = True
 
 
-@pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_one_torch_thread_inside_and_restored(two_threads):
     with loop._torch_on_one_thread(_Owner()):
         assert torch.get_num_threads() == 1
