@@ -151,12 +151,15 @@ def penalized_logits(logits: torch.Tensor, prm: RowParams) -> torch.Tensor:
     def at(v: Param) -> Param:
         return v.to(z.device, torch.float32)[r] if isinstance(v, torch.Tensor) else float(v)
 
-    x, cnt = z[r, c], counts[r, c].to(torch.float32)
-    seen = (cnt > 0).to(torch.float32)
-    rr = at(rep)
-    x = torch.where(cnt > 0, torch.where(x > 0, x / rr, x * rr), x)
-    z[r, c] = x - at(pres) * seen - at(freq) * cnt
+    z[r, c] = _penalize(z[r, c], counts[r, c].to(torch.float32), at(rep), at(pres), at(freq))
     return z
+
+
+def _penalize(x: torch.Tensor, cnt: torch.Tensor, rep: Param, pres: Param, freq: Param) -> torch.Tensor:
+    """Logits ``x`` with counts ``cnt`` (fp32, same shape) after the three penalties (parameters broadcast to
+    ``x``): the kernel's fp32 operations, in its order."""
+    x = torch.where(cnt > 0, torch.where(x > 0, x / rep, x * rep), x)
+    return x - pres * (cnt > 0).to(torch.float32) - freq * cnt
 
 
 # --------------------------------------------------------------------------- the kept set
@@ -186,22 +189,36 @@ def _group_start_mass(vals: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 def _topk_kept(z: torch.Tensor, rows: torch.Tensor | None, k: list[int], cols: dict, tts: bool) -> _Kept:
     """Top-k rows: candidates by ``torch.topk`` (more while a tie group crosses the list), then temperature,
     top-p and min-p on the candidates (sorted by value, descending)."""
+    vals, tok, zt, kth = _topk_candidates(z, k, cols["temperature"])
+    return _candidates_kept(z, rows, vals, tok, zt, kth, min(k), cols, tts)
+
+
+def _topk_candidates(z: torch.Tensor, k: list[int], temp: Param, slack: int = 0, penalize=None) -> tuple:  # noqa: ANN001
+    """``(vals, tok, zt, kth)``: the top-k candidates of rows ``z`` ``[R, V]``, values sorted descending, with
+    every tie of each row's k-th value (``zt = vals / T``, ``kth`` ``[R, 1]`` the k-th of ``zt``).
+
+    ``penalize(tok)`` (optional) gives the candidates' penalized values, each at most its logit; they are sorted
+    instead. The list (``k + 1 + slack`` at first) doubles until its k-th value is above its smallest logit:
+    every token outside it is then at most that logit, so it can neither enter nor tie (a sort at ``V``).
+    """
     V = z.shape[1]
-    temp = cols["temperature"]
     kmax = max(k)
     kidx = torch.tensor(k, device=z.device)[:, None] - 1 if min(k) != kmax else None
-    kk = min(V, kmax + 1)
+    kk = min(V, kmax + 1 + slack)
     while True:
         # [R, kk] sorted descending (the order of z / T: T > 0); a sort when every token is a candidate
-        vals, tok = torch.topk(z, kk, dim=1) if kk < V else z.sort(dim=1, descending=True)
+        logit, tok = torch.topk(z, kk, dim=1) if kk < V else z.sort(dim=1, descending=True)
+        vals = logit
+        if penalize is not None:
+            vals, order = penalize(tok).sort(dim=1, descending=True)
+            tok = tok.gather(1, order)
         # ties are taken on z / T, the values top-k ranks (the fp32 division can make distinct logits equal)
         zt = vals / temp
         kth = zt[:, kmax - 1 : kmax] if kidx is None else zt.gather(1, kidx)  # [R, 1] the k-th value
-        last = zt[:, -1:]
-        if kk == V or not bool(((last == kth) & (last > _NEG_INF)).any()):  # the list holds every tie of the k-th
-            break
+        last = logit[:, -1:] / temp  # a bound on every value outside the list
+        if kk == V or not bool(((kth <= last) & (last > _NEG_INF)).any()):
+            return vals, tok, zt, kth
         kk = min(V, 2 * kk)
-    return _candidates_kept(z, rows, vals, tok, zt, kth, min(k), cols, tts)
 
 
 def _candidates_kept(z: torch.Tensor, rows: torch.Tensor | None, vals: torch.Tensor, tok: torch.Tensor,
@@ -299,15 +316,11 @@ def _lowering_penalties(prm: RowParams) -> bool:
 def _penalized_candidates(z: torch.Tensor, tok: torch.Tensor, prm: RowParams) -> torch.Tensor:
     """The penalized values of the logits ``z`` ``[B, V]`` at tokens ``tok`` ``[B, K]``: the fp32 operations of
     :func:`penalized_logits`, on the candidates only."""
-    x = z.gather(1, tok)
-    cnt = prm.token_counts.gather(1, tok).to(torch.float32)
-
     def col(v: Param) -> Param:
         return v.to(z.device, torch.float32).reshape(-1, 1) if isinstance(v, torch.Tensor) else float(v)
 
-    rr = col(prm.repetition_penalty)
-    x = torch.where(cnt > 0, torch.where(x > 0, x / rr, x * rr), x)
-    return x - col(prm.presence_penalty) * (cnt > 0).to(torch.float32) - col(prm.frequency_penalty) * cnt
+    return _penalize(z.gather(1, tok), prm.token_counts.gather(1, tok).to(torch.float32),
+                     col(prm.repetition_penalty), col(prm.presence_penalty), col(prm.frequency_penalty))
 
 
 def _penalized_topk_plan(logits: torch.Tensor, prm: RowParams) -> _Plan | None:
@@ -318,7 +331,7 @@ def _penalized_topk_plan(logits: torch.Tensor, prm: RowParams) -> _Plan | None:
     Why exact: a penalized value is at most the logit. Take the top ``kk`` logits, penalize them and sort: every
     token outside the list has a penalized value at most the list's smallest logit, so when the k-th penalized
     value is above that logit, the list holds the penalized row's top k and every tie of its k-th value; else the
-    list doubles (a full sort at ``kk = V``), as :func:`_topk_kept` grows it for ties.
+    list doubles (a full sort at ``kk = V``): :func:`_topk_candidates`.
     """
     if prm.tts or not _lowering_penalties(prm):
         return None
@@ -330,22 +343,10 @@ def _penalized_topk_plan(logits: torch.Tensor, prm: RowParams) -> _Plan | None:
             prm.greedy_top1 and 1 in k):
         return None
     temp = P.cols["temperature"]
-    kmax = max(k)
-    kidx = torch.tensor(k, device=z.device)[:, None] - 1 if min(k) != kmax else None
     # room for 16 penalized candidates per row before the list must grow (a second topk costs as much as the
     # first; 16 more candidates cost 10 %: 3.14 -> 3.45 ms at [64, 128256]): with a 256-token history and
     # V = 128256, 64 rows almost surely have a penalized token among their top 31
-    kk = min(V, kmax + 1 + _PENALIZED_SLACK)
-    while True:
-        vals, tok = torch.topk(z, kk, dim=1) if kk < V else z.sort(dim=1, descending=True)
-        pen, order = _penalized_candidates(z, tok, prm).sort(dim=1, descending=True)
-        tok = tok.gather(1, order)
-        zt = pen / temp
-        kth = zt[:, kmax - 1 : kmax] if kidx is None else zt.gather(1, kidx)
-        last = vals[:, -1:] / temp  # the list's smallest logit: a bound on every penalized value outside it
-        if kk == V or not bool(((kth <= last) & (last > _NEG_INF)).any()):
-            break
-        kk = min(V, 2 * kk)
+    pen, tok, zt, kth = _topk_candidates(z, k, temp, _PENALIZED_SLACK, lambda t: _penalized_candidates(z, t, prm))
     # the rules of _plan's bad / greedy-in-the-limit rows, on the penalized row max (the first candidate)
     m = torch.where(torch.isnan(z.amax(dim=1)), float("nan"), pen[:, 0])
     t = temp[:, 0] if isinstance(temp, torch.Tensor) else temp
