@@ -198,7 +198,9 @@ def cuda_graph_check(device: str | None = None, *, batch: int = 4, vocab: int = 
         try:
             res.update(case())
         except Exception as exc:  # noqa: BLE001 - reported, the GPU check goes on
-            res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            from bench.gpu_check import where
+
+            res[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:400] + f" at {where(exc)}"
     flags = ["sampler_tokens_match", "sampler_outputs_follow_inputs", "step_tokens_match"]
     flags += ["compile_tokens_match"] if compile_check else []
     # the logits of a replay may differ from an uncaptured call's in the last bits (cuBLAS may pick another

@@ -624,7 +624,9 @@ def run(
     f32, i32 = torch.float32, torch.int32
     col = {name: i for i, name in enumerate(LAUNCH_PARAMS)}
     fcols = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "noise")
-    prm = params[:, [col[n] for n in fcols]].contiguous()  # [B, NPARAM] in the order of P_*
+    # [B, NPARAM] in the order of P_*: basic slices stacked (indexing with a Python list would copy an index
+    # tensor from the host, which a CUDA-graph capture refuses)
+    prm = torch.stack([params[:, col[n]] for n in fcols], dim=1)
     topk = params[:, col["top_k"]].clamp(0, 2**31 - 1).to(i32)  # [B] (exact: validated integers)
     stats = torch.empty(B, C, NSTAT.value, device=dev, dtype=f32)
     stats_i = torch.empty(B, C, NSTAT_I.value, device=dev, dtype=i32)

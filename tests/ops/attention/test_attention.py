@@ -305,23 +305,28 @@ def test_attention_bad_input(case):
         attention(*args, **kwargs)
 
 
-def test_decode_bad_input():
-    q, kc = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 16, 32)
-    lens = torch.tensor([3, 16], dtype=torch.int32)
+def test_decode_bad_input(device):
+    q, kc = torch.randn(2, 4, 1, 32, device=device), torch.randn(2, 2, 16, 32, device=device)
+    lens = torch.tensor([3, 16], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="multiple of k_cache heads"):
-        decode_attention(torch.randn(2, 3, 1, 32), kc, kc, lens)
+        decode_attention(torch.randn(2, 3, 1, 32, device=device), kc, kc, lens)
     with pytest.raises(ValueError, match="head dim of k_cache"):
-        decode_attention(torch.randn(2, 4, 1, 64), kc, kc, lens)
+        decode_attention(torch.randn(2, 4, 1, 64, device=device), kc, kc, lens)
+    # lengths are read on the host by default for CPU tensors only (on CUDA it would synchronize): ask for it
     with pytest.raises(ValueError, match="cache_seqlens must lie in"):
-        decode_attention(q, kc, kc, torch.tensor([3, 17], dtype=torch.int32), backend="triton")
+        decode_attention(q, kc, kc, torch.tensor([3, 17], dtype=torch.int32, device=device), backend="triton",
+                         validate_lengths=True)
     with pytest.raises(ValueError, match="cache_seqlens must lie in"):
-        decode_attention(q, kc, kc, torch.tensor([-1, 2], dtype=torch.int32))
+        decode_attention(q, kc, kc, torch.tensor([-1, 2], dtype=torch.int32, device=device), validate_lengths=True)
+    if device.type == "cpu":  # the default check of CPU lengths
+        with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+            decode_attention(q, kc, kc, torch.tensor([-1, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match="cache_seqlens must have shape"):
         decode_attention(q, kc, kc, lens[:1])
     with pytest.raises(TypeError, match="cache_seqlens must have dtype"):
         decode_attention(q, kc, kc, lens.float())
     with pytest.raises(ValueError, match="new queries"):
-        decode_attention(torch.randn(2, 4, 17, 32), kc, kc, lens)
+        decode_attention(torch.randn(2, 4, 17, 32, device=device), kc, kc, lens)
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, kc, kc, lens, num_splits=0)
     with pytest.raises(TypeError, match="v_cache must"):
