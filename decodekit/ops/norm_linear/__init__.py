@@ -26,6 +26,23 @@ __all__ = ["ACTIVATIONS", "layer_norm_linear", "rms_norm_linear", "gelu_linear"]
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu")
 
 
+#: With ``backend="auto"`` on CUDA, inputs of more rows than this run the unfused ops (the norm, then cuBLAS's GEMM):
+#: past decode sizes the op is compute-bound, and there cuBLAS outruns the fused Triton GEMM. Measured on an H200
+#: (``bench/results/nvidia-h200.md``, bf16, K = N = 4096, M = 2048): the fused kernel 425 us (162 TFLOP/s) against
+#: 104 us for ``F.rms_norm`` + ``F.linear``. Up to this many rows the op streams the weight, and the fused kernel
+#: saves the normalized activations' round trip and a launch.
+FUSED_MAX_ROWS = 64
+
+
+def _auto_path(backend: str, path: str, x: torch.Tensor, config: BlockConfig | None) -> str:
+    """The path ``backend="auto"`` takes: the fused kernel on CUDA up to :data:`FUSED_MAX_ROWS` rows, else the
+    PyTorch ops (an explicit ``backend="triton"`` or a forced ``config`` always runs the kernel)."""
+    many_rows = x.numel() > FUSED_MAX_ROWS * x.shape[-1]
+    if backend == "auto" and path == "triton" and config is None and x.device.type == "cuda" and many_rows:
+        return "torch"
+    return path
+
+
 def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with stride 1 in its last dim, copied only when it has another one.
 
@@ -249,7 +266,8 @@ def layer_norm_linear(
     activation : None, "gelu", "gelu_tanh" or "silu"
         Applied after the bias, in fp32, before the single rounding to the output dtype.
     backend : "auto", "triton" or "torch"
-        "auto": Triton on CUDA, ``F.layer_norm`` + ``F.linear`` on CPU (see :mod:`decodekit.ops._dispatch`).
+        "auto": the fused Triton kernel on CUDA for up to :data:`FUSED_MAX_ROWS` rows (decode), the norm and
+        cuBLAS's GEMM above that (faster there, measured on an H200); ``F.layer_norm`` + ``F.linear`` on CPU.
     config : BlockConfig, optional
         Force one block configuration instead of autotuning (testing / tuning).
 
@@ -282,7 +300,7 @@ def layer_norm_linear(
     """
     op = "layer_norm_linear"
     _validate(op, x, norm_weight, norm_bias, weight, bias, eps, activation)
-    path = resolve_backend(backend, x.device, op)
+    path = _auto_path(backend, resolve_backend(backend, x.device, op), x, config)
     return _call(op, x, norm_weight, norm_bias, weight, bias, eps, None, activation, config, path)
 
 
@@ -313,7 +331,7 @@ def rms_norm_linear(
     """
     op = "rms_norm_linear"
     _validate(op, x, norm_weight, None, weight, bias, eps, activation)
-    path = resolve_backend(backend, x.device, op)
+    path = _auto_path(backend, resolve_backend(backend, x.device, op), x, config)
     return _call(op, x, norm_weight, None, weight, bias, eps, None, activation, config, path)
 
 
@@ -342,6 +360,6 @@ def gelu_linear(
     _validate(op, x, None, None, weight, bias, 0.0, None)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
-    path = resolve_backend(backend, x.device, op)
+    path = _auto_path(backend, resolve_backend(backend, x.device, op), x, config)
     return _call(op, x, None, None, weight, bias, 0.0, "gelu" if approximate == "none" else "gelu_tanh", None, config,
                  path)
