@@ -19,10 +19,10 @@ pytest.importorskip("transformers")
     ("gpt2", _hf_gpt2, ("layer_norm_linear", "gelu_linear", "attention")),
     ("llama", _hf_llama, ("rms_norm_linear", "attention")),
 ])
-def test_patched_hf_model_compiles_fullgraph(name, build, fused):
-    model = build().eval()
+def test_patched_hf_model_compiles_fullgraph(name, build, fused, device):
+    model = build().eval().to(device)
     decodekit.patch(model, backend="triton")
-    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3)).to(device)
     with torch.no_grad():
         ref = model(ids).logits
         torch._dynamo.reset()

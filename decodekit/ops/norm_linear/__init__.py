@@ -26,12 +26,13 @@ __all__ = ["ACTIVATIONS", "layer_norm_linear", "rms_norm_linear", "gelu_linear"]
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu")
 
 
-#: With ``backend="auto"`` on CUDA, inputs of more rows than this run the unfused ops (the norm, then cuBLAS's GEMM):
-#: past decode sizes the op is compute-bound, and there cuBLAS outruns the fused Triton GEMM. Measured on an H200
-#: (``bench/results/nvidia-h200.md``, bf16, K = N = 4096, M = 2048): the fused kernel 425 us (162 TFLOP/s) against
-#: 104 us for ``F.rms_norm`` + ``F.linear``. Up to this many rows the op streams the weight, and the fused kernel
-#: saves the normalized activations' round trip and a launch.
-FUSED_MAX_ROWS = 64
+#: With ``backend="auto"`` on CUDA, inputs of more rows than this run the unfused ops (the norm, then cuBLAS's GEMM);
+#: 0: the fused kernel runs only when asked for (``backend="triton"``). Measured on an H200 (bf16, K = N = 4096,
+#: ``bench/results/nvidia-h200.md``), device time from CUDA-graph replays, fused kernel against ``F.rms_norm`` +
+#: ``F.linear``: M = 1 29.4 vs 27.3 us, M = 16 31.0 vs 33.2, M = 64 78.9 vs 32.0, M = 256 98.9 vs 39.7, M = 2048
+#: 425 vs 104 (Triton's GEMM at 162 TFLOP/s); called eagerly the kernel also costs ~90 us of host time against
+#: ~30. It pays nowhere yet, so "auto" does not pick it on CUDA; raise this once a sweep shows it winning.
+FUSED_MAX_ROWS = 0
 
 
 def _auto_path(backend: str, path: str, x: torch.Tensor, config: BlockConfig | None) -> str:
@@ -266,8 +267,9 @@ def layer_norm_linear(
     activation : None, "gelu", "gelu_tanh" or "silu"
         Applied after the bias, in fp32, before the single rounding to the output dtype.
     backend : "auto", "triton" or "torch"
-        "auto": the fused Triton kernel on CUDA for up to :data:`FUSED_MAX_ROWS` rows (decode), the norm and
-        cuBLAS's GEMM above that (faster there, measured on an H200); ``F.layer_norm`` + ``F.linear`` on CPU.
+        "auto": the fused Triton kernel on CUDA for up to :data:`FUSED_MAX_ROWS` rows, the norm and cuBLAS's
+        GEMM above that (today everywhere: on an H200 the kernel did not beat them, see the constant);
+        ``F.layer_norm`` + ``F.linear`` on CPU. "triton" always runs the fused kernel.
     config : BlockConfig, optional
         Force one block configuration instead of autotuning (testing / tuning).
 

@@ -320,3 +320,26 @@ def test_bad_input_other_ops():
         decodekit.rms_norm_linear(torch.randn(2, 8), torch.randn(7), torch.randn(4, 8))
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         decodekit.gelu_linear(torch.randn(2, 8), [[1.0] * 8])
+
+
+def test_auto_backend_threshold_on_cuda(monkeypatch):
+    """``backend="auto"`` on CUDA runs the fused kernel up to FUSED_MAX_ROWS rows and the unfused ops above; an
+    explicit ``"triton"`` or a forced config always runs the kernel; CPU paths are left alone. (A stand-in for a
+    CUDA tensor: only its device, shape and size are read.)"""
+    import types
+
+    import decodekit.ops.norm_linear as nl
+    from decodekit.ops.norm_linear.triton import BlockConfig
+
+    def cuda_x(m: int, k: int = 64):
+        return types.SimpleNamespace(device=torch.device("cuda"), shape=(m, k), numel=lambda: m * k)
+
+    monkeypatch.setattr(nl, "FUSED_MAX_ROWS", 16)
+    assert nl._auto_path("auto", "triton", cuda_x(16), None) == "triton"
+    assert nl._auto_path("auto", "triton", cuda_x(17), None) == "torch"
+    assert nl._auto_path("triton", "triton", cuda_x(4096), None) == "triton"
+    assert nl._auto_path("auto", "triton", cuda_x(4096), BlockConfig(16, 32, 64)) == "triton"
+    assert nl._auto_path("auto", "torch", torch.zeros(4096, 64), None) == "torch"
+    assert nl._auto_path("auto", "triton", torch.zeros(4096, 64), None) == "triton"  # CPU under the interpreter
+    monkeypatch.setattr(nl, "FUSED_MAX_ROWS", 0)  # today's setting: never on CUDA unless asked for
+    assert nl._auto_path("auto", "triton", cuda_x(1), None) == "torch"
