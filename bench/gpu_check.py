@@ -3,7 +3,7 @@ then the rest of the test suite if time remains.
 
 Usage (on the GPU machine: torch, triton, numpy and pytest only; nothing is installed)::
 
-    python -m bench.gpu_check [--out bench/results] [--budget 420]
+    python -m bench.gpu_check [--out bench/results] [--budget 420] [--stages cuda_graph,bench_sampling] [--tests P,Q]
     python -m bench.gpu_check --dry-run --out /tmp/x     # this CPU: interpreter on, tiny shapes (part of make test)
 
 Each stage has a time budget; a stage (or a case inside one) that would start after its budget or the total is
@@ -38,7 +38,7 @@ from typing import Any
 # stage name -> seconds it may start within (cumulative deadlines are computed from these, in this order)
 STAGES: dict[str, float] = {"cuda_graph": 30.0, "correctness": 120.0, "bench_sampling": 50.0,
                             "bench_block_beam": 30.0, "bench_norm_linear": 50.0, "bench_attention": 40.0,
-                            "launch_overhead": 40.0, "tests": 0.0}  # fmt: skip
+                            "launch_overhead": 40.0, "kernel_profile": 30.0, "tests": 0.0}  # fmt: skip
 
 
 @dataclass
@@ -527,6 +527,62 @@ def stage_launch_overhead(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
             chk.emit("launch_overhead", case=case, error=f"{type(exc).__name__}: {str(exc)[:200]}", where=where(exc))
 
 
+def stage_kernel_profile(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
+    """Where the device time of the calls that missed their targets goes: ``torch.profiler`` over 10 calls after
+    warm-up, the kernels by device time per call (CPU time in a dry run, which has no CUDA activity)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import decodekit
+    from bench.bench_block import PARAM_SETS
+
+    cuda = dev.type == "cuda"
+    Bp, V, L, K = (64, 128256, 32, 4096) if not chk.dry else (2, 300, 4, 64)
+    kw = dict(temperature=0.8, top_k=40, top_p=0.95)
+    cases: dict[str, Callable[[], Any]] = {}
+    for dt in (torch.float32, torch.bfloat16) if not chk.dry else (torch.float32,):
+        x = (torch.randn(Bp, V, device=dev) * 4).to(dt)
+        cases[f"sample B={Bp} V={V} {str(dt)[6:]} top-k 40 top-p 0.95"] = lambda x=x: decodekit.sample(
+            x, seed=1, backend="triton", **kw)
+    xp = torch.randn(Bp, V, device=dev) * 4
+    cases[f"sample B={Bp} V={V} float32 top-p 0.95 alone"] = lambda: decodekit.sample(
+        xp, temperature=0.8, top_p=0.95, seed=1, backend="triton")
+    xl = torch.randn(1, L, V, device=dev) * 3
+    masked = torch.ones(1, L, dtype=torch.bool, device=dev)
+    bkw = PARAM_SETS["sdar-T1-k50-p0.9-prob"]
+    cases[f"sample_block 1x{L}x{V} sdar"] = lambda: decodekit.sample_block(xl, masked, seed=1, backend="triton",
+                                                                          **bkw)  # fmt: skip
+    bf = torch.bfloat16 if not chk.dry else torch.float32
+    h, nw = torch.randn(Bp, K, device=dev, dtype=bf), torch.randn(K, device=dev, dtype=bf)
+    w = (torch.randn(K, K, device=dev) * K**-0.5).to(bf)
+    cases[f"rms_norm_linear M={Bp} K=N={K}"] = lambda: decodekit.rms_norm_linear(h, nw, w, backend="triton")
+    calls = 10 if not chk.dry else 1
+    for case, fn in cases.items():
+        if time.monotonic() > stop:
+            chk.emit("kernel_profile", skipped=f"{case}: stage budget spent")
+            continue
+        try:
+            fn()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    fn()
+                if cuda:
+                    torch.cuda.synchronize()
+            rows = []
+            for ev in prof.key_averages():
+                us = (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / calls
+                if us > 0:
+                    rows.append((us, ev.count // calls, ev.key[:60]))
+            rows.sort(reverse=True)
+            chk.emit("kernel_profile", case=case, device_us_per_call=round(sum(r[0] for r in rows), 1),
+                     top=[f"{name} x{n}: {us:.1f} us" for us, n, name in rows[:6]])  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - reported, the stage goes on
+            chk.emit("kernel_profile", case=case, error=f"{type(exc).__name__}: {str(exc)[:200]}", where=where(exc))
+
+
 # --------------------------------------------------------------------------- stage 4: the rest of the tests
 
 
@@ -630,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
               ("bench_block_beam", lambda stop: stage_bench_block_beam(chk, dev, stop)),
               ("bench_norm_linear", lambda stop: stage_bench_norm_linear(chk, dev, stop)),
               ("bench_attention", lambda stop: stage_bench_attention(chk, dev, stop)),
-              ("launch_overhead", lambda stop: stage_launch_overhead(chk, dev, stop))]  # fmt: skip
+              ("launch_overhead", lambda stop: stage_launch_overhead(chk, dev, stop)),
+              ("kernel_profile", lambda stop: stage_kernel_profile(chk, dev, stop))]  # fmt: skip
     stages = [(name, run) for name, run in stages if name in chosen]
     # the chosen stages share what all of them would get (the rest of the budget is the tests stage's)
     scale = args.budget / 420.0 * sum(STAGES.values()) / sum(STAGES[name] for name, _ in stages) if stages else 0
