@@ -428,21 +428,9 @@ def graph_timer(chk: Check) -> Callable[[Callable[[], Any]], float]:
     device time alone, without the host's launch and dispatch cost. Dry run: the host timer."""
     if chk.dry:
         return timer(chk)
-    import torch
+    from bench.gpu_cuda_graph import capture
 
-    def time_graph(fn: Callable[[], Any]) -> float:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return timer(chk)(graph.replay)
-
-    return time_graph
+    return lambda fn: timer(chk)(capture(fn, True)[0])
 
 
 def host_seconds(fn: Callable[[], Any], calls: int = 200) -> float:

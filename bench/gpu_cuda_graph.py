@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["cuda_graph_check"]
+__all__ = ["capture", "cuda_graph_check"]
 
 
 def _same(a, b) -> bool:  # noqa: ANN001 - tensors
@@ -52,7 +52,7 @@ def _sync_free(fn: Callable[[], Any], cuda: bool) -> bool | None:
         torch.cuda.synchronize()
 
 
-def _capture(fn: Callable[[], Any], cuda: bool) -> tuple[Callable[[], None], Any]:
+def capture(fn: Callable[[], Any], cuda: bool) -> tuple[Callable[[], None], Any]:
     """Warm up ``fn`` on a side stream (Triton compiles and autotunes there), capture it; returns ``(replay, static
     outputs)``. Without CUDA: ``replay`` calls ``fn`` and refreshes the outputs in place."""
     import torch
@@ -93,7 +93,7 @@ def _sampler_case(dev, B: int, V: int, rounds: int) -> dict[str, Any]:  # noqa: 
         return decodekit.sample(lg, temperature=temp, top_k=50, top_p=0.9, repetition_penalty=1.1,
                                 token_counts=counts, seed=sd, return_logprobs=True)
 
-    replay, (tok, lp) = _capture(lambda: call(logits, seeds), cuda)
+    replay, (tok, lp) = capture(lambda: call(logits, seeds), cuda)
     match, diff, seen = True, 0.0, []
     for _ in range(rounds):
         new_logits = torch.randn(B, V, device=dev, generator=gen) * 3
@@ -146,7 +146,7 @@ def _step_case(dev, B: int, V: int, P: int, rounds: int, compile_check: bool) ->
         logits, _ = model(tk, pos, mask, past)
         return decodekit.sample(logits, temperature=0.8, top_p=0.95, seed=sd), logits
 
-    replay, (next_tok, logits) = _capture(lambda: step(tok, seeds), cuda)
+    replay, (next_tok, logits) = capture(lambda: step(tok, seeds), cuda)
     match, diff = True, 0.0
     for _ in range(rounds):
         new_tok = torch.randint(0, V, (B, 1), device=dev, generator=gen)
