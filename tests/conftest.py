@@ -31,6 +31,18 @@ def test_device() -> torch.device:
     return torch.device(os.environ.get("DECODEKIT_DEVICE", "cpu"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a GPU run (``DECODEKIT_DEVICE=cuda``, the GPU check's tests stage) keep only the tests written for the test
+    device (those that take the ``device`` fixture): every other test builds CPU tensors, which the CPU suite
+    already runs under the interpreter, and would only meet "backend='triton' needs CUDA tensors" there."""
+    if test_device().type != "cuda":
+        return
+    keep = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
 @pytest.fixture
 def device() -> torch.device:
     dev = test_device()

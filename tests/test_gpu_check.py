@@ -43,3 +43,14 @@ def test_tiny_budget_skips_stages_and_says_so(tmp_path):
     assert {r["stage"] for r in skipped} >= {"bench_sampling", "bench_norm_linear", "bench_attention"}, recs
     assert all("budget" in r["skipped"] or "dry run" in r["skipped"] for r in skipped)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_gpu_runs_collect_only_the_device_tests():
+    """``DECODEKIT_DEVICE=cuda`` (the GPU check's tests stage) deselects the tests that build CPU tensors
+    themselves: they would fail there on "needs CUDA tensors", and the CPU suite already runs them."""
+    env = dict(os.environ, DECODEKIT_DEVICE="cuda")
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/ops/sampling/test_block.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300).stdout
+    assert "test_greedy_is_exact" in out  # takes the device fixture
+    assert "test_greedy_confidences_by_hand" not in out and "deselected" in out  # builds CPU tensors itself
