@@ -108,7 +108,7 @@ bench-sampling: setup
 
 # one script sized to a short GPU lease (bench/gpu_check.py): correctness compiled, CUDA-graph replay, the headline
 # benchmarks, then the test suite while time remains; results land in GPU_OUT as they are measured
-GPU_OUT ?= bench/results
+GPU_OUT ?= bench/results/gpu-run
 GPU_BUDGET ?= 420
 gpu-check:
 	@mkdir -p $(GPU_OUT)

@@ -120,7 +120,8 @@ def _decode_model(dev, V: int):  # noqa: ANN001
                         max_seq_len=256)
     torch.manual_seed(0)
     model = Decoder(cfg).to(dev).eval()
-    decodekit.patch(model)  # fused norm + linear, decodekit attention (use_kernels)
+    decodekit.patch(model, backend="triton")  # the fused norm + linear kernels ("auto" takes cuBLAS on CUDA) and
+    # decodekit attention (use_kernels)
     return model
 
 

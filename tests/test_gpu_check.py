@@ -26,7 +26,7 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = {r["stage"] for r in recs}
     assert {"env", "correctness", "cuda_graph", "bench_sampling", "bench_block_beam", "bench_norm_linear",
-            "bench_attention", "tests"} <= stages, stages  # fmt: skip
+            "bench_attention", "launch_overhead", "kernel_profile", "tests"} <= stages, stages  # fmt: skip
     assert not [r for r in recs if "error" in r or r.get("passed") is False], recs
     ops = {r["op"] for r in recs if r["stage"] == "correctness"}
     assert ops == {"sampling_probs+sample", "rwkv_sampling_probs", "sample_block", "beam_candidates",

@@ -28,18 +28,21 @@ ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu")
 
 #: With ``backend="auto"`` on CUDA, inputs of more rows than this run the unfused ops (the norm, then cuBLAS's GEMM);
 #: 0: the fused kernel runs only when asked for (``backend="triton"``). Measured on an H200 (bf16, K = N = 4096,
-#: ``bench/results/nvidia-h200.md``), device time from CUDA-graph replays, fused kernel against ``F.rms_norm`` +
-#: ``F.linear``: M = 1 29.4 vs 27.3 us, M = 16 31.0 vs 33.2, M = 64 78.9 vs 32.0, M = 256 98.9 vs 39.7, M = 2048
-#: 425 vs 104 (Triton's GEMM at 162 TFLOP/s); called eagerly the kernel also costs ~90 us of host time against
-#: ~30. It pays nowhere yet, so "auto" does not pick it on CUDA; raise this once a sweep shows it winning.
+#: ``bench/results/nvidia-h200.md``), fused kernel against ``F.rms_norm`` + ``F.linear``, device time from CUDA-graph
+#: replays: M = 1 29.4 vs 27.3 us, M = 16 31.0 vs 33.2, M = 64 78.9 vs 32.0, M = 256 98.9 vs 39.7; as called,
+#: M = 2048: 425 vs 104 (Triton's GEMM at 162 TFLOP/s). Called eagerly the kernel also costs ~90 us of host time
+#: against 26-68. It pays nowhere yet, so "auto" does not pick it on CUDA; raise this once a sweep shows it winning.
 FUSED_MAX_ROWS = 0
 
 
 def _auto_path(backend: str, path: str, x: torch.Tensor, config: BlockConfig | None) -> str:
     """The path ``backend="auto"`` takes: the fused kernel on CUDA up to :data:`FUSED_MAX_ROWS` rows, else the
     PyTorch ops (an explicit ``backend="triton"`` or a forced ``config`` always runs the kernel)."""
-    many_rows = x.numel() > FUSED_MAX_ROWS * x.shape[-1]
-    if backend == "auto" and path == "triton" and config is None and x.device.type == "cuda" and many_rows:
+    if backend != "auto" or path != "triton" or config is not None or x.device.type != "cuda":
+        return path
+    # the row count last, and not at all while FUSED_MAX_ROWS is 0: under torch.compile a data-dependent row count
+    # (x[mask], an MoE dispatch) cannot be compared
+    if FUSED_MAX_ROWS == 0 or x.numel() > FUSED_MAX_ROWS * x.shape[-1]:
         return "torch"
     return path
 
