@@ -229,10 +229,10 @@ def launch_sampling() -> set[str]:
 
     def launch(dt, B, V, counts, mode, *, tts=False, npass=16, mult=1):  # noqa: ANN001
         logits = torch.zeros(B, V, dtype=dt)
-        params = torch.zeros(B, 8)
+        params, topk = torch.zeros(B, len(S.KERNEL_PARAMS)), torch.zeros(B, dtype=torch.int32)
         seeds = torch.zeros(B, dtype=torch.int64)
         cnt = torch.zeros(B, V, dtype=counts) if counts is not None else None
-        S.run(logits, params, seeds, mult, cnt, tts=tts, greedy_top1=not tts, npass=npass, mode=mode)
+        S.run(logits, params, topk, seeds, mult, cnt, tts=tts, greedy_top1=not tts, npass=npass, mode=mode)
 
     launch(F32, 1, 128256, None, "sample")  # sample(): HF order, two search phases, 64 programs per row
     launch(BF16, 8, 50257, torch.int64, "sample", mult=0)  # per-row seed tensor, penalties

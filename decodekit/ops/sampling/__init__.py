@@ -285,11 +285,34 @@ def _seed_args(seed: int | torch.Tensor | None, device: torch.device) -> tuple[t
     return (seed, 0) if isinstance(seed, torch.Tensor) else (None, seed)
 
 
-def _pack(prm: dict[str, float | int | torch.Tensor], B: int, device: torch.device) -> torch.Tensor:
-    """The packed fp32 [B, 8] kernel parameters (columns P_TEMP .. P_NOISE; no noise)."""
-    cols = [_column(prm[name], B, device) for name in _PARAM_ORDER]
-    cols.append(torch.zeros(B, dtype=torch.float32, device=device))
-    return torch.stack(cols, dim=1).contiguous()
+#: packed kernel parameters of settings given as Python scalars, by (device, B, values): a decode loop samples with
+#: the same settings at every step, and packing them is a dozen small device ops (on CUDA, host time per call).
+#: The tensors are only ever read. Not used at all during a CUDA-graph capture: a captured graph must own its
+#: parameters (a cached tensor could be freed by the clearing that bounds the cache while the graph still reads it).
+_PACKED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_PACKED_MAX = 64
+
+
+def _pack(
+    prm: dict[str, float | int | torch.Tensor], B: int, device: torch.device, noise: float | torch.Tensor = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels' parameters: fp32 ``[B, NPARAM]`` (the columns of ``triton.KERNEL_PARAMS``) and the
+    int32 ``[B]`` top-k (0: off)."""
+    vals = tuple(prm[name] for name in _PARAM_ORDER)
+    scalar = not any(isinstance(v, torch.Tensor) for v in (*vals, noise))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (device, B, vals, noise) if scalar and not capturing else None
+    if key is not None and (hit := _PACKED.get(key)) is not None:
+        return hit
+    cols = {name: _column(v, B, device) for name, v in zip(_PARAM_ORDER, vals, strict=True)}
+    cols["noise"] = _column(noise, B, device)
+    params = torch.stack([cols[name] for name in _kernels().KERNEL_PARAMS], dim=1)
+    topk = cols["top_k"].clamp(0, 2**31 - 1).to(torch.int32)  # exact: validated integers
+    if key is not None:
+        if len(_PACKED) >= _PACKED_MAX:
+            _PACKED.clear()
+        _PACKED[key] = (params, topk)
+    return params, topk
 
 
 def _row_params(
@@ -334,7 +357,7 @@ def _sample_op(
     sd = _checked_seed(seed, seed_int)
     if backend == "triton":
         seeds, mult = _seeds(sd, B, dev)
-        tokens, logprobs = _kernels().run(logits, _pack(prm, B, dev), seeds, mult, token_counts, tts=False,
+        tokens, logprobs = _kernels().run(logits, *_pack(prm, B, dev), seeds, mult, token_counts, tts=False,
                                           greedy_top1=True, npass=npass, mode="sample")
     else:
         tokens, logprobs = _st.sample_torch(logits, _row_params(prm, token_counts, tts=False, greedy_top1=True),
@@ -363,8 +386,8 @@ def _sampling_probs_op(
     B, _ = logits.shape
     prm = _finish_params(scalars, tensors, B, "sampling_probs", tts=False)
     if backend == "triton":
-        params = _pack(prm, B, logits.device)
-        return _kernels().run(logits, params, params[:, 0].to(torch.int64), 0, token_counts, tts=False,
+        no_seeds = torch.zeros(B, dtype=torch.int64, device=logits.device)  # nothing is drawn
+        return _kernels().run(logits, *_pack(prm, B, logits.device), no_seeds, 0, token_counts, tts=False,
                               greedy_top1=True, npass=npass, mode="probs")
     return _st.sampling_probs_torch(logits, _row_params(prm, token_counts, tts=False, greedy_top1=True))
 
@@ -381,7 +404,7 @@ def _tts_impl(logits, scalars, tensors, seed, seed_int, npass, backend, *, probs
     prm = _finish_params(scalars, tensors, B, op, tts=True)
     if backend == "triton":
         seeds, mult = _seeds(_checked_seed(seed, seed_int), B, dev)
-        out = _kernels().run(logits, _pack(prm, B, dev), seeds, mult, None, tts=True, greedy_top1=False, npass=npass,
+        out = _kernels().run(logits, *_pack(prm, B, dev), seeds, mult, None, tts=True, greedy_top1=False, npass=npass,
                              mode="probs" if probs else "sample")
         return out if probs else out[0]
     rp = _row_params(prm, None, tts=True, greedy_top1=False)
@@ -433,11 +456,9 @@ def _sampler_simple_batch_op(
     sd = _checked_seed(seed, seed_int)
     if backend == "triton":
         seeds, mult = _seeds(sd, B, dev)
-        noise_t, temp_t = _column(noise_v, B, dev), _column(temp_v, B, dev)
-        zeros = torch.zeros(B, dtype=torch.float32, device=dev)
-        ones = torch.ones(B, dtype=torch.float32, device=dev)
-        params = torch.stack([temp_t, zeros, ones, zeros, ones, zeros, zeros, noise_t], dim=1).contiguous()
-        tokens, _ = _kernels().run(logits, params, seeds, mult, None, tts=True, greedy_top1=False, npass=0,
+        off = dict(top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+        params = _pack({"temperature": temp_v, **off}, B, dev, noise=noise_v)
+        tokens, _ = _kernels().run(logits, *params, seeds, mult, None, tts=True, greedy_top1=False, npass=0,
                                    mode="simple")
         return tokens
     return _st.simple_batch_torch(logits, noise_v, temp_v, _torch_seed(sd, B, dev))

@@ -52,10 +52,10 @@ MAXNREG_SMALL_GRID = register_budget(4)  # beam rows / merges and the finalize: 
 
 NPIV = 16  # pivots per search pass
 # Buffers and their columns. Values are fp32; token indices, counts, phases and flags are int32 buffers of their
-# own (exact for any vocabulary that fits int32). The launcher's packed [B, 8] fp32 parameters use the column
-# order of LAUNCH_PARAMS; the kernels read the float columns P_* of ``params`` and ``top_k`` from its own buffer.
-LAUNCH_PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "noise")
+# own (exact for any vocabulary that fits int32). The kernels read the per-row float parameters from ``params``
+# [B, NPARAM] (columns P_*, named in KERNEL_PARAMS) and ``top_k`` from an int32 [B] buffer of its own.
+KERNEL_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                 "noise")
 P_TEMP = tl.constexpr(0)  # params [B, NPARAM] fp32
 P_TOPP = tl.constexpr(1)
 P_MINP = tl.constexpr(2)
@@ -600,6 +600,7 @@ def _launch_config(B: int, V: int, device: torch.device) -> _LaunchConfig:
 def run(
     logits: torch.Tensor,
     params: torch.Tensor,
+    topk: torch.Tensor,
     seeds: torch.Tensor,
     row_key_mult: int,
     counts: torch.Tensor | None,
@@ -611,8 +612,8 @@ def run(
 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """Launch stats -> search x npass -> race -> finalize (or probs). ``mode``: sample | probs | simple.
 
-    ``params``: fp32 ``[B, 8]`` in the column order of :data:`LAUNCH_PARAMS` (validated by the public op); it is
-    split here into the kernels' float parameters and an int32 top-k column.
+    ``params``: fp32 ``[B, NPARAM]`` contiguous, the columns of :data:`KERNEL_PARAMS`; ``topk``: int32 ``[B]`` (0:
+    off); both validated and packed by the public op, read-only here.
     """
     B, V = logits.shape
     dev = logits.device
@@ -622,12 +623,7 @@ def run(
     cnt_t = counts if has_counts else logits
     stride_c = counts.stride(0) if has_counts else 0
     f32, i32 = torch.float32, torch.int32
-    col = {name: i for i, name in enumerate(LAUNCH_PARAMS)}
-    fcols = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "noise")
-    # [B, NPARAM] in the order of P_*: basic slices stacked (indexing with a Python list would copy an index
-    # tensor from the host, which a CUDA-graph capture refuses)
-    prm = torch.stack([params[:, col[n]] for n in fcols], dim=1)
-    topk = params[:, col["top_k"]].clamp(0, 2**31 - 1).to(i32)  # [B] (exact: validated integers)
+    prm = params
     stats = torch.empty(B, C, NSTAT.value, device=dev, dtype=f32)
     stats_i = torch.empty(B, C, NSTAT_I.value, device=dev, dtype=i32)
     slots = max(npass, 1)

@@ -348,3 +348,31 @@ def test_rows_found_by_the_fuzz_suite(device, backend, x, kw, expected):
     torch.testing.assert_close(got, torch.tensor([expected]))
     tok = sample(x.to(device), seed=3, backend=backend, **kw).cpu()
     assert got[0, int(tok)] > 0
+
+
+def test_packed_kernel_parameters_are_cached_per_setting():
+    """The Triton launch's parameters (fp32 [B, NPARAM] in the kernels' column order and the int32 top-k): built once
+    per setting of Python scalars and reused (a decode loop's settings repeat every step), rebuilt for new values,
+    never cached for per-row tensors."""
+    import decodekit.ops.sampling as sampling
+    from decodekit.ops.sampling import triton as kernels
+
+    prm = dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5,
+               frequency_penalty=0.25)
+    dev = torch.device("cpu")
+    params, topk = sampling._pack(prm, 3, dev)
+    want = dict(prm, noise=0.0)
+    assert params.dtype == torch.float32 and params.shape == (3, len(kernels.KERNEL_PARAMS)) and params.is_contiguous()
+    for j, name in enumerate(kernels.KERNEL_PARAMS):
+        assert torch.equal(params[:, j], torch.full((3,), float(want[name]))), name
+    assert topk.dtype == torch.int32 and topk.tolist() == [5, 5, 5]
+    again = sampling._pack(dict(prm), 3, dev)
+    assert again[0] is params and again[1] is topk  # the same setting: the cached tensors
+    other = sampling._pack(dict(prm, top_p=0.8), 3, dev)
+    assert other[0] is not params and float(other[0][0, kernels.KERNEL_PARAMS.index("top_p")]) == pytest.approx(0.8)
+    assert sampling._pack(prm, 4, dev)[0].shape[0] == 4  # another batch size
+    per_row = dict(prm, temperature=torch.tensor([0.5, 1.0, 2.0]))
+    a, b = sampling._pack(per_row, 3, dev), sampling._pack(per_row, 3, dev)
+    assert a[0] is not b[0] and a[0][:, 0].tolist() == [0.5, 1.0, 2.0]
+    noisy = sampling._pack(prm, 3, dev, noise=0.3)[0]  # sampler_simple_batch's noise column
+    assert float(noisy[0, kernels.KERNEL_PARAMS.index("noise")]) == pytest.approx(0.3)
