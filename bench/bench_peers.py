@@ -10,6 +10,8 @@ Implementations (one group per model and batch; the baseline is decodekit's plai
 
 * ``decodekit-ort-plain``: ``export_decoder(graph="plain")``, IO binding (the graph before issue 16);
 * ``decodekit-ort-gqa``: ``export_decoder(graph="gqa")``: GroupQueryAttention on one shared KV buffer, fused norms;
+* ``decodekit-ort-gqa-spin``: the same with ``OnnxDecoder(spin_wait=True)`` (ONNX Runtime's workers spin while a
+  step runs, as onnxruntime-genai's do; faster on idle cores, slower on shared ones);
 * ``ort-genai``: onnxruntime-genai's generator on a folder built by its model builder (fp32, CPU) from a Hugging
   Face folder of the same weights; ``ctranslate2``: ``ctranslate2.Generator`` (float32) on a folder converted with
   ``TransformersConverter`` from that Hugging Face folder.
@@ -63,7 +65,7 @@ PROMPT_LEN = 8
 CHECKED_PREFIX = 16  # tokens every peer must agree on (the rest may flip on a near tie: recorded, not failed)
 MODELS = ["stories260K"] if SMALL else ["stories260K", "SmolLM2-135M"]
 THREADS = {"stories260K": 1, "SmolLM2-135M": os.cpu_count() or 2}
-IMPLS = ["decodekit-ort-plain", "decodekit-ort-gqa", "ort-genai", "ctranslate2"]
+IMPLS = ["decodekit-ort-plain", "decodekit-ort-gqa", "decodekit-ort-gqa-spin", "ort-genai", "ctranslate2"]
 
 
 # ---------------------------------------------------------------------------------------- model folders
@@ -191,7 +193,7 @@ def _prompts(name: str, batch: int) -> list[list[int]]:
 def _runner(impl: str, folder: Path, batch: int, threads: int) -> Callable[[list[list[int]]], list[list[int]]]:
     """``run(prompts) -> generated ids per row`` (NEW_TOKENS each, greedy, no stop)."""
     if impl.startswith("decodekit"):
-        dec = OnnxDecoder(folder, "cpu", max_batch=batch, intra_op_threads=threads)
+        dec = OnnxDecoder(folder, "cpu", max_batch=batch, intra_op_threads=threads, spin_wait=impl.endswith("-spin"))
 
         def run(prompts):  # noqa: ANN001, ANN202
             return dec.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_ids=[]).tokens
@@ -243,7 +245,8 @@ def _group(folders: dict, name: str, batch: int) -> dict:
     prompts = _prompts(name, batch)
     runners, skipped = {}, {}
     for impl in IMPLS:
-        folder = folders[name][{"decodekit-ort-plain": "plain", "decodekit-ort-gqa": "gqa"}.get(impl, impl)]
+        folder = folders[name][{"decodekit-ort-plain": "plain", "decodekit-ort-gqa": "gqa",
+                                "decodekit-ort-gqa-spin": "gqa"}.get(impl, impl)]
         if isinstance(folder, Exception):
             skipped[impl] = f"{impl} unavailable: {type(folder).__name__}: {str(folder).strip()[:200]}"
             continue

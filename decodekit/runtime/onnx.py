@@ -342,6 +342,12 @@ class OnnxDecoder(GenerateMixin):
         ONNX Runtime's intra-op thread count. Default: ``$DECODEKIT_ORT_THREADS`` if set; else, on CPU, 1 for
         models under 64 MB of weights (their steps are too short to split) and ORT's choice (one per core) above.
         On CPU the workers do not spin between runs, so the sampler and the host loop get the cores.
+    spin_wait : bool, optional
+        CPU only. ``True``: ONNX Runtime's workers spin-wait for work while a step runs (no wake-up per parallel
+        op) and stop spinning when it ends. Faster on cores of its own, much slower when other processes share them:
+        SmolLM2-135M fp32, 2 threads, B = 1 on this 2-core machine, 74-79 tok/s against 68-69 quiet, but 37-38
+        against 57-60 with one core busy (README, "Spin-waiting"). Default: ``$DECODEKIT_ORT_SPIN`` (``1`` / ``0``)
+        if set, else ``False``: steady under contention.
 
     Raises
     ------
@@ -383,6 +389,7 @@ class OnnxDecoder(GenerateMixin):
         max_seq_len: int | None = None,
         io_binding: bool = True,
         intra_op_threads: int | None = None,
+        spin_wait: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -406,6 +413,13 @@ class OnnxDecoder(GenerateMixin):
             intra_op_threads = int(env)
         if intra_op_threads is not None:
             intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
+        if spin_wait is None:
+            env = os.environ.get("DECODEKIT_ORT_SPIN", "0").strip()
+            if env not in ("0", "1", ""):
+                raise UsageError(f"$DECODEKIT_ORT_SPIN must be 0 or 1, got {env!r}")
+            spin_wait = env == "1"
+        check_bool("spin_wait", spin_wait)
+        self.spin_wait = spin_wait
 
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)  # a UTF-8 JSON object of format_version 1, entries of the right types
@@ -442,7 +456,11 @@ class OnnxDecoder(GenerateMixin):
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
-        if device == "cpu":
+        if device == "cpu" and spin_wait:
+            # spin while a step runs (no wake-up per parallel op), stop at its end: the next step wakes them once
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
+        elif device == "cpu":
             # ORT's CPU workers spin after each run by default; between two steps the sampler and the host loop
             # need those cores (measured here, GPT-2-small shape, 2 ORT threads: 57 -> 34 ms/token at batch 1).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -270,11 +270,30 @@ def test_config_argument_and_keywords_agree(onnx4):
         (dict(io_binding="yes"), TypeError, "io_binding"),
         (dict(intra_op_threads=0), UsageError, "intra_op_threads"),
         (dict(intra_op_threads="2"), TypeError, "intra_op_threads"),
+        (dict(spin_wait=1), TypeError, "spin_wait"),
+        (dict(spin_wait="yes"), TypeError, "spin_wait"),
     ],
 )
 def test_onnx_decoder_bad_arguments(export_dir, kwargs, exc, needle, no_allocation):
     with pytest.raises(exc, match=needle):
         OnnxDecoder(export_dir, **kwargs)
+
+
+def test_spin_wait_same_tokens_and_its_variable(export_dir, monkeypatch):
+    """``spin_wait`` changes how ONNX Runtime's workers wait, never the tokens; ``$DECODEKIT_ORT_SPIN`` sets the
+    default (0 / 1, anything else refused naming it)."""
+    prompt = [[1, 403, 407, 261]]
+    plain = OnnxDecoder(export_dir, intra_op_threads=2)
+    spinning = OnnxDecoder(export_dir, intra_op_threads=2, spin_wait=True)
+    assert (plain.spin_wait, spinning.spin_wait) == (False, True)
+    kw = dict(max_new_tokens=12, temperature=0.0, stop_ids=[])
+    assert spinning.generate(prompt, **kw).tokens == plain.generate(prompt, **kw).tokens
+    monkeypatch.setenv("DECODEKIT_ORT_SPIN", "1")
+    assert OnnxDecoder(export_dir).spin_wait is True
+    assert OnnxDecoder(export_dir, spin_wait=False).spin_wait is False  # the argument wins
+    monkeypatch.setenv("DECODEKIT_ORT_SPIN", "yes")
+    with pytest.raises(UsageError, match="DECODEKIT_ORT_SPIN"):
+        OnnxDecoder(export_dir)
 
 
 def test_onnx_decoder_refuses_buffers_larger_than_memory(export_dir, monkeypatch, no_allocation):
