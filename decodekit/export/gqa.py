@@ -174,12 +174,13 @@ class _Builder:
         return self.init(name, a.contiguous().numpy())
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str | None = None,
-             outputs: list[str] | None = None, **attrs: Any) -> list[str]:
+             outputs: list[str] | None = None, unused: tuple[int, ...] = (), **attrs: Any) -> list[str]:
+        """Add a node; its output names (``unused``: output positions left unnamed, so the op skips them)."""
         from onnx import helper
 
         self._n += 1
         stem = name or f"{op}_{self._n}"
-        outs = outputs or [f"{stem}/out{j}" for j in range(n_out)]
+        outs = outputs or ["" if j in unused else f"{stem}/out{j}" for j in range(n_out)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=stem, domain=domain or None, **attrs))
         return outs
 
@@ -259,7 +260,7 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
             else:
                 h, _, _, x = g.node("SkipSimplifiedLayerNormalization",
                                     [pending, x, g.weight(f"{p}.attn_norm.weight", layer.attn_norm.weight)], 4,
-                                    domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/attn_norm")
+                                    unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/attn_norm")
             if separate_qkv:
                 q = _linear(g, h, at.wq, f"{p}.attn.wq")
                 k = _linear(g, h, at.wk, f"{p}.attn.wk")
@@ -284,8 +285,8 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
                        outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
             o = _linear(g, a, at.wo, f"{p}.attn.wo")
             h, _, _, x = g.node("SkipSimplifiedLayerNormalization",
-                                [o, x, g.weight(f"{p}.ffn_norm.weight", layer.ffn_norm.weight)], 4, domain=MS,
-                                epsilon=float(cfg.norm_eps), name=f"{p}/ffn_norm")
+                                [o, x, g.weight(f"{p}.ffn_norm.weight", layer.ffn_norm.weight)], 4,
+                                unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ffn_norm")
             gate = _linear(g, h, layer.mlp.w1, f"{p}.mlp.w1")
             gate = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"{p}/mlp/Sigmoid")], name=f"{p}/mlp/silu")
             up = _linear(g, h, layer.mlp.w3, f"{p}.mlp.w3")
@@ -306,8 +307,8 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
             if pending is None:
                 h = g.one("LayerNormalization", [x, *ln1], axis=-1, epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
             else:
-                h, _, _, x = g.node("SkipLayerNormalization", [pending, x, *ln1, pending_bias], 4, domain=MS,
-                                    epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
+                h, _, _, x = g.node("SkipLayerNormalization", [pending, x, *ln1, pending_bias], 4,
+                                    unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
             qkv = _linear(g, h, layer.attn.c_attn, f"{p}.attn.c_attn")
             if separate_qkv:
                 q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D] * 3, np.int64))], 3,
@@ -323,7 +324,7 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
             ln2 = [g.weight(f"{p}.ln_2.weight", layer.ln_2.weight), g.weight(f"{p}.ln_2.bias", layer.ln_2.bias)]
             h, _, _, x = g.node("SkipLayerNormalization",
                                 [o, x, *ln2, g.weight(f"{p}.attn.c_proj.bias", layer.attn.c_proj.bias)], 4,
-                                domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ln_2")
+                                unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ln_2")
             f = _linear(g, h, layer.mlp.c_fc, f"{p}.mlp.c_fc", bias=False)
             f = g.one("FastGelu", [f, g.weight(f"{p}.mlp.c_fc.bias", layer.mlp.c_fc.bias)], domain=MS,
                       name=f"{p}/mlp/FastGelu")
