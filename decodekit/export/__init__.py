@@ -27,7 +27,7 @@ never needs a 4-D mask.
 
     {
       "format_version": 1,                      # bumped on any incompatible change
-      "graph_revision": 2,                      # GRAPH_REVISION: same interface, a different (newer) graph
+      "graph_revision": 3,                      # GRAPH_REVISION: same interface, a different (newer) graph
       "producer": "decodekit 0.1.0",
       "model_file": "model.onnx",               # relative to OUT_DIR
       "external_data": null | "model.onnx.data",  # weights file beside model.onnx (large models)
@@ -111,9 +111,10 @@ __all__ = ["FORMAT_VERSION", "GRAPH_REVISION", "ExportResult", "ExportWriteError
 
 FORMAT_VERSION = 1
 #: Revision of the graph the exporter writes for a given checkpoint. Bumped when the graph changes with the same
-#: interface (2: RMSNorm as ``x / sqrt(.)`` and the rotary swap as one MatMul, fewer nodes per step), so that the
-#: runtime's export cache does not keep serving graphs an older decodekit wrote.
-GRAPH_REVISION = 2
+#: interface (2: RMSNorm as ``x / sqrt(.)`` and the rotary swap as one MatMul, fewer nodes per step; 3: the
+#: ``graph="gqa"`` skip norms without their unread statistics outputs), so that the runtime's export cache does not
+#: keep serving graphs an older decodekit wrote.
+GRAPH_REVISION = 3
 METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
