@@ -78,3 +78,24 @@ def test_fast_path_is_taken_and_declines_what_it_cannot_do():
     assert cpu._penalized_topk_plan(bad, prm()) is None  # bad rows: the general path's rules
     per_row = torch.tensor([1.5, 10.0])
     assert cpu._penalized_topk_plan(x, prm(repetition_penalty=per_row)) is not None
+
+
+def test_large_calls_run_their_full_row_passes_on_one_thread(monkeypatch):
+    """From 2**20 logits the fast path's topk and row max run on one thread (a busy core cannot stall a parallel
+    op's barrier); smaller calls keep the caller's threads. The result is the same either way."""
+    seen: list[int] = []
+    real = cpu.torch_threads
+
+    def spy(n: int):  # noqa: ANN202
+        seen.append(n)
+        return real(n)
+
+    monkeypatch.setattr(cpu, "torch_threads", spy)
+    for B, V, one_thread in ((8, 131072, True), (2, 30000, False)):
+        x, counts = _case(B, V, seed=3, ties=False, seen_top=0)
+        prm = cpu.RowParams(temperature=0.8, top_k=30, top_p=0.8, min_p=0.0, repetition_penalty=10.0,
+                            presence_penalty=0.0, frequency_penalty=0.0, token_counts=counts, tts=False,
+                            greedy_top1=True)
+        seen.clear()
+        plan = cpu._penalized_topk_plan(x, prm)
+        assert plan is not None and seen == ([1] if one_thread else []), (B, V, seen)
