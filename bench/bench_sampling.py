@@ -54,11 +54,13 @@ BUSY_DISTS = ["randn*1", "randn*4", "zipf"]
 BUSY_SHAPES = [(1, 1024), (8, 8194), (8, 128256), (64, 32000)]
 
 
-def _hf_eager(logits: torch.Tensor, counts: torch.Tensor, kw: dict) -> torch.Tensor:
-    """Eager Hugging Face-style pipeline (the way generate does it: full sort for top-p)."""
+def hf_eager(logits: torch.Tensor, kw: dict, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager Hugging Face-style pipeline, the way ``generate`` runs it on any device: the repetition penalty (with
+    ``counts``), temperature, top-k, top-p by a full sort, ``torch.multinomial``. Vectorized over the batch."""
     z = logits.float()
-    seen = counts > 0
-    z = torch.where(seen, torch.where(z > 0, z / kw["repetition_penalty"], z * kw["repetition_penalty"]), z)
+    if counts is not None:
+        rep = kw["repetition_penalty"]
+        z = torch.where(counts > 0, torch.where(z > 0, z / rep, z * rep), z)
     z = z / kw["temperature"]
     kth = torch.topk(z, kw["top_k"], dim=-1).values[..., -1:]
     z = z.masked_fill(z < kth, float("-inf"))
@@ -143,7 +145,7 @@ def test_bench_sampling(benchmark, load, dist, B, V, pset, impl):
     if op == "sample_logits":
         eager = lambda: sample_logits_ref(logits, kw["temperature"], kw["top_p"], kw["top_k"], upcast=False)
     else:
-        eager = lambda: _hf_eager(logits, counts, kw)
+        eager = lambda: hf_eager(logits, kw, counts)
     side = {}
     if impl == "decodekit":
         seeds = torch.arange(B, dtype=torch.int64, device=DEVICE)
@@ -174,5 +176,5 @@ def test_bench_reference_is_the_hf_semantics():
     kw = PARAM_SETS["hf-T0.8-k30-p0.8-rep10"][1]
     probs = sampling_probs_ref(x, token_counts=counts, **kw)
     for _ in range(20):
-        tok = _hf_eager(x, counts, kw)
+        tok = hf_eager(x, kw, counts)
         assert bool((probs.gather(1, tok) > 0).all())

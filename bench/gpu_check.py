@@ -258,25 +258,11 @@ def _compiled(fn: Callable, dry: bool) -> Callable:
     return torch.compile(fn, backend="eager" if dry else "inductor")
 
 
-def hf_eager_sample(x, *, temperature: float, top_k: int, top_p: float):  # noqa: ANN001, ANN201 - tensors
-    """What a user would otherwise run on the device: Hugging Face ``generate``'s temperature, top-k and top-p
-    warpers (a full sort for top-p), then ``torch.multinomial``; vectorized over the batch."""
-    import torch
-
-    z = x.float() / temperature
-    kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-    z = z.masked_fill(z < kth, float("-inf"))
-    sorted_z, idx = torch.sort(z, descending=False)
-    remove = sorted_z.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-    remove[..., -1:] = False
-    z = z.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
-    return torch.multinomial(torch.softmax(z, dim=-1), 1)
-
-
 def stage_bench_sampling(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
     import torch
 
     import decodekit
+    from bench.bench_sampling import hf_eager  # Hugging Face's warpers, vectorized, on the device
     from decodekit.ops.sampling.reference import sampling_probs_ref
 
     bw = copy_bandwidth(chk, dev)
@@ -291,7 +277,7 @@ def stage_bench_sampling(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
             x = (torch.randn(B, V, device=dev) * 4).to(dt)
             kw = dict(temperature=0.8, top_k=40, top_p=0.95)
             ours = lambda: decodekit.sample(x, seed=1, backend="triton", **kw)  # noqa: E731
-            eager = lambda: hf_eager_sample(x, **kw)  # noqa: E731
+            eager = lambda: hf_eager(x, kw)  # noqa: E731
             tok = ours()
             # the kept set from the project's reference (plain CPU code, row by row)
             kept = sampling_probs_ref(x.float().cpu(), **kw).gather(1, tok.cpu().view(B, 1)) > 0
@@ -299,7 +285,7 @@ def stage_bench_sampling(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
             extra: dict[str, Any] = {}
             if B == 64 or chk.dry:  # torch.compile of the eager pipeline at the headline point
                 try:
-                    comp = _compiled(lambda t: hf_eager_sample(t, **kw), chk.dry)
+                    comp = _compiled(lambda t: hf_eager(t, kw), chk.dry)
                     rows["compile"] = time_it(lambda: comp(x))
                 except Exception as exc:  # noqa: BLE001 - an Inductor failure is a row of the report, not a stop
                     extra["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -459,6 +445,7 @@ def stage_launch_overhead(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
 
     import decodekit
     from bench.bench_block import PARAM_SETS, eager_block
+    from bench.bench_sampling import hf_eager
 
     time_it, time_graph = timer(chk), graph_timer(chk)
     bf = torch.bfloat16 if not chk.dry else torch.float32
@@ -477,7 +464,7 @@ def stage_launch_overhead(chk: Check, dev, stop: float) -> None:  # noqa: ANN001
     ids = torch.zeros(1, L, dtype=torch.int64, device=dev)
     cases = {
         f"sample B=1 V={V} {str(bf)[6:]} top-k 40 top-p 0.95": (
-            lambda: decodekit.sample(x, seed=seed, backend="triton", **kw), lambda: hf_eager_sample(x, **kw)),
+            lambda: decodekit.sample(x, seed=seed, backend="triton", **kw), lambda: hf_eager(x, kw)),
         f"rms_norm_linear M=1 K=N={K} {str(bf)[6:]}": (
             lambda: decodekit.rms_norm_linear(h, nw, w, backend="triton"),
             lambda: F.linear(F.rms_norm(h, (K,), nw, 1e-6), w)),

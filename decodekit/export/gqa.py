@@ -187,6 +187,13 @@ class _Builder:
     def one(self, op: str, inputs: list[str], **kw: Any) -> str:
         return self.node(op, inputs, **kw)[0]
 
+    def skip_norm(self, op: str, inputs: list[str], **kw: Any) -> tuple[str, str]:
+        """A ``Skip(Simplified)LayerNormalization``: ``(normalized, input + skip (+ bias))``. Its mean /
+        inverse-std outputs stay unnamed, so the op skips them (nothing reads them: SmolLM2's 60 skip norms went
+        487-559 -> 313-350 us per step in ORT's profiler, one thread)."""
+        h, _, _, s = self.node(op, inputs, 4, unused=(1, 2), domain=MS, **kw)
+        return h, s
+
 
 def _linear(g: _Builder, x: str, lin: torch.nn.Linear, name: str, *, bias: bool = True) -> str:
     """``x @ W^T (+ b)``: the weight stored transposed (what ONNX Runtime's MatMul prepacks)."""
@@ -258,9 +265,9 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
                 h = g.one("SimplifiedLayerNormalization", [x, w_norm], axis=-1, epsilon=float(cfg.norm_eps),
                           stash_type=1, name=f"{p}/attn_norm")
             else:
-                h, _, _, x = g.node("SkipSimplifiedLayerNormalization",
-                                    [pending, x, g.weight(f"{p}.attn_norm.weight", layer.attn_norm.weight)], 4,
-                                    unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/attn_norm")
+                h, x = g.skip_norm("SkipSimplifiedLayerNormalization",
+                                   [pending, x, g.weight(f"{p}.attn_norm.weight", layer.attn_norm.weight)],
+                                   epsilon=float(cfg.norm_eps), name=f"{p}/attn_norm")
             if separate_qkv:
                 q = _linear(g, h, at.wq, f"{p}.attn.wq")
                 k = _linear(g, h, at.wk, f"{p}.attn.wk")
@@ -284,9 +291,9 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
                         "", "", "", attention_bias], domain=MS, name=f"{p}/attn/GroupQueryAttention",
                        outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
             o = _linear(g, a, at.wo, f"{p}.attn.wo")
-            h, _, _, x = g.node("SkipSimplifiedLayerNormalization",
-                                [o, x, g.weight(f"{p}.ffn_norm.weight", layer.ffn_norm.weight)], 4,
-                                unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ffn_norm")
+            h, x = g.skip_norm("SkipSimplifiedLayerNormalization",
+                               [o, x, g.weight(f"{p}.ffn_norm.weight", layer.ffn_norm.weight)],
+                               epsilon=float(cfg.norm_eps), name=f"{p}/ffn_norm")
             gate = _linear(g, h, layer.mlp.w1, f"{p}.mlp.w1")
             gate = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"{p}/mlp/Sigmoid")], name=f"{p}/mlp/silu")
             up = _linear(g, h, layer.mlp.w3, f"{p}.mlp.w3")
@@ -307,8 +314,8 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
             if pending is None:
                 h = g.one("LayerNormalization", [x, *ln1], axis=-1, epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
             else:
-                h, _, _, x = g.node("SkipLayerNormalization", [pending, x, *ln1, pending_bias], 4,
-                                    unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
+                h, x = g.skip_norm("SkipLayerNormalization", [pending, x, *ln1, pending_bias],
+                                   epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
             qkv = _linear(g, h, layer.attn.c_attn, f"{p}.attn.c_attn")
             if separate_qkv:
                 q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D] * 3, np.int64))], 3,
@@ -322,9 +329,9 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
                        outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
             o = _linear(g, a, layer.attn.c_proj, f"{p}.attn.c_proj", bias=False)
             ln2 = [g.weight(f"{p}.ln_2.weight", layer.ln_2.weight), g.weight(f"{p}.ln_2.bias", layer.ln_2.bias)]
-            h, _, _, x = g.node("SkipLayerNormalization",
-                                [o, x, *ln2, g.weight(f"{p}.attn.c_proj.bias", layer.attn.c_proj.bias)], 4,
-                                unused=(1, 2), domain=MS, epsilon=float(cfg.norm_eps), name=f"{p}/ln_2")
+            h, x = g.skip_norm("SkipLayerNormalization",
+                               [o, x, *ln2, g.weight(f"{p}.attn.c_proj.bias", layer.attn.c_proj.bias)],
+                               epsilon=float(cfg.norm_eps), name=f"{p}/ln_2")
             f = _linear(g, h, layer.mlp.c_fc, f"{p}.mlp.c_fc", bias=False)
             f = g.one("FastGelu", [f, g.weight(f"{p}.mlp.c_fc.bias", layer.mlp.c_fc.bias)], domain=MS,
                       name=f"{p}/mlp/FastGelu")

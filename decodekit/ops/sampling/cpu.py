@@ -346,14 +346,14 @@ def _penalized_topk_plan(logits: torch.Tensor, prm: RowParams) -> _Plan | None:
             prm.greedy_top1 and 1 in k):
         return None
     temp = P.cols["temperature"]
-    # room for 16 penalized candidates per row before the list must grow (a second topk costs as much as the
-    # first; 16 more candidates cost 10 %: 3.14 -> 3.45 ms at [64, 128256]): with a 256-token history and
-    # V = 128256, 64 rows almost surely have a penalized token among their top 31
     # large calls on one thread, as top-p's full-row passes: a parallel topk waits at its barrier for a worker that
     # another process has descheduled. Measured (the Hugging Face set, randn * 4, ms, quiet / one core busy): two
     # threads [64, 32000] 2.9 / 9.2-10.1, [8, 128256] 1.6 / 4.1, [64, 128256] 5.7 / 21.8; one thread 4.4 / 6.2,
     # 2.1 / 2.1, 9.9 / 11.7. Below 2**20 logits one thread only cost (at [8, 8194] 0.33 -> 0.42 ms quiet).
     with torch_threads(1) if B * V >= _ONE_THREAD_ELEMS else contextlib.nullcontext():
+        # room for 16 penalized candidates per row before the list must grow (a second topk costs as much as the
+        # first; 16 more candidates cost 10 %: 3.14 -> 3.45 ms at [64, 128256]): with a 256-token history and
+        # V = 128256, 64 rows almost surely have a penalized token among their top 31
         pen, tok, zt, kth = _topk_candidates(z, k, temp, _PENALIZED_SLACK, lambda t: _penalized_candidates(z, t, prm))
         # the rules of _plan's bad / greedy-in-the-limit rows, on the penalized row max (the first candidate)
         m = torch.where(torch.isnan(z.amax(dim=1)), float("nan"), pen[:, 0])
