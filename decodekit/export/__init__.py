@@ -112,9 +112,9 @@ __all__ = ["FORMAT_VERSION", "GRAPH_REVISION", "ExportResult", "ExportWriteError
 FORMAT_VERSION = 1
 #: Revision of the graph the exporter writes for a given checkpoint. Bumped when the graph changes with the same
 #: interface (2: RMSNorm as ``x / sqrt(.)`` and the rotary swap as one MatMul, fewer nodes per step; 3: the
-#: ``graph="gqa"`` skip norms without their unread statistics outputs), so that the runtime's export cache does not
-#: keep serving graphs an older decodekit wrote.
-GRAPH_REVISION = 3
+#: ``graph="gqa"`` skip norms without their unread statistics outputs; 4: its adjacent-pair rotary as one node on the
+#: packed q|k span), so that the runtime's export cache does not keep serving graphs an older decodekit wrote.
+GRAPH_REVISION = 4
 METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -10,13 +10,15 @@ step, whose fixed cost dominates on small models. This graph is written node by 
 * ``com.microsoft::GroupQueryAttention`` with ``past_key`` / ``present_key`` bound to ONE buffer of fixed capacity
   (``past_present_share_buffer``): the op appends the new keys/values in place, nothing is copied per step;
 * packed projections: q/k/v in one MatMul per layer (unless 4-bit weights need the three separate matrices);
-* rotary positions inside the attention op (``do_rotary`` with cos/sin caches) when every position of a row is
-  its cache slot, else ``com.microsoft::RotaryEmbedding`` on the queries and keys (see "Padding" below);
+* rotary positions in ``com.microsoft::RotaryEmbedding`` nodes fed by ``position_ids`` (see "Padding" below):
+  with adjacent pairs (llama2.c's layout) and packed q/k/v, ONE node per layer turns the q|k span of the packed
+  row and GroupQueryAttention reads that row as it is (no Split); the halves layout (Hugging Face's) turns q and
+  k in two nodes after a Split;
 * the residual add fused into the next norm: ``SkipSimplifiedLayerNormalization`` (Llama) and
   ``SkipLayerNormalization`` (GPT-2, which also absorbs the projection bias), ``FastGelu`` with its bias;
 * the classifier on the last position only, as one MatMul against the pre-transposed matrix.
 
-A stories260K step runs ~70 nodes instead of ~230 (``node_count`` in ``decodekit.json``).
+A stories260K step runs 73 nodes instead of 228 (counted after ONNX Runtime's own graph optimizations).
 
 Interface (what differs from the plain graph)
 ---------------------------------------------
@@ -253,9 +255,17 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
     if cfg.arch == "llama":
         inv = rotary_inv_freq(D, cfg.rope_theta)  # fp32, as the eager model
         angles = torch.arange(cfg.max_seq_len, dtype=torch.float32)[:, None] * inv  # [max_seq_len, D/2]
+        interleaved = 1 if cfg.rope_layout == "adjacent" else 0
+        # adjacent pairs with packed q/k/v: ONE RotaryEmbedding turns the whole q|k span of the packed row, as a
+        # single "head" of (H + 2 Hkv) D values whose first (H + Hkv) D are rotated (v, the tail, is not); its
+        # cache repeats each head's angles, so every pair turns exactly as in its own head. GroupQueryAttention
+        # then takes the packed row: no Split, one rotary node instead of two per layer (the halves layout pairs
+        # i with i + D/2 inside a head, which a span-wide rotation cannot express)
+        span = bool(interleaved) and not separate_qkv
+        if span:
+            angles = angles.repeat(1, H + Hkv)  # [max_seq_len, (H + Hkv) D / 2]
         cos = g.weight("rotary.cos_cache", torch.cos(angles))
         sin = g.weight("rotary.sin_cache", torch.sin(angles))
-        interleaved = 1 if cfg.rope_layout == "adjacent" else 0
         pending: str | None = None  # the previous block's MLP output, added to x by the next norm
         for i, layer in enumerate(decoder.layers):
             p = f"layers.{i}"
@@ -279,15 +289,18 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
                 if at.wq.bias is not None:
                     b = torch.cat([at.wq.bias, at.wk.bias, at.wv.bias], 0)
                     qkv = g.one("Add", [qkv, g.weight(f"{p}.attn.wqkv.bias", b)], name=f"{p}/qkv/Add")
-                q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D, Hkv * D, Hkv * D],
-                                                                                    np.int64))], 3, axis=-1,
-                                 name=f"{p}/qkv/Split")
-            q = g.one("RotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, interleaved=interleaved,
-                      name=f"{p}/q/rotary")
-            k = g.one("RotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, interleaved=interleaved,
-                      name=f"{p}/k/rotary")
+            if span:  # [B, S, (H + 2 Hkv) D]: q|k turned in place, GroupQueryAttention reads the packed row
+                qkv_in = [g.one("RotaryEmbedding", [qkv, "position_ids", cos, sin], domain=MS, interleaved=1,
+                                num_heads=1, rotary_embedding_dim=(H + Hkv) * D, name=f"{p}/qk/rotary"), "", ""]
+            else:
+                if not separate_qkv:
+                    q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D, Hkv * D, Hkv * D],
+                                                                                        np.int64))], 3, axis=-1,
+                                     name=f"{p}/qkv/Split")
+                qkv_in = [g.one("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=interleaved,
+                                name=f"{p}/{n}/rotary") for t, n in ((q, "q"), (k, "k"))] + [v]
             a = g.node("GroupQueryAttention",
-                       [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                       [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
                         "", "", "", attention_bias], domain=MS, name=f"{p}/attn/GroupQueryAttention",
                        outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
             o = _linear(g, a, at.wo, f"{p}.attn.wo")

@@ -476,6 +476,10 @@ def _run_generation(
     next_np = next_col.numpy() if device.type == "cpu" else None
     row_index = np.arange(b)
     best_buf = None  # [B] the rows' maxima (torch path: CUDA, bfloat16)
+    last_logits = view = None  # the logits tensor of the last step and its NumPy view
+    # a backend that can bind the loop's fixed buffers once (OnnxDecoder on the CPU) steps without re-deriving them
+    make_stepper = getattr(model, "decode_stepper", None)
+    stepper = make_stepper(buf.next_ids, buf.positions, buf.mask) if make_stepper is not None else None
 
     out_tokens: list[list[int]] = [[] for _ in range(b)]
     finish = ["length"] * b
@@ -489,23 +493,24 @@ def _run_generation(
         total = buf.s0 + step  # tokens in the cache after this step
         if step == 0:
             logits = model.step(buf.prompt_ids, buf.positions[:, : buf.s0], buf.mask[:, : buf.s0])
+        elif stepper is not None:
+            logits = stepper(total)
         else:
             logits = model.step(buf.next_ids, buf.positions[:, total - 1 : total], buf.mask[:, :total])
         if greedy:  # the argmax straight into the next step's input; the rare non-finite row fixed on the host
             if next_np is not None and logits.dtype in (torch.float32, torch.float16) and logits.device == device:
-                view = logits.detach().numpy()  # no copy (NaN counts as the maximum: that row becomes -1 below)
-                np.argmax(view, axis=-1, out=next_np)
-                best = view[row_index, next_np].tolist()
+                if logits is not last_logits:  # the backend's bound buffer: the same view step after step
+                    last_logits, view = logits, logits.detach().numpy()  # no copy
+                np.argmax(view, axis=-1, out=next_np)  # NaN counts as the maximum: that row becomes -1 below
+                if not all(map(math.isfinite, view[row_index, next_np].tolist())):
+                    next_np[~np.isfinite(view[row_index, next_np])] = -1
+                host = next_np.tolist()
             else:
                 if best_buf is None or best_buf.dtype != logits.dtype:
                     best_buf = torch.empty(b, dtype=logits.dtype, device=device)
                 torch.max(logits, -1, out=(best_buf, next_col))
-                best = best_buf.tolist()
-            host = next_col.tolist()
-            for i, v in enumerate(best):
-                if not math.isfinite(v):
-                    host[i] = -1
-                    next_col[i] = -1
+                next_col.masked_fill_(~torch.isfinite(best_buf), -1)
+                host = next_col.tolist()
         else:
             nxt = sample(logits, seed=step_seeds(step), **sample_kwargs)  # [B] int64, from the bound logits in place
             buf.next_ids[:, 0] = nxt

@@ -47,8 +47,8 @@ def stories_gqa(stories_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("arch, layout, bias", [("llama", "adjacent", False), ("llama", "halves", True),
-                                                ("gpt2", "adjacent", False)])
+@pytest.mark.parametrize("arch, layout, bias", [("llama", "adjacent", False), ("llama", "adjacent", True),
+                                                ("llama", "halves", True), ("gpt2", "adjacent", False)])
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim, tmp_path):
     model = _random_decoder(arch, head_dim, rope_layout=layout, attn_bias=bias, mlp_bias=bias)
@@ -61,6 +61,9 @@ def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim
     graph = onnx.load(str(res.onnx_path))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("GroupQueryAttention") == 3
+    # adjacent pairs: one RotaryEmbedding per layer on the packed q|k span, no Split; halves: q and k apart
+    rotary, split = {"adjacent": (3, 0), "halves": (6, 3)}[layout] if arch == "llama" else (0, 0)
+    assert (ops.count("RotaryEmbedding"), ops.count("Split")) == (rotary, split)
     assert ops.count("SkipSimplifiedLayerNormalization" if arch == "llama" else "SkipLayerNormalization") == 6
     assert _kv_concats(res.onnx_path) == 0
     # left-padded batch of three prompts of different lengths, then single-token steps

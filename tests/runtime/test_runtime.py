@@ -73,14 +73,14 @@ def test_zero_copy_buffers_keep_their_addresses(export_dir, monkeypatch):
     dec = OnnxDecoder(export_dir, "cpu", max_batch=2)
     kv_ptr, logits_ptr = dec._kv.data_ptr(), dec._logits.data_ptr()
     seen = []
-    real_step = dec.step
+    real_run = dec._run_bound  # every step runs through it (step() and the loop's decode_stepper)
 
-    def spy(ids, pos, mask):
-        out = real_step(ids, pos, mask)
+    def spy(b, p, s):
+        out = real_run(b, p, s)
         seen.append((out.data_ptr(), dec._kv.data_ptr(), dec._logits.data_ptr()))
         return out
 
-    monkeypatch.setattr(dec, "step", spy)
+    monkeypatch.setattr(dec, "_run_bound", spy)
 
     bound = {dec._kv.untyped_storage().data_ptr(), dec._logits.untyped_storage().data_ptr()}
     real_numpy = torch.Tensor.numpy

@@ -95,3 +95,65 @@ def test_penalties_with_a_bad_row_do_not_crash():
                          resolve_config(max_new_tokens=5, temperature=0.0, repetition_penalty=1.3, stop_ids=[]))
     bad = {(1, 2), (2, 3), (0, 4)}
     assert all((t == -1) == ((i, s) in bad) for i, row in enumerate(res.tokens) for s, t in enumerate(row))
+
+
+# ------------------------------------------------------------------------ OnnxDecoder.decode_stepper (fixed buffers)
+
+@pytest.fixture(scope="module", params=["plain", "gqa"])
+def stories_graph(request, stories_dir, stories_export_dir, tmp_path_factory):  # noqa: ANN001, ANN201
+    if request.param == "plain":
+        return stories_export_dir
+    from tests.conftest import shared_export
+
+    return shared_export(tmp_path_factory, "stories260K-gqa", stories_dir / "stories260K.bin", graph="gqa")
+
+
+@pytest.mark.parametrize("prompts", [[[1, 5, 9]], [[1, 5, 9, 30, 7, 8, 2], [1], [1, 44, 2]]])
+def test_decode_stepper_steps_as_step_does(stories_graph, prompts):
+    """Step after step, the stepper's logits are ``step``'s on the same inputs, bit for bit (B = 1 reads the mask
+    in place, B > 1 stages it), and a generation with it gives the tokens of one without it."""
+    from decodekit.runtime import OnnxDecoder
+    from decodekit.runtime.loop import _Buffers
+
+    a, b = OnnxDecoder(stories_graph, max_batch=3), OnnxDecoder(stories_graph, max_batch=3)
+    buf = _Buffers(prompts, 40, a.vocab_size, a.device)
+    stepper = b.decode_stepper(buf.next_ids, buf.positions, buf.mask)
+    assert stepper is not None
+    n = len(prompts)
+    for dec in (a, b):
+        dec.reset(n)
+        first = dec.step(buf.prompt_ids, buf.positions[:, : buf.s0], buf.mask[:, : buf.s0]).clone()
+    gen = torch.Generator().manual_seed(0)
+    for total in range(buf.s0 + 1, 40):
+        buf.next_ids.copy_(torch.randint(0, a.vocab_size, (n, 1), generator=gen))
+        want = a.step(buf.next_ids, buf.positions[:, total - 1 : total], buf.mask[:, :total])
+        assert torch.equal(stepper(total), want)
+    assert not torch.equal(first, want)  # the steps did move on
+    kw = dict(max_new_tokens=24, stop_ids=[])
+    with_it = [b.generate(prompts, temperature=0.0, **kw).tokens, b.generate(prompts, seed=3, **kw).tokens]
+    b.decode_stepper = lambda *args: None  # the loop falls back to step()
+    assert with_it == [b.generate(prompts, temperature=0.0, **kw).tokens, b.generate(prompts, seed=3, **kw).tokens]
+
+
+def test_decode_stepper_refuses_what_it_cannot_do(stories_export_dir):
+    from decodekit.errors import UsageError
+    from decodekit.runtime import OnnxDecoder
+    from decodekit.runtime.loop import _Buffers
+
+    dec = OnnxDecoder(stories_export_dir, max_batch=2)
+    buf = _Buffers([[1, 5], [1]], 12, dec.vocab_size, dec.device)
+    stepper = dec.decode_stepper(buf.next_ids, buf.positions, buf.mask)
+    dec.reset(2)
+    with pytest.raises(UsageError, match="decode_stepper"):  # no prefill yet
+        stepper(3)
+    dec.step(buf.prompt_ids, buf.positions[:, :2], buf.mask[:, :2])
+    for total in (2, 4, 13):  # not one token after the cache, or past the buffers
+        with pytest.raises(UsageError, match="decode_stepper"):
+            stepper(total)
+    assert stepper(3).shape == (2, dec.vocab_size)
+    # buffers it cannot bind as they are: the loop calls step() instead
+    assert dec.decode_stepper(buf.next_ids.int(), buf.positions, buf.mask) is None
+    assert dec.decode_stepper(buf.next_ids, buf.positions, buf.mask[:, :5]) is None
+    assert dec.decode_stepper(buf.next_ids.T, buf.positions, buf.mask) is None
+    assert OnnxDecoder(stories_export_dir, io_binding=False).decode_stepper(buf.next_ids, buf.positions,
+                                                                            buf.mask) is None
