@@ -256,6 +256,16 @@ def _default_cpu_threads(model_file: Path) -> int | None:
     return 1 if weights < _SMALL_MODEL_BYTES else None
 
 
+def _env_int(name: str, want: str, ok: Callable[[str], bool]) -> int | None:
+    """``$name`` as an int, None when unset or blank; a value ``ok`` refuses is a UsageError saying ``want``."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return None
+    if not ok(env):
+        raise UsageError(f"${name} must be {want}, got {os.environ[name]!r}")
+    return int(env)
+
+
 class _Binder:
     """Thin IO binding over raw pointers.
 
@@ -407,18 +417,12 @@ class OnnxDecoder(GenerateMixin):
         if max_seq_len is not None:
             max_seq_len = check_int("max_seq_len", max_seq_len, lo=2)
         check_bool("io_binding", io_binding)
-        if intra_op_threads is None and os.environ.get("DECODEKIT_ORT_THREADS"):
-            env = os.environ["DECODEKIT_ORT_THREADS"]
-            if not env.strip().isdigit():
-                raise UsageError(f"$DECODEKIT_ORT_THREADS must be a positive int, got {env!r}")
-            intra_op_threads = int(env)
+        if intra_op_threads is None:
+            intra_op_threads = _env_int("DECODEKIT_ORT_THREADS", "a positive int", lambda v: v.isdigit())
         if intra_op_threads is not None:
             intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
         if spin_wait is None:
-            env = os.environ.get("DECODEKIT_ORT_SPIN", "0").strip()
-            if env not in ("0", "1", ""):
-                raise UsageError(f"$DECODEKIT_ORT_SPIN must be 0 or 1, got {env!r}")
-            spin_wait = env == "1"
+            spin_wait = _env_int("DECODEKIT_ORT_SPIN", "0 or 1", lambda v: v in ("0", "1")) == 1
         check_bool("spin_wait", spin_wait)
         self.spin_wait = spin_wait
 

@@ -296,6 +296,26 @@ def test_spin_wait_same_tokens_and_its_variable(export_dir, monkeypatch):
         OnnxDecoder(export_dir)
 
 
+@pytest.mark.parametrize("value, threads", [("3", 3), (" 2 ", 2), ("", None), ("two", UsageError), ("-1", UsageError),
+                                            ("0", UsageError)])
+def test_ort_threads_variable(export_dir, monkeypatch, value, threads):
+    """``$DECODEKIT_ORT_THREADS`` sets the default thread count (blank: ONNX Runtime's choice); anything but a
+    positive int is refused, naming the variable or the argument it stands for."""
+    monkeypatch.setenv("DECODEKIT_ORT_THREADS", value)
+    seen = []
+    real = decodekit.runtime.onnx._default_cpu_threads
+    monkeypatch.setattr(decodekit.runtime.onnx, "_default_cpu_threads", lambda f: seen.append(f) or real(f))
+    if threads is UsageError:
+        with pytest.raises(UsageError, match="DECODEKIT_ORT_THREADS|intra_op_threads"):
+            OnnxDecoder(export_dir)
+        return
+    dec = OnnxDecoder(export_dir)
+    assert bool(seen) == (threads is None)  # unset: the decoder's own default for this model
+    if threads is not None:
+        assert dec.session.get_session_options().intra_op_num_threads == threads
+    assert OnnxDecoder(export_dir, intra_op_threads=1).session.get_session_options().intra_op_num_threads == 1
+
+
 def test_onnx_decoder_refuses_buffers_larger_than_memory(export_dir, monkeypatch, no_allocation):
     monkeypatch.setattr(decodekit.runtime.onnx, "_available_memory", lambda device: 1 << 20)
     with pytest.raises(UsageError, match="max_batch=64 and max_seq_len=512 .* more than the 1 MiB available"):

@@ -130,9 +130,15 @@ def test_decode_stepper_steps_as_step_does(stories_graph, prompts):
         assert torch.equal(stepper(total), want)
     assert not torch.equal(first, want)  # the steps did move on
     kw = dict(max_new_tokens=24, stop_ids=[])
-    with_it = [b.generate(prompts, temperature=0.0, **kw).tokens, b.generate(prompts, seed=3, **kw).tokens]
-    b.decode_stepper = lambda *args: None  # the loop falls back to step()
-    assert with_it == [b.generate(prompts, temperature=0.0, **kw).tokens, b.generate(prompts, seed=3, **kw).tokens]
+
+    def runs() -> list:  # greedy, sampled, beam search (3 beams per prompt: the stepper binds the beams' buffers)
+        beams = b.generate(prompts[:1], num_beams=3, do_sample=False, **kw)
+        return [b.generate(prompts, temperature=0.0, **kw).tokens, b.generate(prompts, seed=3, **kw).tokens,
+                beams.tokens, beams.scores]
+
+    with_it = runs()
+    b.decode_stepper = lambda *args: None  # the loops fall back to step()
+    assert with_it == runs()
 
 
 def test_decode_stepper_refuses_what_it_cannot_do(stories_export_dir):
