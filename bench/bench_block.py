@@ -4,7 +4,8 @@ Shapes (issue 14): ``[1, 32, 126464]`` (LLaDA's vocabulary, one block of 32) and
 masked (a block's first step: the most work). Parameter sets: LLaDA's greedy step with the unfiltered probability
 as confidence, Dream's sampling step (top-p then top-k, negative entropy), and SDAR's / llama.cpp's (top-k then
 top-p, the drawn token's probability). The eager baseline is what those projects run: softmax, a sort for top-p,
-``torch.multinomial``, ``gather``, the entropy sum. On CPU the PyTorch path is timed, on CUDA the Triton kernel.
+``torch.multinomial``, ``gather``, the entropy sum; for LLaDA its ``generate.py`` step verbatim (a float64 softmax),
+with the same step in fp32 as a second, stronger row. On CPU the PyTorch path is timed, on CUDA the Triton kernel.
 
 ``DECODEKIT_BENCH_BLOCK_SMALL=1`` shrinks the shapes to a smoke test (the test suite runs it that way; timing
 numbers come from ``make bench`` run alone on the machine).
@@ -66,8 +67,21 @@ def eager_block(logits: torch.Tensor, masked: torch.Tensor, ids: torch.Tensor, *
     return torch.where(masked, x0, ids), torch.where(masked, conf, float("-inf"))
 
 
-@pytest.mark.parametrize("impl", ["eager", "decodekit"])
-@pytest.mark.parametrize("pset", list(PARAM_SETS))
+def llada_step(logits: torch.Tensor, masked: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA's greedy low-confidence step as its ``generate.py`` writes it: the argmax of the logits (its Gumbel
+    noise is the identity at temperature 0), the confidence from a float64 softmax, gathered."""
+    x0 = torch.argmax(logits, dim=-1)
+    p = torch.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.gather(p, dim=-1, index=x0[..., None])[..., 0]
+    return torch.where(masked, x0, ids), torch.where(masked, x0_p, float("-inf"))
+
+
+# (parameter set, implementation): LLaDA's set has two baselines, its own code (float64 softmax, the baseline) and
+# the same step in fp32 (eager_block: a softmax, an argmax, a gather), the stronger bar
+CASES = [(pset, impl) for pset in PARAM_SETS for impl in ("eager", "decodekit")] + [("llada-T0-raw_prob", "eager-fp32")]
+
+
+@pytest.mark.parametrize("pset, impl", CASES)
 @pytest.mark.parametrize("B,L,V", SHAPES)
 def test_bench_sample_block(benchmark, B, L, V, pset, impl):
     kw = PARAM_SETS[pset]
@@ -75,11 +89,15 @@ def test_bench_sample_block(benchmark, B, L, V, pset, impl):
     logits = (torch.randn(B, L, V, generator=g) * 3).to(DEVICE)
     masked = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
     ids = torch.zeros(B, L, dtype=torch.int64, device=DEVICE)
-    if impl == "eager":
-        fn = lambda: eager_block(logits, masked, ids, **kw)  # noqa: E731
-    else:
-        fn = lambda: sample_block(logits, masked, input_ids=ids, seed=0, **kw)  # noqa: E731
-    tok, conf = run_bench(benchmark, fn, group=f"sample_block [{B},{L},{V}] {pset}", impl=impl,
+    fns = {"eager-fp32": lambda: eager_block(logits, masked, ids, **kw),
+           "eager": (lambda: llada_step(logits, masked, ids)) if pset.startswith("llada") else (
+               lambda: eager_block(logits, masked, ids, **kw)),
+           "decodekit": lambda: sample_block(logits, masked, input_ids=ids, seed=0, **kw)}
+    tok, conf = run_bench(benchmark, fns[impl], group=f"sample_block [{B},{L},{V}] {pset}", impl=impl,
                           baseline=impl == "eager", bytes_moved=logits.numel() * logits.element_size(),
                           rounds=None if DEVICE.type == "cuda" or SMALL else 3, B=B, L=L, V=V, params=pset)
     assert tok.shape == (B, L) and bool(torch.isfinite(conf).all())
+    if kw["temperature"] == 0:  # greedy: every implementation gives the same tokens and confidences
+        want_tok, want_conf = llada_step(logits, masked, ids)
+        assert torch.equal(tok, want_tok)
+        torch.testing.assert_close(conf.double(), want_conf, rtol=1e-5, atol=1e-7)
