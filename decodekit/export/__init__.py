@@ -113,7 +113,8 @@ FORMAT_VERSION = 1
 #: Revision of the graph the exporter writes for a given checkpoint. Bumped when the graph changes with the same
 #: interface (2: RMSNorm as ``x / sqrt(.)`` and the rotary swap as one MatMul, fewer nodes per step; 3: the
 #: ``graph="gqa"`` skip norms without their unread statistics outputs; 4: its adjacent-pair rotary as one node on the
-#: packed q|k span), so that the runtime's export cache does not keep serving graphs an older decodekit wrote.
+#: packed q|k span, gate/up packed in one MatMul), so that the runtime's export cache does not keep serving graphs an
+#: older decodekit wrote.
 GRAPH_REVISION = 4
 METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
@@ -621,7 +622,7 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
 
         with prog.step("writing the fused-op ONNX graph (GroupQueryAttention, in-place KV cache)"):
             opset_used = save_gqa_graph(decoder, tmp / MODEL_FILE, opset=opset or MIN_OPSET,
-                                        separate_qkv=int4 is not None, external_bytes=EXTERNAL_DATA_BYTES)
+                                        separate_matrices=int4 is not None, external_bytes=EXTERNAL_DATA_BYTES)
     else:
         with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
             program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)

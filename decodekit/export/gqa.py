@@ -9,7 +9,8 @@ step, whose fixed cost dominates on small models. This graph is written node by 
 
 * ``com.microsoft::GroupQueryAttention`` with ``past_key`` / ``present_key`` bound to ONE buffer of fixed capacity
   (``past_present_share_buffer``): the op appends the new keys/values in place, nothing is copied per step;
-* packed projections: q/k/v in one MatMul per layer (unless 4-bit weights need the three separate matrices);
+* packed projections: q/k/v in one MatMul per layer, and (Llama) gate/up in another, then a Split (unless 4-bit
+  weights need each matrix apart);
 * rotary positions in ``com.microsoft::RotaryEmbedding`` nodes fed by ``position_ids`` (see "Padding" below):
   with adjacent pairs (llama2.c's layout) and packed q/k/v, ONE node per layer turns the q|k span of the packed
   row and GroupQueryAttention reads that row as it is (no Split); the halves layout (Hugging Face's) turns q and
@@ -58,6 +59,8 @@ from decodekit.models.decoder import Decoder
 from decodekit.models.layers import rotary_inv_freq
 
 MS = "com.microsoft"
+#: the widest packed q|k|v row one RotaryEmbedding node turns (ONNX Runtime's CUDA kernel: one thread per value)
+_SPAN_MAX = 1024
 GRAPHS = ("plain", "gqa")
 #: additive bias on padded keys (finite: an all-padding query gets a uniform average, never NaN)
 _PAD_BIAS = {torch.float32: -1e30, torch.float16: -30000.0}
@@ -205,10 +208,23 @@ def _linear(g: _Builder, x: str, lin: torch.nn.Linear, name: str, *, bias: bool 
     return y
 
 
-def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False) -> Any:
+def _packed(g: _Builder, x: str, lins: list[torch.nn.Linear], name: str, split: str | None) -> list[str]:
+    """``x @ [W_1; W_2; ...]^T (+ b)`` in one MatMul, then (``split``) one Split back into the parts."""
+    w = torch.cat([lin.weight for lin in lins], 0)
+    y = g.one("MatMul", [x, g.weight(f"{name}.weight_t", w, transpose=True)], name=f"{name}/MatMul")
+    if lins[0].bias is not None:
+        y = g.one("Add", [y, g.weight(f"{name}.bias", torch.cat([lin.bias for lin in lins], 0))], name=f"{name}/Add")
+    if split is None:
+        return [y]
+    sizes = g.init(f"{name}.split", np.array([lin.weight.shape[0] for lin in lins], np.int64))
+    return g.node("Split", [y, sizes], len(lins), axis=-1, name=split)
+
+
+def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = False) -> Any:
     """The fused-op ONNX model (an ``onnx.ModelProto``) of ``decoder`` (see the module docstring).
 
-    ``separate_qkv``: three q/k/v MatMuls per layer instead of one packed (4-bit weights keep one matrix each).
+    ``separate_matrices``: one MatMul per checkpoint matrix (q, k, v, gate, up apart) instead of the packed q/k/v and
+    gate/up projections (4-bit weights keep each matrix's own blocks).
     """
     from onnx import TensorProto, helper
 
@@ -260,8 +276,11 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
         # single "head" of (H + 2 Hkv) D values whose first (H + Hkv) D are rotated (v, the tail, is not); its
         # cache repeats each head's angles, so every pair turns exactly as in its own head. GroupQueryAttention
         # then takes the packed row: no Split, one rotary node instead of two per layer (the halves layout pairs
-        # i with i + D/2 inside a head, which a span-wide rotation cannot express)
-        span = bool(interleaved) and not separate_qkv
+        # i with i + D/2 inside a head, which a span-wide rotation cannot express). The span is one "head" of
+        # (H + 2 Hkv) D values: ONNX Runtime's CUDA kernel runs a head per thread block (at most _SPAN_MAX
+        # threads), and the cos/sin cache grows (H + Hkv)-fold, so larger models keep the per-tensor nodes (their
+        # per-node cost matters less next to their matrix multiplies)
+        span = bool(interleaved) and not separate_matrices and (H + 2 * Hkv) * D <= _SPAN_MAX
         if span:
             angles = angles.repeat(1, H + Hkv)  # [max_seq_len, (H + Hkv) D / 2]
         cos = g.weight("rotary.cos_cache", torch.cos(angles))
@@ -278,25 +297,18 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
                 h, x = g.skip_norm("SkipSimplifiedLayerNormalization",
                                    [pending, x, g.weight(f"{p}.attn_norm.weight", layer.attn_norm.weight)],
                                    epsilon=float(cfg.norm_eps), name=f"{p}/attn_norm")
-            if separate_qkv:
+            if separate_matrices:
                 q = _linear(g, h, at.wq, f"{p}.attn.wq")
                 k = _linear(g, h, at.wk, f"{p}.attn.wk")
                 v = _linear(g, h, at.wv, f"{p}.attn.wv")
+            elif span:
+                qkv = _packed(g, h, [at.wq, at.wk, at.wv], f"{p}.attn.wqkv", None)[0]
             else:
-                w = torch.cat([at.wq.weight, at.wk.weight, at.wv.weight], 0)
-                qkv = g.one("MatMul", [h, g.weight(f"{p}.attn.wqkv.weight_t", w, transpose=True)],
-                            name=f"{p}/qkv/MatMul")
-                if at.wq.bias is not None:
-                    b = torch.cat([at.wq.bias, at.wk.bias, at.wv.bias], 0)
-                    qkv = g.one("Add", [qkv, g.weight(f"{p}.attn.wqkv.bias", b)], name=f"{p}/qkv/Add")
+                q, k, v = _packed(g, h, [at.wq, at.wk, at.wv], f"{p}.attn.wqkv", f"{p}/qkv/Split")
             if span:  # [B, S, (H + 2 Hkv) D]: q|k turned in place, GroupQueryAttention reads the packed row
                 qkv_in = [g.one("RotaryEmbedding", [qkv, "position_ids", cos, sin], domain=MS, interleaved=1,
                                 num_heads=1, rotary_embedding_dim=(H + Hkv) * D, name=f"{p}/qk/rotary"), "", ""]
             else:
-                if not separate_qkv:
-                    q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D, Hkv * D, Hkv * D],
-                                                                                        np.int64))], 3, axis=-1,
-                                     name=f"{p}/qkv/Split")
                 qkv_in = [g.one("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, interleaved=interleaved,
                                 name=f"{p}/{n}/rotary") for t, n in ((q, "q"), (k, "k"))] + [v]
             a = g.node("GroupQueryAttention",
@@ -307,9 +319,11 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
             h, x = g.skip_norm("SkipSimplifiedLayerNormalization",
                                [o, x, g.weight(f"{p}.ffn_norm.weight", layer.ffn_norm.weight)],
                                epsilon=float(cfg.norm_eps), name=f"{p}/ffn_norm")
-            gate = _linear(g, h, layer.mlp.w1, f"{p}.mlp.w1")
+            if separate_matrices:
+                gate, up = _linear(g, h, layer.mlp.w1, f"{p}.mlp.w1"), _linear(g, h, layer.mlp.w3, f"{p}.mlp.w3")
+            else:  # gate and up in one MatMul: one matrix-vector pass (and one wake of ORT's workers) fewer
+                gate, up = _packed(g, h, [layer.mlp.w1, layer.mlp.w3], f"{p}.mlp.w13", f"{p}/mlp/Split")
             gate = g.one("Mul", [gate, g.one("Sigmoid", [gate], name=f"{p}/mlp/Sigmoid")], name=f"{p}/mlp/silu")
-            up = _linear(g, h, layer.mlp.w3, f"{p}.mlp.w3")
             pending = _linear(g, g.one("Mul", [gate, up], name=f"{p}/mlp/Mul"), layer.mlp.w2, f"{p}.mlp.w2")
         norm_w = g.weight("norm.weight", decoder.norm.weight)
         if pending is None:  # pragma: no cover - n_layers >= 1
@@ -330,7 +344,7 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
                 h, x = g.skip_norm("SkipLayerNormalization", [pending, x, *ln1, pending_bias],
                                    epsilon=float(cfg.norm_eps), name=f"{p}/ln_1")
             qkv = _linear(g, h, layer.attn.c_attn, f"{p}.attn.c_attn")
-            if separate_qkv:
+            if separate_matrices:
                 q, k, v = g.node("Split", [qkv, g.init(f"{p}.attn.split", np.array([H * D] * 3, np.int64))], 3,
                                  axis=-1, name=f"{p}/qkv/Split")
                 qkv_in = [q, k, v]
@@ -362,12 +376,12 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_qkv: bool = False)
     return model
 
 
-def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_qkv: bool, external_bytes: int) -> int:
+def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_matrices: bool, external_bytes: int) -> int:
     """Build the graph and write it to ``path`` (weights above ``external_bytes`` into ``path.name + ".data"``
     beside it); returns the opset written."""
     import onnx
 
-    model = build_gqa_graph(decoder, opset=opset, separate_qkv=separate_qkv)
+    model = build_gqa_graph(decoder, opset=opset, separate_matrices=separate_matrices)
     n_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in decoder.parameters()}.values())
     if n_bytes > external_bytes:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

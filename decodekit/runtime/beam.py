@@ -39,6 +39,7 @@ import torch
 
 from decodekit.errors import UsageError
 from decodekit.runtime.config import GenerationConfig
+from decodekit.runtime.loop import decode_stepper
 
 __all__ = ["BeamOutput", "BeamScorer", "run_beam_search"]
 
@@ -197,16 +198,12 @@ def run_beam_search(
     logits = model.step(buf.prompt_ids, buf.positions[:, : buf.s0], buf.mask[:, : buf.s0])
     model.reorder_cache(expand)  # B prompt rows -> B * N beam rows
     logits = logits.index_select(0, expand)
-    make_stepper = getattr(model, "decode_stepper", None)  # the beams' fixed buffers bound once (OnnxDecoder, CPU)
-    stepper = make_stepper(next_ids, positions, mask) if make_stepper is not None else None
+    decode_step = decode_stepper(model, next_ids, positions, mask)  # the beams' fixed buffers
     steps = 0
     for t in range(new_tokens):
         if t > 0:
             total = buf.s0 + t
-            if stepper is not None:
-                logits = stepper(total)
-            else:
-                logits = model.step(next_ids, positions[:, total - 1 : total], mask[:, :total])
+            logits = decode_step(total)
         tok, beam, sc = beam_candidates(
             logits, beam_scores, N, num_candidates=K, do_sample=sampling, seed=step_seeds(t),
             repetition_penalty=config.repetition_penalty, token_counts=None if counts is None else counts[cur],

@@ -71,7 +71,10 @@ class StepModel(Protocol):
         """Forget the cache; the next ``step`` is a prefill (``P = 0``) for ``batch_size`` rows."""
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run ``input_ids [B, S]`` after the cache; return logits ``[B, V]`` of the last position."""
+        """Run ``input_ids [B, S]`` after the cache; return logits ``[B, V]`` of the last position.
+
+        A backend may also offer ``decode_stepper(next_ids, positions, mask)``: a cheaper one-token step over the
+        loop's fixed buffers (see :func:`decode_stepper`), or None where it cannot."""
 
     @property
     def default_stop_ids(self) -> list[int]:
@@ -351,6 +354,19 @@ class _Buffers:
         self.next_ids = torch.zeros(b, 1, dtype=torch.int64, device=device)  # [B, 1] token fed to the next step
 
 
+def decode_stepper(model: StepModel, next_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+                   ) -> Callable[[int], torch.Tensor]:
+    """``f(total)``: the one-token decode step after ``total - 1`` cached tokens, reading the loop's fixed buffers
+    (``next_ids [B, 1]``, every slot's ``positions`` and ``mask`` ``[B, N]``). A backend that can bind them once
+    offers ``decode_stepper`` (OnnxDecoder on the CPU: a step binds two pointers and runs); any other gets
+    ``model.step`` on the slices."""
+    make = getattr(model, "decode_stepper", None)
+    fast = make(next_ids, positions, mask) if make is not None else None
+    if fast is not None:
+        return fast
+    return lambda total: model.step(next_ids, positions[:, total - 1 : total], mask[:, :total])
+
+
 def _texts(
     tokenizer, prompts: list[list[int]], outputs: list[list[int]], stops: set[int]  # noqa: ANN001
 ) -> list[str] | None:
@@ -476,10 +492,8 @@ def _run_generation(
     next_np = next_col.numpy() if device.type == "cpu" else None
     row_index = np.arange(b)
     best_buf = None  # [B] the rows' maxima (torch path: CUDA, bfloat16)
-    last_logits = view = None  # the logits tensor of the last step and its NumPy view
-    # a backend that can bind the loop's fixed buffers once (OnnxDecoder on the CPU) steps without re-deriving them
-    make_stepper = getattr(model, "decode_stepper", None)
-    stepper = make_stepper(buf.next_ids, buf.positions, buf.mask) if make_stepper is not None else None
+    last_logits = view = last_ptr = None  # the logits tensor of the last step, its address, its NumPy view
+    decode_step = decode_stepper(model, buf.next_ids, buf.positions, buf.mask)
 
     out_tokens: list[list[int]] = [[] for _ in range(b)]
     finish = ["length"] * b
@@ -493,14 +507,12 @@ def _run_generation(
         total = buf.s0 + step  # tokens in the cache after this step
         if step == 0:
             logits = model.step(buf.prompt_ids, buf.positions[:, : buf.s0], buf.mask[:, : buf.s0])
-        elif stepper is not None:
-            logits = stepper(total)
         else:
-            logits = model.step(buf.next_ids, buf.positions[:, total - 1 : total], buf.mask[:, :total])
+            logits = decode_step(total)
         if greedy:  # the argmax straight into the next step's input; the rare non-finite row fixed on the host
             if next_np is not None and logits.dtype in (torch.float32, torch.float16) and logits.device == device:
-                if logits is not last_logits:  # the backend's bound buffer: the same view step after step
-                    last_logits, view = logits, logits.detach().numpy()  # no copy
+                if logits is not last_logits or logits.data_ptr() != last_ptr:  # a backend's bound buffer: the
+                    last_logits, last_ptr, view = logits, logits.data_ptr(), logits.detach().numpy()  # same view
                 np.argmax(view, axis=-1, out=next_np)  # NaN counts as the maximum: that row becomes -1 below
                 if not all(map(math.isfinite, view[row_index, next_np].tolist())):
                     next_np[~np.isfinite(view[row_index, next_np])] = -1

@@ -418,7 +418,8 @@ class OnnxDecoder(GenerateMixin):
             max_seq_len = check_int("max_seq_len", max_seq_len, lo=2)
         check_bool("io_binding", io_binding)
         if intra_op_threads is None:
-            intra_op_threads = _env_int("DECODEKIT_ORT_THREADS", "a positive int", lambda v: v.isdigit())
+            intra_op_threads = _env_int("DECODEKIT_ORT_THREADS", "a positive int",
+                                        lambda v: v.isascii() and v.isdigit() and int(v) >= 1)
         if intra_op_threads is not None:
             intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
         if spin_wait is None:
@@ -722,14 +723,19 @@ class OnnxDecoder(GenerateMixin):
         ``next_ids`` int64 ``[B, 1]`` (the token each row feeds next, rewritten in place by the loop), ``positions``
         and ``attention_mask`` int64 ``[B, N]`` (every slot the generation can reach; not changed during it).
         ``stepper(total)`` is ``step(next_ids, positions[:, total - 1 : total], attention_mask[:, :total])`` for
-        ``total = P + 1`` after :meth:`reset` and a prefill of ``B`` rows, and returns the same logits view. The
-        buffers' addresses are worked out once, so a step binds two pointers and runs: on stories260K the loop's
-        own time per token went from about 18 to about 11 microseconds at B = 1 (``bench_peers``'
-        ``host_us_per_step``, fused graph).
+        ``total = P + 1`` after :meth:`reset` and a prefill of ``B`` rows, and returns the same logits view.
+        ``next_ids`` and ``attention_mask`` are read at every step, ``positions`` once, here (copied slot-major, so
+        each step's column is contiguous). The addresses are worked out once, so a step binds two pointers and
+        runs: with this and the greedy loop's cheaper finite check, stories260K's loop time per token (outside
+        ORT) went from about 18 to about 11 microseconds at B = 1 (``bench_peers``' ``host_us_per_step``, fused
+        graph, one run on this shared machine).
 
-        Returns None where that does not apply (no IO binding, a CUDA session, a graph whose ids are not int64, or
-        buffers of other types or devices): the loop then calls :meth:`step`.
+        Returns None where that does not apply (no IO binding, a CUDA session, a graph whose ids are not int64,
+        buffers of other types or devices, or an object whose ``step`` was replaced: a subclass or wrapper that
+        post-processes the logits keeps its ``step``): the loop then calls :meth:`step`.
         """
+        if getattr(self.step, "__func__", None) is not OnnxDecoder.step:
+            return None
         if (self._binder is None or self.device.type != "cpu" or next_ids.dim() != 2
                 or any(t.dtype != torch.int64 or t.device != self.device for t in (next_ids, positions, attention_mask))
                 or any(self._int_dtypes[n] != torch.int64 for n in ("input_ids", "position_ids", "attention_mask"))):
@@ -737,7 +743,7 @@ class OnnxDecoder(GenerateMixin):
         b, n = attention_mask.shape
         if next_ids.shape != (b, 1) or positions.shape != (b, n) or not next_ids.is_contiguous():
             return None
-        pos_t = positions.T.contiguous()  # [N, B]: the slot column every row reads at a step, contiguous
+        pos_t = torch.empty(n, b, dtype=torch.int64).copy_(positions.T)  # [N, B]: a step's column is contiguous
         mask = attention_mask.contiguous()
         # B > 1: a step's [B, total] mask is staged row after row (the rows of [B, N] are N apart); B == 1 reads
         # the prefix of the one row in place

@@ -61,9 +61,12 @@ def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim
     graph = onnx.load(str(res.onnx_path))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("GroupQueryAttention") == 3
-    # adjacent pairs: one RotaryEmbedding per layer on the packed q|k span, no Split; halves: q and k apart
-    rotary, split = {"adjacent": (3, 0), "halves": (6, 3)}[layout] if arch == "llama" else (0, 0)
-    assert (ops.count("RotaryEmbedding"), ops.count("Split")) == (rotary, split)
+    # adjacent pairs: one RotaryEmbedding per layer on the packed q|k span, no Split of q/k/v; halves: q and k apart
+    rotary, qkv_split = {"adjacent": (3, 0), "halves": (6, 3)}[layout] if arch == "llama" else (0, 0)
+    splits = [n.name for n in graph.graph.node if n.op_type == "Split"]
+    assert ops.count("RotaryEmbedding") == rotary and sum("/qkv/" in n for n in splits) == qkv_split
+    # packed projections: per layer q/k/v, o, gate|up (Llama; split once), down; plus the classifier
+    assert ops.count("MatMul") == 3 * 4 + 1 and sum("/mlp/" in n for n in splits) == (3 if arch == "llama" else 0)
     assert ops.count("SkipSimplifiedLayerNormalization" if arch == "llama" else "SkipLayerNormalization") == 6
     assert _kv_concats(res.onnx_path) == 0
     # left-padded batch of three prompts of different lengths, then single-token steps
@@ -75,6 +78,19 @@ def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim
     assert a.tokens == b.tokens
     for i, p in enumerate(prompts):  # each row alone (no padding) gives the batched row's tokens
         assert onnx_dec.generate([p], max_new_tokens=40, temperature=0.0, stop_ids=[]).tokens[0] == a.tokens[i]
+
+
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, span", [(8, 4, 64, True), (8, 8, 48, False), (4, 4, 96, False)])
+def test_span_rotary_only_up_to_1024_values(n_heads, n_kv, head_dim, span):
+    """One RotaryEmbedding on the packed q|k|v row only while that row fits ONNX Runtime's CUDA kernel (<= 1024
+    values: (8 + 8) * 64 does, (8 + 16) * 48 and (4 + 8) * 96 do not); wider rows keep Split + a node each."""
+    from decodekit.export.gqa import build_gqa_graph
+
+    cfg = DecoderConfig(arch="llama", vocab_size=64, dim=n_heads * head_dim, n_layers=2, n_heads=n_heads,
+                        n_kv_heads=n_kv, hidden_dim=32, max_seq_len=16)
+    ops = [n.op_type for n in build_gqa_graph(Decoder(cfg).eval(), opset=18).graph.node]
+    assert ops.count("RotaryEmbedding") == (2 if span else 4)
+    assert ops.count("Split") == (2 if span else 4)  # the gate|up Split of each layer, plus q/k/v's without span
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

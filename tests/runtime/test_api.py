@@ -415,7 +415,10 @@ def test_two_threads_on_one_decoder_get_their_own_tokens(export_dir, ckpt, backe
 
     # record which thread ran every reset/step: with the lock, one generation's steps are never interleaved
     trace: list[tuple[str, int]] = []
-    real_reset, real_step = dec.reset, dec.step
+    # every ONNX step runs through _run_bound (step() and the loop's decode_stepper); spying step() itself would
+    # also switch the stepper off (a decoder whose step is replaced keeps it)
+    stepped = "_run_bound" if backend == "onnx" else "step"
+    real_reset, real_step = dec.reset, getattr(dec, stepped)
 
     def reset(b):  # noqa: ANN001, ANN202
         trace.append(("reset", threading.get_ident()))
@@ -426,7 +429,7 @@ def test_two_threads_on_one_decoder_get_their_own_tokens(export_dir, ckpt, backe
         return real_step(*a)
 
     monkeypatch.setattr(dec, "reset", reset)
-    monkeypatch.setattr(dec, "step", step)
+    monkeypatch.setattr(dec, stepped, step)
 
     rounds = 2
     results: dict[int, list] = {0: [], 1: []}

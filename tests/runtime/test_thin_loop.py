@@ -136,7 +136,17 @@ def test_decode_stepper_steps_as_step_does(stories_graph, prompts):
         return [b.generate(prompts, temperature=0.0, **kw).tokens, b.generate(prompts, seed=3, **kw).tokens,
                 beams.tokens, beams.scores]
 
+    made, calls = [], []
+    real = b.decode_stepper
+
+    def counting(*args):  # noqa: ANN002, ANN202 - the loops must take the stepper, and step through it
+        fast = real(*args)
+        made.append(fast is not None)
+        return lambda total: (calls.append(total), fast(total))[1]
+
+    b.decode_stepper = counting
     with_it = runs()
+    assert made == [True] * 3 and len(calls) == 2 * 23 + 23  # greedy + sampled: 23 steps each; beams: 23
     b.decode_stepper = lambda *args: None  # the loops fall back to step()
     assert with_it == runs()
 
@@ -157,9 +167,15 @@ def test_decode_stepper_refuses_what_it_cannot_do(stories_export_dir):
         with pytest.raises(UsageError, match="decode_stepper"):
             stepper(total)
     assert stepper(3).shape == (2, dec.vocab_size)
+    dec.reset(1)  # another batch size: this stepper's buffers are for two rows
+    dec.step(buf.prompt_ids[:1], buf.positions[:1, :2], buf.mask[:1, :2])
+    with pytest.raises(UsageError, match="decode_stepper"):
+        stepper(3)
     # buffers it cannot bind as they are: the loop calls step() instead
     assert dec.decode_stepper(buf.next_ids.int(), buf.positions, buf.mask) is None
     assert dec.decode_stepper(buf.next_ids, buf.positions, buf.mask[:, :5]) is None
     assert dec.decode_stepper(buf.next_ids.T, buf.positions, buf.mask) is None
     assert OnnxDecoder(stories_export_dir, io_binding=False).decode_stepper(buf.next_ids, buf.positions,
                                                                             buf.mask) is None
+    dec.step = lambda *a: a  # a replaced step (post-processing logits, tracing) is kept: no stepper
+    assert dec.decode_stepper(buf.next_ids, buf.positions, buf.mask) is None
