@@ -503,17 +503,20 @@ def _run_generation(
     ttft = decode_start = 0.0
     decode_tokens = 0
     steps = 0
+    s0 = buf.s0
     for step in range(new_tokens):
-        total = buf.s0 + step  # tokens in the cache after this step
         if step == 0:
-            logits = model.step(buf.prompt_ids, buf.positions[:, : buf.s0], buf.mask[:, : buf.s0])
+            logits = model.step(buf.prompt_ids, buf.positions[:, :s0], buf.mask[:, :s0])
         else:
-            logits = decode_step(total)
+            logits = decode_step(s0 + step)  # s0 + step tokens in the cache after it
         if greedy:  # the argmax straight into the next step's input; the rare non-finite row fixed on the host
-            if next_np is not None and logits.dtype in (torch.float32, torch.float16) and logits.device == device:
-                if logits is not last_logits or logits.data_ptr() != last_ptr:  # a backend's bound buffer: the
-                    last_logits, last_ptr, view = logits, logits.data_ptr(), logits.detach().numpy()  # same view
-                np.argmax(view, axis=-1, out=next_np)  # NaN counts as the maximum: that row becomes -1 below
+            if logits is not last_logits or logits.data_ptr() != last_ptr:  # a backend's bound buffer: the same
+                last_logits, last_ptr = logits, logits.data_ptr()  # tensor step after step, checked once
+                numpy_ok = next_np is not None and logits.dtype in (torch.float32, torch.float16) and (
+                    logits.device == device)
+                view = logits.detach().numpy() if numpy_ok else None  # no copy
+            if view is not None:
+                view.argmax(axis=-1, out=next_np)  # NaN counts as the maximum: that row becomes -1 below
                 if not all(map(math.isfinite, view[row_index, next_np].tolist())):
                     next_np[~np.isfinite(view[row_index, next_np])] = -1
                 host = next_np.tolist()

@@ -511,7 +511,7 @@ class OnnxDecoder(GenerateMixin):
         # [pingpong (plain graph) | 1 (shared), layer, k/v, ...]
         self._kv = torch.zeros(n_storages, n, 2, region, dtype=self.kv_dtype, device=self.device)
         self._logits = torch.zeros(max_batch, cfg.vocab_size, dtype=self.logits_dtype, device=self.device)
-        self._logits_view = self._logits
+        self._logits_view, self._logits_rows = self._logits, 0  # the bound [B, V] view (none bound yet)
         flat = max_batch * max_seq_len
         self._ids = torch.zeros(flat, dtype=self._int_dtypes["input_ids"], device=self.device)
         self._pos = torch.zeros(flat, dtype=self._int_dtypes["position_ids"], device=self.device)
@@ -703,10 +703,10 @@ class OnnxDecoder(GenerateMixin):
             past_shape = (b, cfg.n_kv_heads, p, cfg.head_dim)
             present_shape = (b, cfg.n_kv_heads, p + s, cfg.head_dim)
             bind.kv(self._kv_binds[self._cur], past_shape, present_shape)
-        if self._logits_view.shape[0] != b:  # one view per batch size: the loop sees the same tensor every step
-            self._logits_view = self._logits[:b]
+        if self._logits_rows != b:  # one view per batch size, bound once: the loop sees the same tensor every step
+            self._logits_view, self._logits_rows = self._logits[:b], b
+            bind.output("logits", self._logits_view)
         logits = self._logits_view
-        bind.output("logits", logits)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the input copies above must land before ORT reads them
         bind.run()
