@@ -7,8 +7,9 @@ top-p, the drawn token's probability). The eager baseline is what those projects
 ``torch.multinomial``, ``gather``, the entropy sum; for LLaDA its ``generate.py`` step verbatim (a float64 softmax),
 with the same step in fp32 as a second, stronger row. On CPU the PyTorch path is timed, on CUDA the Triton kernel.
 
-``DECODEKIT_BENCH_BLOCK_SMALL=1`` shrinks the shapes to a smoke test (the test suite runs it that way; timing
-numbers come from ``make bench`` run alone on the machine).
+``DECODEKIT_BENCH_BLOCK_SMALL=1`` shrinks the shapes to a smoke test (``DECODEKIT_BENCH_BLOCK_SMALL=1 pytest
+bench/bench_block.py --benchmark-disable``: every case runs once, the greedy ones checked; timing numbers come from
+``make bench`` run alone on the machine).
 """
 
 from __future__ import annotations

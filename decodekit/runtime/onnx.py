@@ -726,9 +726,9 @@ class OnnxDecoder(GenerateMixin):
         ``total = P + 1`` after :meth:`reset` and a prefill of ``B`` rows, and returns the same logits view.
         ``next_ids`` and ``attention_mask`` are read at every step, ``positions`` once, here (copied slot-major, so
         each step's column is contiguous). The addresses are worked out once, so a step binds two pointers and
-        runs: with this and the greedy loop's cheaper finite check, stories260K's loop time per token (outside
-        ORT) went from about 18 to about 11 microseconds at B = 1 (``bench_peers``' ``host_us_per_step``, fused
-        graph, one run on this shared machine).
+        runs: with this and the greedy loop's cheaper checks, stories260K's loop time per token (outside ORT) went
+        from about 18 to about 7 microseconds at B = 1 (``bench_peers``' ``host_us_per_step``, fused graph, one run
+        on this shared machine).
 
         Returns None where that does not apply (no IO binding, a CUDA session, a graph whose ids are not int64,
         buffers of other types or devices, or an object whose ``step`` was replaced: a subclass or wrapper that
