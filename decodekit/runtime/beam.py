@@ -39,7 +39,6 @@ import torch
 
 from decodekit.errors import UsageError
 from decodekit.runtime.config import GenerationConfig
-from decodekit.runtime.loop import decode_stepper
 
 __all__ = ["BeamOutput", "BeamScorer", "run_beam_search"]
 
@@ -146,13 +145,16 @@ def run_beam_search(
     new_tokens: int,
     stops: set[int],
     step_seeds: Callable[[int], torch.Tensor],
+    decode_stepper: Callable[..., Callable[[int], torch.Tensor]],
 ) -> BeamOutput:
     """Beam search / beam sampling over an opened step model; see the module docstring.
 
     ``rows`` are the checked prompts and ``buf`` the loop's per-generation buffers for them (left-padded prompt ids,
     attention mask and positions of every reachable slot), ``new_tokens`` the most tokens to generate
     (``max_new_tokens`` clipped to the model's ``max_seq_len``), ``stops`` the stop ids in effect, and
-    ``step_seeds(t)`` the prompts' int64 ``[B]`` seeds of step ``t`` on the model's device.
+    ``step_seeds(t)`` the prompts' int64 ``[B]`` seeds of step ``t`` on the model's device, and
+    ``decode_stepper(model, next_ids, positions, mask)`` the loop's one-token step over fixed buffers
+    (:func:`decodekit.runtime.loop.decode_stepper`, passed in: this module is imported by the loop).
     """
     from decodekit.ops.sampling import beam_candidates  # lazy: keeps `import decodekit.runtime` light
 

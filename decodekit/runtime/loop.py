@@ -460,7 +460,8 @@ def _run_generation(
     if config.num_beams > 1:  # beam search / beam sampling (runtime/beam.py)
         from decodekit.runtime.beam import run_beam_search
 
-        out = run_beam_search(model, rows, config, buf, new_tokens=new_tokens, stops=stop_ids, step_seeds=step_seeds)
+        out = run_beam_search(model, rows, config, buf, new_tokens=new_tokens, stops=stop_ids, step_seeds=step_seeds,
+                              decode_stepper=decode_stepper)
         if stream is not None:  # beams change until the search ends: the returned sequences are streamed then
             for i, toks in enumerate(out.tokens):
                 for tok in toks:
