@@ -113,8 +113,8 @@ FORMAT_VERSION = 1
 #: Revision of the graph the exporter writes for a given checkpoint. Bumped when the graph changes with the same
 #: interface (2: RMSNorm as ``x / sqrt(.)`` and the rotary swap as one MatMul, fewer nodes per step; 3: the
 #: ``graph="gqa"`` skip norms without their unread statistics outputs; 4: its adjacent-pair rotary as one node on the
-#: packed q|k span, gate/up packed in one MatMul), so that the runtime's export cache does not keep serving graphs an
-#: older decodekit wrote.
+#: packed q|k span, gate/up packed in one MatMul, 4-bit groups packed in one MatMulNBits), so that the runtime's
+#: export cache does not keep serving graphs an older decodekit wrote.
 GRAPH_REVISION = 4
 METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
@@ -617,12 +617,16 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
 
     ``tok_text``: the ``tokenizer.json`` text to write as ``tok_entry["file"]`` (a GGUF file's tokenizer), instead of
     copying ``tok_path``. ``int4``: 4-bit blocks by parameter name, packed into the graph as MatMulNBits."""
+    groups = None  # 4-bit matrices the fused graph packs together (q/k/v, gate/up), when their blocks can be
     if graph == "gqa":
         from decodekit.export.gqa import save_gqa_graph
+        from decodekit.export.int4 import packed_groups
 
+        groups = packed_groups(decoder, int4) if int4 is not None else None
         with prog.step("writing the fused-op ONNX graph (GroupQueryAttention, in-place KV cache)"):
             opset_used = save_gqa_graph(decoder, tmp / MODEL_FILE, opset=opset or MIN_OPSET,
-                                        separate_matrices=int4 is not None, external_bytes=EXTERNAL_DATA_BYTES)
+                                        separate_matrices=int4 is not None and groups is None,
+                                        external_bytes=EXTERNAL_DATA_BYTES)
     else:
         with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
             program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)
@@ -636,7 +640,7 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
         from decodekit.export.int4 import pack_matmul_nbits
 
         with prog.step(f"packing {len(int4)} GGUF 4-bit matrices as MatMulNBits (block size 32)"):
-            weights_entry = pack_matmul_nbits(tmp / MODEL_FILE, decoder, int4,
+            weights_entry = pack_matmul_nbits(tmp / MODEL_FILE, decoder, int4, groups=groups,
                                               external_data=MODEL_FILE + ".data" if external else None)
     meta = _metadata(decoder, dtype=decoder.tok_embeddings.weight.dtype, opset=opset_used, all_logits=all_logits,
                      source=source, tokenizer=tok_entry, external=external)

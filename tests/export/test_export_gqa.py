@@ -6,6 +6,7 @@ own tests compare it with eager PyTorch and transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -191,14 +192,45 @@ def test_int4_gguf_gqa_graph_keeps_q_k_v_as_matmul_nbits(tiny_gguf, tmp_path):
     assert meta["graph"] == "gqa" and meta["weights"]["matrices"] == 14 and res.validation.ok
     nodes = onnx.load(str(res.onnx_path)).graph.node
     ops = [n.op_type for n in nodes]
-    assert ops.count("MatMulNBits") == 14 and ops.count("GroupQueryAttention") == 2
-    # the float classifier (the tied Q8_0 embedding), and per Q4_1 matrix the two small MatMuls of its block
-    # minimums ((x @ S) @ M, see decodekit/export/int4.py): no projection is left in float
-    small = [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith((".BlockSum", ".Mins"))]
-    assert ops.count("MatMul") == 1 + len(small) and len(small) == 2 * 14
+    # per layer: q/k/v packed in one MatMulNBits (their blocks side by side), o, gate|up packed, down
+    assert ops.count("MatMulNBits") == 2 * 4 and ops.count("GroupQueryAttention") == 2
+    # the float classifier (the tied Q8_0 embedding), and the small MatMuls of the Q4_1 block minimums
+    # ((x @ S) @ M, see decodekit/export/int4.py): x @ S once per input (4 per layer), @ M once per MatMulNBits;
+    # no projection is left in float
+    sums = [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith(".BlockSum")]
+    mins = [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith(".Mins")]
+    assert (len(sums), len(mins)) == (2 * 4, 2 * 4) and ops.count("MatMul") == 1 + len(sums) + len(mins)
     onnx_dec, eager = OnnxDecoder(res.out_dir, max_batch=2), load_backend(path, "eager", max_batch=2)
     kw = dict(max_new_tokens=12, temperature=0, stop_ids=())
     assert onnx_dec.generate(["the", "he the"], **kw).tokens == eager.generate(["the", "he the"], **kw).tokens
+
+
+def test_int4_matrices_pack_only_when_a_group_shares_one_gguf_type(tiny_gguf, tmp_path, monkeypatch):
+    """q/k/v (and gate/up) become one MatMulNBits only when all of them are 4-bit blocks of one type; a group with
+    a float matrix or two types keeps every matrix of the model apart (the graph then has no packed MatMul)."""
+    from decodekit.export.int4 import int4_blocks_for, packed_groups
+    from decodekit.models import load_model
+
+    path, _ = tiny_gguf(weight_type="Q4_1", seed=5)
+    decoder = load_model(path)
+    blocks = int4_blocks_for(path, "gguf", decoder)
+    groups = packed_groups(decoder, blocks)
+    assert groups is not None and len(groups) == 2 * decoder.config.n_layers
+    assert groups[0] == ("layers.0.attn.wq.weight", "layers.0.attn.wk.weight", "layers.0.attn.wv.weight")
+    mixed = dict(blocks)
+    mixed["layers.1.mlp.w3.weight"] = dataclasses.replace(blocks["layers.1.mlp.w3.weight"], gguf_type="Q4_0")
+    assert packed_groups(decoder, mixed) is None
+    assert packed_groups(decoder, {k: v for k, v in blocks.items() if k != "layers.0.attn.wk.weight"}) is None
+    # such a model: one MatMulNBits per matrix, and the same tokens as eager
+    import decodekit.export.int4 as int4
+
+    monkeypatch.setattr(int4, "packed_groups", lambda *a: None)
+    res = export_decoder(path, tmp_path / "apart", graph="gqa", weights="int4", progress=False)
+    ops = [n.op_type for n in onnx.load(str(res.onnx_path)).graph.node]
+    assert res.validation.ok and ops.count("MatMulNBits") == 14 and ops.count("Split") == 0  # nothing packed
+    kw = dict(max_new_tokens=12, temperature=0, stop_ids=())
+    want = load_backend(path, "eager", max_batch=1).generate(["he the"], **kw).tokens
+    assert OnnxDecoder(res.out_dir, max_batch=1).generate(["he the"], **kw).tokens == want
 
 
 # ------------------------------------------------------------------------------------------- SmolLM2-135M (real)
