@@ -617,7 +617,7 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
 
     ``tok_text``: the ``tokenizer.json`` text to write as ``tok_entry["file"]`` (a GGUF file's tokenizer), instead of
     copying ``tok_path``. ``int4``: 4-bit blocks by parameter name, packed into the graph as MatMulNBits."""
-    groups = None  # 4-bit matrices the fused graph packs together (q/k/v, gate/up), when their blocks can be
+    groups = None  # 4-bit matrices the fused graph packs together (q/k/v, gate/up), when their blocks allow it
     if graph == "gqa":
         from decodekit.export.gqa import save_gqa_graph
         from decodekit.export.int4 import packed_groups

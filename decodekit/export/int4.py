@@ -157,7 +157,9 @@ def pack_matmul_nbits(onnx_path: str | os.PathLike, decoder: Decoder, blocks: di
     new_inits, dropped = [], set()
     replaced: dict[int, list[Any]] = {}  # node index -> the nodes that take its place (in order)
     block_sums: dict[tuple[str, int], str] = {}  # (input, K) -> its per-block sums, computed once per input
-    for unit, idx in found.items():
+    sum_matrices: set[int] = set()  # the K of each block_sum.{K} initializer written
+    # in graph order: an input's block sums are computed at the first MatMul reading it, before any later use
+    for unit, idx in sorted(found.items(), key=lambda item: item[1]):
         node, b = graph.node[idx], _concat_blocks([blocks[n] for n in unit])
         n, k = b.shape
         nb = k // INT4_BLOCK
@@ -175,7 +177,8 @@ def pack_matmul_nbits(onnx_path: str | os.PathLike, decoder: Decoder, blocks: di
             xsum = block_sums.get((node.input[0], k))
             if xsum is None:  # [..., nb] the input summed per block: q/k/v (gate/up) of a layer share it
                 xsum = block_sums[(node.input[0], k)] = f"{stem}.xsum"
-                if f"block_sum.{k}" not in {i.name for i in new_inits}:
+                if k not in sum_matrices:
+                    sum_matrices.add(k)
                     new_inits.append(numpy_helper.from_array(_block_sum_matrix(k), f"block_sum.{k}"))
                 nodes.append(helper.make_node("MatMul", [node.input[0], f"block_sum.{k}"], [xsum],
                                               name=f"{stem}.BlockSum"))

@@ -185,8 +185,9 @@ def test_cli_export_graph_flag(stories_dir, tmp_path, capsys):
     assert exc.value.code == 2 and "--graph" in capsys.readouterr().err
 
 
-def test_int4_gguf_gqa_graph_keeps_q_k_v_as_matmul_nbits(tiny_gguf, tmp_path):
-    path, _ = tiny_gguf(weight_type="Q4_1", seed=5)
+@pytest.mark.parametrize("weight_type", ["Q4_0", "Q4_1"])
+def test_int4_gguf_gqa_graph_keeps_q_k_v_as_matmul_nbits(tiny_gguf, tmp_path, weight_type):
+    path, _ = tiny_gguf(weight_type=weight_type, seed=5)
     res = export_decoder(path, tmp_path / "gqa4", graph="gqa", weights="int4", progress=False)
     meta = res.metadata
     assert meta["graph"] == "gqa" and meta["weights"]["matrices"] == 14 and res.validation.ok
@@ -199,7 +200,8 @@ def test_int4_gguf_gqa_graph_keeps_q_k_v_as_matmul_nbits(tiny_gguf, tmp_path):
     # no projection is left in float
     sums = [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith(".BlockSum")]
     mins = [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith(".Mins")]
-    assert (len(sums), len(mins)) == (2 * 4, 2 * 4) and ops.count("MatMul") == 1 + len(sums) + len(mins)
+    want = (2 * 4, 2 * 4) if weight_type == "Q4_1" else (0, 0)  # Q4_0: no minimums, the operator's zero point 8
+    assert (len(sums), len(mins)) == want and ops.count("MatMul") == 1 + len(sums) + len(mins)
     onnx_dec, eager = OnnxDecoder(res.out_dir, max_batch=2), load_backend(path, "eager", max_batch=2)
     kw = dict(max_new_tokens=12, temperature=0, stop_ids=())
     assert onnx_dec.generate(["the", "he the"], **kw).tokens == eager.generate(["the", "he the"], **kw).tokens
@@ -228,6 +230,9 @@ def test_int4_matrices_pack_only_when_a_group_shares_one_gguf_type(tiny_gguf, tm
     res = export_decoder(path, tmp_path / "apart", graph="gqa", weights="int4", progress=False)
     ops = [n.op_type for n in onnx.load(str(res.onnx_path)).graph.node]
     assert res.validation.ok and ops.count("MatMulNBits") == 14 and ops.count("Split") == 0  # nothing packed
+    names = [n.name for n in onnx.load(str(res.onnx_path)).graph.node]
+    # Q4_1's block sums once per input (q/k/v share one, gate/up another: 4 per layer), the minimums per matrix
+    assert (sum(n.endswith(".BlockSum") for n in names), sum(n.endswith(".Mins") for n in names)) == (2 * 4, 14)
     kw = dict(max_new_tokens=12, temperature=0, stop_ids=())
     want = load_backend(path, "eager", max_batch=1).generate(["he the"], **kw).tokens
     assert OnnxDecoder(res.out_dir, max_batch=1).generate(["he the"], **kw).tokens == want
