@@ -315,7 +315,7 @@ def _ro(path):
     if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
         return lambda: (subprocess.run(["chattr", "-i", str(path)], check=True), path.chmod(0o755))
     path.chmod(0o755)
-    pytest.skip("cannot make a folder read-only here")
+    pytest.skip("running as root without a working chattr: no folder can be made read-only here")
 
 
 @pytest.fixture

@@ -200,24 +200,23 @@ class _Builder:
         return h, s
 
 
-def _linear(g: _Builder, x: str, lin: torch.nn.Linear, name: str, *, bias: bool = True) -> str:
-    """``x @ W^T (+ b)``: the weight stored transposed (what ONNX Runtime's MatMul prepacks)."""
-    y = g.one("MatMul", [x, g.weight(f"{name}.weight_t", lin.weight, transpose=True)], name=f"{name}/MatMul")
-    if bias and lin.bias is not None:
-        y = g.one("Add", [y, g.weight(f"{name}.bias", lin.bias)], name=f"{name}/Add")
-    return y
-
-
-def _packed(g: _Builder, x: str, lins: list[torch.nn.Linear], name: str, split: str | None) -> list[str]:
-    """``x @ [W_1; W_2; ...]^T (+ b)`` in one MatMul, then (``split``) one Split back into the parts."""
+def _packed(g: _Builder, x: str, lins: list[torch.nn.Linear], name: str, split: str | None = None, *,
+            bias: bool = True) -> list[str]:
+    """``x @ [W_1; W_2; ...]^T (+ b)`` in one MatMul against the pre-transposed matrix (what ONNX Runtime's MatMul
+    prepacks), then (``split``) one Split back into the parts. ``bias=False`` leaves the biases out."""
     w = torch.cat([lin.weight for lin in lins], 0)
     y = g.one("MatMul", [x, g.weight(f"{name}.weight_t", w, transpose=True)], name=f"{name}/MatMul")
-    if lins[0].bias is not None:
+    if bias and lins[0].bias is not None:
         y = g.one("Add", [y, g.weight(f"{name}.bias", torch.cat([lin.bias for lin in lins], 0))], name=f"{name}/Add")
     if split is None:
         return [y]
     sizes = g.init(f"{name}.split", np.array([lin.weight.shape[0] for lin in lins], np.int64))
     return g.node("Split", [y, sizes], len(lins), axis=-1, name=split)
+
+
+def _linear(g: _Builder, x: str, lin: torch.nn.Linear, name: str, *, bias: bool = True) -> str:
+    """``x @ W^T (+ b)``: one matrix of :func:`_packed`."""
+    return _packed(g, x, [lin], name, bias=bias)[0]
 
 
 def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = False) -> Any:
@@ -302,7 +301,7 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = F
                 k = _linear(g, h, at.wk, f"{p}.attn.wk")
                 v = _linear(g, h, at.wv, f"{p}.attn.wv")
             elif span:
-                qkv = _packed(g, h, [at.wq, at.wk, at.wv], f"{p}.attn.wqkv", None)[0]
+                qkv = _packed(g, h, [at.wq, at.wk, at.wv], f"{p}.attn.wqkv")[0]
             else:
                 q, k, v = _packed(g, h, [at.wq, at.wk, at.wv], f"{p}.attn.wqkv", f"{p}/qkv/Split")
             if span:  # [B, S, (H + 2 Hkv) D]: q|k turned in place, GroupQueryAttention reads the packed row
