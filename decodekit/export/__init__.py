@@ -27,7 +27,7 @@ never needs a 4-D mask.
 
     {
       "format_version": 1,                      # bumped on any incompatible change
-      "graph_revision": 3,                      # GRAPH_REVISION: same interface, a different (newer) graph
+      "graph_revision": 5,                      # GRAPH_REVISION: same interface, a different (newer) graph
       "producer": "decodekit 0.1.0",
       "model_file": "model.onnx",               # relative to OUT_DIR
       "external_data": null | "model.onnx.data",  # weights file beside model.onnx (large models)
@@ -44,7 +44,10 @@ never needs a 4-D mask.
       "kv_cache": {"num_layers": L, "num_kv_heads": H, "head_dim": D, "dtype": "float32",
                    "shape": ["batch", H, "past_seq", D],
                    "past_names": [["past_key_values.0.key", "past_key_values.0.value"], ...],
-                   "present_names": [["present.0.key", "present.0.value"], ...]},
+                   "present_names": [["present.0.key", "present.0.value"], ...],
+                   # graph "gqa" only: one buffer bound as past and present, "capacity" for "past_seq"; keys
+                   # rotated by "positions" (as eager) or "cache_slots" (rotation inside GroupQueryAttention)
+                   "shared_buffer": true, "key_positions": "positions" | "cache_slots"},
       "position_ids": "cumsum(attention_mask) - 1, clipped at 0",
       "max_seq_len": int,                       # P + S must stay <= this
       "vocab_size": V,
@@ -115,7 +118,7 @@ FORMAT_VERSION = 1
 #: ``graph="gqa"`` skip norms without their unread statistics outputs; 4: its adjacent-pair rotary as one node on the
 #: packed q|k span, gate/up packed in one MatMul, 4-bit groups packed in one MatMulNBits), so that the runtime's
 #: export cache does not keep serving graphs an older decodekit wrote.
-GRAPH_REVISION = 4
+GRAPH_REVISION = 5
 METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -624,7 +627,7 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
 
         groups = packed_groups(decoder, int4) if int4 is not None else None
         with prog.step("writing the fused-op ONNX graph (GroupQueryAttention, in-place KV cache)"):
-            opset_used = save_gqa_graph(decoder, tmp / MODEL_FILE, opset=opset or MIN_OPSET,
+            opset_used, key_positions = save_gqa_graph(decoder, tmp / MODEL_FILE, opset=opset or MIN_OPSET,
                                         separate_matrices=int4 is not None and groups is None,
                                         external_bytes=EXTERNAL_DATA_BYTES)
     else:
@@ -648,7 +651,7 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
     if graph == "gqa":
         from decodekit.export.gqa import gqa_metadata
 
-        gqa_metadata(meta)
+        gqa_metadata(meta, key_positions)
     else:
         meta["graph"] = "plain"
     meta["graph_note"] = graph_note  # why graph='gqa' was asked for and the plain graph written, or null

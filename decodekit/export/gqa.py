@@ -136,6 +136,82 @@ def _probe_gqa(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool) -> str 
     return None
 
 
+@functools.lru_cache(maxsize=32)
+def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, interleaved: int, packed: bool) -> bool:
+    """Whether the installed ONNX Runtime's CPU GroupQueryAttention rotates q and k inside (``do_rotary``) for these
+    sizes, layout and input form (``packed``: one q|k|v row), by cache slot, as numpy does: a 3-token prompt then a
+    1-token step on a shared past/present buffer. Releases differ (some CPU kernels need a head size that is a
+    multiple of 16); a refusal or a wrong answer keeps the rotation in RotaryEmbedding nodes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    elem, npt = (TensorProto.FLOAT16, np.float16) if fp16 else (TensorProto.FLOAT, np.float32)
+    h, hk, d, cap, half = n_heads, n_kv_heads, head_dim, 4, head_dim // 2
+    width = (h + 2 * hk) * d
+    qkv_names = ["qkv", "", ""] if packed else ["q", "k", "v"]
+    node = helper.make_node("GroupQueryAttention", [*qkv_names, "pk", "pv", "seqlens_k", "total", "cos", "sin"],
+                            ["o", "kp", "vp"], domain=MS, num_heads=h, kv_num_heads=hk, do_rotary=1,
+                            rotary_interleaved=interleaved)
+    widths = {"qkv": width, "q": h * d, "k": hk * d, "v": hk * d}
+    ins = [helper.make_tensor_value_info(n, elem, ["b", "s", widths[n]]) for n in qkv_names if n]
+    ins += [helper.make_tensor_value_info(n, elem, ["b", hk, "c", d]) for n in ("pk", "pv")]
+    ins += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["b"]),
+            helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outs = [helper.make_tensor_value_info("o", elem, ["b", "s", h * d])] + [
+        helper.make_tensor_value_info(n, elem, ["b", hk, "c", d]) for n in ("kp", "vp")]
+    angles = np.arange(cap, dtype=np.float64)[:, None] * (10000.0 ** (-np.arange(0, d, 2) / d))  # [cap, D/2]
+    inits = [helper.make_tensor("cos", elem, [cap, half], np.cos(angles).astype(npt).ravel().tolist()),
+             helper.make_tensor("sin", elem, [cap, half], np.sin(angles).astype(npt).ravel().tolist())]
+    model = helper.make_model(helper.make_graph([node], "probe", ins, outs, inits),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)], ir_version=10)
+    rng = np.random.default_rng(1)
+    row = rng.standard_normal((1, cap, width)).astype(npt)  # [1, 4, q | k | v]
+    parts = {"qkv": row, "q": row[..., : h * d], "k": row[..., h * d: (h + hk) * d], "v": row[..., (h + hk) * d:]}
+    kc, vc = np.zeros((1, hk, cap, d), npt), np.zeros((1, hk, cap, d), npt)
+    ort.set_default_logger_severity(4)  # a refusal is the answer here, not an error to print
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        io = sess.io_binding()
+        run_opts = ort.RunOptions()
+        run_opts.log_severity_level = 4
+        for name, a in (("pk", kc), ("pv", vc)):
+            io.bind_input(name, "cpu", 0, npt, list(a.shape), a.ctypes.data)
+            io.bind_output(name.replace("p", "", 1) + "p", "cpu", 0, npt, list(a.shape), a.ctypes.data)
+        got = []
+        for lo, hi in ((0, 3), (3, 4)):
+            o = np.zeros((1, hi - lo, h * d), npt)
+            feeds = {n: np.ascontiguousarray(parts[n][:, lo:hi]) for n in qkv_names if n}
+            feeds |= {"seqlens_k": np.array([hi - 1], np.int32), "total": np.array(hi, np.int32)}
+            for name, a in feeds.items():
+                io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            io.bind_output("o", "cpu", 0, npt, list(o.shape), o.ctypes.data)
+            sess.run_with_iobinding(io, run_opts)
+            got.append(o)
+    except Exception:  # noqa: BLE001 - ORT reports "not supported" as its own exception types
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+    def turn(x: np.ndarray) -> np.ndarray:  # [1, 4, heads, D] rotated by slot 0..3
+        c, s_ = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+        a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :half], x[..., half:])
+        ra, rb = a * c - b * s_, b * c + a * s_
+        return np.stack([ra, rb], -1).reshape(x.shape) if interleaved else np.concatenate([ra, rb], -1)
+
+    f = row.astype(np.float64)
+    qf = turn(f[..., : h * d].reshape(1, cap, h, d))
+    kf = np.repeat(turn(f[..., h * d: (h + hk) * d].reshape(1, cap, hk, d)), h // hk, axis=2)
+    vf = np.repeat(f[..., (h + hk) * d:].reshape(1, cap, hk, d), h // hk, axis=2)
+    scores = np.einsum("bshd,bthd->bhst", qf, kf) / np.sqrt(d)
+    scores = np.where(np.tril(np.ones((cap, cap), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = np.einsum("bhst,bthd->bshd", p / p.sum(-1, keepdims=True), vf)
+    out = np.concatenate(got, axis=1).astype(np.float64).reshape(1, cap, h, d)
+    return bool(np.allclose(out, ref, atol=2e-2 if fp16 else 1e-4))
+
+
 def gqa_unsupported(decoder: Decoder, *, all_logits: bool) -> str | None:
     """Why ``decoder`` cannot be exported with ``graph="gqa"`` (a one-line reason), or None when it can.
 
@@ -279,11 +355,21 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = F
         # (H + 2 Hkv) D values: ONNX Runtime's CUDA kernel runs a head per thread block (at most _SPAN_MAX
         # threads), and the cos/sin cache grows (H + Hkv)-fold, so larger models keep the per-tensor nodes (their
         # per-node cost matters less next to their matrix multiplies)
-        span = bool(interleaved) and not separate_matrices and (H + 2 * Hkv) * D <= _SPAN_MAX
+        # best of all: GroupQueryAttention rotates q and k itself (no rotary node, no Split), by cache slot. A
+        # left-padded row's slots run ahead of its positions by its padding, the same shift for its every query
+        # and key, so its attention scores are unchanged (rotary angles enter them only as differences); its
+        # cached keys are turned by that much more than eager PyTorch's ("key_positions": "cache_slots", which
+        # the validation accounts for). Taken when the installed ORT computes it right for these sizes (probed)
+        fp16 = dtype == torch.float16
+        inside = _probe_rotary(H, Hkv, D, fp16, interleaved, not separate_matrices)
+        span = not inside and bool(interleaved) and not separate_matrices and (H + 2 * Hkv) * D <= _SPAN_MAX
         if span:
             angles = angles.repeat(1, H + Hkv)  # [max_seq_len, (H + Hkv) D / 2]
         cos = g.weight("rotary.cos_cache", torch.cos(angles))
         sin = g.weight("rotary.sin_cache", torch.sin(angles))
+        if inside:
+            gqa_attrs |= {"do_rotary": 1, "rotary_interleaved": interleaved}
+        rot_cache = [cos, sin] if inside else ["", ""]  # GroupQueryAttention's cos_cache / sin_cache inputs
         pending: str | None = None  # the previous block's MLP output, added to x by the next norm
         for i, layer in enumerate(decoder.layers):
             p = f"layers.{i}"
@@ -300,11 +386,13 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = F
                 q = _linear(g, h, at.wq, f"{p}.attn.wq")
                 k = _linear(g, h, at.wk, f"{p}.attn.wk")
                 v = _linear(g, h, at.wv, f"{p}.attn.wv")
-            elif span:
+            elif span or inside:
                 qkv = _packed(g, h, [at.wq, at.wk, at.wv], f"{p}.attn.wqkv")[0]
             else:
                 q, k, v = _packed(g, h, [at.wq, at.wk, at.wv], f"{p}.attn.wqkv", f"{p}/qkv/Split")
-            if span:  # [B, S, (H + 2 Hkv) D]: q|k turned in place, GroupQueryAttention reads the packed row
+            if inside:  # GroupQueryAttention turns q and k itself
+                qkv_in = [q, k, v] if separate_matrices else [qkv, "", ""]
+            elif span:  # [B, S, (H + 2 Hkv) D]: q|k turned in place, GroupQueryAttention reads the packed row
                 qkv_in = [g.one("RotaryEmbedding", [qkv, "position_ids", cos, sin], domain=MS, interleaved=1,
                                 num_heads=1, rotary_embedding_dim=(H + Hkv) * D, name=f"{p}/qk/rotary"), "", ""]
             else:
@@ -312,7 +400,7 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = F
                                 name=f"{p}/{n}/rotary") for t, n in ((q, "q"), (k, "k"))] + [v]
             a = g.node("GroupQueryAttention",
                        [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-                        "", "", "", attention_bias], domain=MS, name=f"{p}/attn/GroupQueryAttention",
+                        *rot_cache, "", attention_bias], domain=MS, name=f"{p}/attn/GroupQueryAttention",
                        outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"], **gqa_attrs)[0]
             o = _linear(g, a, at.wo, f"{p}.attn.wo")
             h, x = g.skip_norm("SkipSimplifiedLayerNormalization",
@@ -375,9 +463,23 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = F
     return model
 
 
-def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_matrices: bool, external_bytes: int) -> int:
+def key_positions(model: Any) -> str:
+    """``"cache_slots"`` when the graph's GroupQueryAttention rotates keys by cache slot itself (``do_rotary``),
+    else ``"positions"`` (RotaryEmbedding nodes fed by ``position_ids``, or no rotary at all)."""
+    from onnx import helper
+
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("do_rotary", 0):
+                return "cache_slots"
+    return "positions"
+
+
+def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_matrices: bool,
+                   external_bytes: int) -> tuple[int, str]:
     """Build the graph and write it to ``path`` (weights above ``external_bytes`` into ``path.name + ".data"``
-    beside it); returns the opset written."""
+    beside it); returns the opset written and :func:`key_positions`."""
     import onnx
 
     model = build_gqa_graph(decoder, opset=opset, separate_matrices=separate_matrices)
@@ -387,16 +489,19 @@ def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_matrices
                         location=Path(path).name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
-    return opset
+    return opset, key_positions(model)
 
 
-def gqa_metadata(meta: dict[str, Any]) -> None:
+def gqa_metadata(meta: dict[str, Any], key_positions: str = "positions") -> None:
     """Rewrite the plain graph's ``decodekit.json`` entries for this graph: ``"graph": "gqa"``, every cache tensor
-    ``[batch, H_kv, capacity, D]`` and ``kv_cache.shared_buffer`` (bind past and present to one buffer)."""
+    ``[batch, H_kv, capacity, D]``, ``kv_cache.shared_buffer`` (bind past and present to one buffer) and
+    ``kv_cache.key_positions`` (what the cached keys are rotated by: ``"positions"`` as eager PyTorch, or
+    ``"cache_slots"``: a left-padded row's keys turned further by its padding, see the module docstring)."""
     kv = meta["kv_cache"]
     shape = ["batch", kv["num_kv_heads"], "capacity", kv["head_dim"]]
     kv["shape"] = shape
     kv["shared_buffer"] = True
+    kv["key_positions"] = key_positions
     for pair in kv["past_names"] + kv["present_names"]:
         for name in pair:
             meta["io"][name]["shape"] = list(shape)

@@ -114,6 +114,15 @@ def compare_with_eager(
     ids = ids * mask  # padded slots hold token 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
 
+    # graph="gqa" rotating inside GroupQueryAttention turns keys by cache slot: a left-padded row's keys by its
+    # padding more than eager's (same attention, see decodekit.export.gqa); eager's keys get that turn to compare
+    slot_keys = meta["kv_cache"].get("key_positions") == "cache_slots"
+    if slot_keys:
+        from decodekit.models.layers import apply_rotary, rotary_cos_sin, rotary_inv_freq
+
+        inv_freq = rotary_inv_freq(cfg.head_dim, cfg.rope_theta)
+        padding = torch.tensor([s - n for n in lengths])  # [B] slots ahead of positions
+
     diffs = dict.fromkeys(out_names, 0.0)
     failed: list[str] = []
     eager_past = model.empty_cache(b)
@@ -141,6 +150,9 @@ def compare_with_eager(
             feeds.update(zip(past_names, ort_past))
             outs = session.run(out_names, feeds)
         eager = [logits] + [t for kv in presents for t in kv]
+        if slot_keys:
+            cos, sin = rotary_cos_sin(padding[:, None].expand(b, mask.shape[1]), inv_freq, cfg.rope_layout)
+            eager = [logits] + [t for k, v in presents for t in (apply_rotary(k, cos, sin, cfg.rope_layout), v)]
         for name, o, e in zip(out_names, outs, eager):
             if o.shape != tuple(e.shape):
                 raise ValidationError(f"output {name}: ONNX Runtime shape {o.shape} != eager shape {tuple(e.shape)}")

@@ -16,7 +16,7 @@ import torch
 
 from decodekit.errors import UsageError
 from decodekit.export import export_decoder
-from decodekit.export.gqa import _probe_gqa, gqa_unsupported
+from decodekit.export.gqa import _probe_gqa, _probe_rotary, gqa_unsupported
 from decodekit.models.config import DecoderConfig
 from decodekit.models.decoder import Decoder
 from decodekit.runtime import OnnxDecoder, chat_prompt, load_backend
@@ -62,8 +62,17 @@ def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim
     graph = onnx.load(str(res.onnx_path))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("GroupQueryAttention") == 3
-    # adjacent pairs: one RotaryEmbedding per layer on the packed q|k span, no Split of q/k/v; halves: q and k apart
+    # rotation inside GroupQueryAttention when the installed ORT does it right (head size 16 here, not 24): no rotary
+    # node, no Split; else adjacent pairs: one RotaryEmbedding per layer on the packed q|k span, no Split of q/k/v;
+    # halves: q and k apart
+    inside = arch == "llama" and _probe_rotary(6, 2, head_dim, False, int(layout == "adjacent"), True)
+    assert meta["kv_cache"]["key_positions"] == ("cache_slots" if inside else "positions")
+    gqa_rotary = {onnx.helper.get_attribute_value(a) for n in graph.graph.node if n.op_type == "GroupQueryAttention"
+                  for a in n.attribute if a.name == "do_rotary"}
+    assert gqa_rotary == ({1} if inside else set())
     rotary, qkv_split = {"adjacent": (3, 0), "halves": (6, 3)}[layout] if arch == "llama" else (0, 0)
+    if inside:
+        rotary, qkv_split = 0, 0
     splits = [n.name for n in graph.graph.node if n.op_type == "Split"]
     assert ops.count("RotaryEmbedding") == rotary and sum("/qkv/" in n for n in splits) == qkv_split
     # packed projections: per layer q/k/v, o, gate|up (Llama; split once), down; plus the classifier
@@ -82,10 +91,14 @@ def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim
 
 
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, span", [(8, 4, 64, True), (8, 8, 48, False), (4, 4, 96, False)])
-def test_span_rotary_only_up_to_1024_values(n_heads, n_kv, head_dim, span):
+def test_span_rotary_only_up_to_1024_values(n_heads, n_kv, head_dim, span, monkeypatch):
     """One RotaryEmbedding on the packed q|k|v row only while that row fits ONNX Runtime's CUDA kernel (<= 1024
-    values: (8 + 8) * 64 does, (8 + 16) * 48 and (4 + 8) * 96 do not); wider rows keep Split + a node each."""
+    values: (8 + 8) * 64 does, (8 + 16) * 48 and (4 + 8) * 96 do not); wider rows keep Split + a node each. (With an
+    ORT that rotates inside GroupQueryAttention for these sizes, the graph has no rotary node at all: refused here.)"""
+    import decodekit.export.gqa as gqa
     from decodekit.export.gqa import build_gqa_graph
+
+    monkeypatch.setattr(gqa, "_probe_rotary", lambda *a: False)
 
     cfg = DecoderConfig(arch="llama", vocab_size=64, dim=n_heads * head_dim, n_layers=2, n_heads=n_heads,
                         n_kv_heads=n_kv, hidden_dim=32, max_seq_len=16)
