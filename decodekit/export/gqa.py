@@ -11,10 +11,12 @@ step, whose fixed cost dominates on small models. This graph is written node by 
   (``past_present_share_buffer``): the op appends the new keys/values in place, nothing is copied per step;
 * packed projections: q/k/v in one MatMul per layer, and (Llama) gate/up in another, then a Split (unless 4-bit
   weights need each matrix apart);
-* rotary positions in ``com.microsoft::RotaryEmbedding`` nodes fed by ``position_ids`` (see "Padding" below):
-  with adjacent pairs (llama2.c's layout) and packed q/k/v, ONE node per layer turns the q|k span of the packed
-  row and GroupQueryAttention reads that row as it is (no Split); the halves layout (Hugging Face's) turns q and
-  k in two nodes after a Split;
+* rotary positions inside GroupQueryAttention (``do_rotary``, by cache slot: see "Padding" below) when the
+  installed ONNX Runtime computes it right for the model's sizes (probed; its CPU kernel refuses head sizes that
+  are not a multiple of 16): no rotary node and no Split of the packed q/k/v row. Otherwise in
+  ``com.microsoft::RotaryEmbedding`` nodes fed by ``position_ids``: with adjacent pairs (llama2.c's layout) and
+  packed q/k/v, ONE node per layer turns the q|k span of the packed row and GroupQueryAttention reads that row as
+  it is (no Split); the halves layout (Hugging Face's) turns q and k in two nodes after a Split;
 * the residual add fused into the next norm: ``SkipSimplifiedLayerNormalization`` (Llama) and
   ``SkipLayerNormalization`` (GPT-2, which also absorbs the projection bias), ``FastGelu`` with its bias;
 * the classifier on the last position only, as one MatMul against the pre-transposed matrix.
@@ -31,13 +33,17 @@ its width (``P + S - 1`` is GroupQueryAttention's ``seqlens_k`` for every row).
 
 Padding
 -------
-Left padding keeps the plain graph's semantics exactly: the mask becomes an additive ``attention_bias``
-(``-1e30`` on padded keys; GroupQueryAttention adds the causal mask) and the rotary angles come from
-``position_ids`` (``cumsum(mask) - 1``). ONNX Runtime's GroupQueryAttention reads only the first position of a
-prompt when it rotates inside (it assumes positions are cache slots), so the rotation runs in
-``RotaryEmbedding`` nodes, which read every row's positions. Keys at padded slots differ from eager PyTorch's
-after the first layer (an all-padding query averages other keys in each implementation), but no real token ever
-reads them; :mod:`decodekit.export.validate` compares the cache on real tokens only for this graph.
+Left padding keeps the plain graph's results: the mask becomes an additive ``attention_bias`` (``-1e30`` on
+padded keys; GroupQueryAttention adds the causal mask). Rotating inside GroupQueryAttention, the op turns q and k
+by cache slot (it reads only the first position of a prompt: it assumes positions are slots). A row left-padded
+by ``n`` slots then has every query and key turned by ``n`` positions more than eager PyTorch's; rotary angles
+enter an attention score only as the difference of the query's and the key's, so the scores, the outputs and the
+tokens are eager's (up to float rounding), while that row's cached keys are eager's turned by ``n`` more
+(``decodekit.json``: ``kv_cache.key_positions = "cache_slots"``; the validation turns eager's keys by each row's
+padding before comparing). With RotaryEmbedding nodes the angles come from ``position_ids`` (``cumsum(mask) - 1``)
+and the cached keys are eager's (``"positions"``). Keys at padded slots differ from eager PyTorch's after the
+first layer (an all-padding query averages other keys in each implementation), but no real token ever reads
+them; :mod:`decodekit.export.validate` compares the cache on real tokens only for this graph.
 
 Limits
 ------
