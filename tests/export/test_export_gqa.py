@@ -275,3 +275,25 @@ def test_smollm_gqa_greedy_equals_the_plain_graph(smollm_export_gqa, smollm_expo
     rows = [chat_prompt(a.tokenizer, q)[0] for q in CHAT_PROMPTS]
     kw = dict(max_new_tokens=24, temperature=0.0, stop_ids=[])
     assert a.generate(rows, **kw).tokens == b.generate(rows, **kw).tokens
+
+
+def test_in_attention_rotary_keys_are_eager_keys_turned_by_the_padding(tmp_path):
+    """With the rotary inside GroupQueryAttention a left-padded row's cached keys are eager's turned by its padding
+    (decodekit.json: key_positions = cache_slots). The validation turns eager's keys so: compared as positions, the
+    padded row's keys disagree, the unpadded row's and all values agree."""
+    from decodekit.export.validate import compare_with_eager
+
+    model = _random_decoder("llama", 16, rope_layout="halves")
+    res = export_decoder(model, tmp_path / "gqa", graph="gqa", progress=False)
+    meta = res.metadata
+    ok = compare_with_eager(model, res.onnx_path, meta, atol=1e-4, lengths=(7, 4))
+    assert ok.ok, ok.max_abs_diff
+    if not _probe_rotary(6, 2, 16, False, 0, True):  # an ORT that refuses: RotaryEmbedding nodes, eager's keys
+        assert meta["kv_cache"]["key_positions"] == "positions"
+        return
+    assert meta["kv_cache"]["key_positions"] == "cache_slots"
+    as_positions = dict(meta, kv_cache=dict(meta["kv_cache"], key_positions="positions"))
+    bad = compare_with_eager(model, res.onnx_path, as_positions, atol=1e-4, lengths=(7, 4))
+    assert set(bad.failed) == {f"present.{i}.key" for i in range(3)}, bad.failed
+    same = compare_with_eager(model, res.onnx_path, as_positions, atol=1e-4, lengths=(5, 5))  # no padding
+    assert same.ok, same.max_abs_diff
