@@ -116,8 +116,9 @@ FORMAT_VERSION = 1
 #: Revision of the graph the exporter writes for a given checkpoint. Bumped when the graph changes with the same
 #: interface (2: RMSNorm as ``x / sqrt(.)`` and the rotary swap as one MatMul, fewer nodes per step; 3: the
 #: ``graph="gqa"`` skip norms without their unread statistics outputs; 4: its adjacent-pair rotary as one node on the
-#: packed q|k span, gate/up packed in one MatMul, 4-bit groups packed in one MatMulNBits), so that the runtime's
-#: export cache does not keep serving graphs an older decodekit wrote.
+#: packed q|k span, gate/up packed in one MatMul, 4-bit groups packed in one MatMulNBits; 5: its rotary inside
+#: GroupQueryAttention where the installed ONNX Runtime allows it, ``kv_cache.key_positions``), so that the
+#: runtime's export cache does not keep serving graphs an older decodekit wrote.
 GRAPH_REVISION = 5
 METADATA_FILE = "decodekit.json"
 MODEL_FILE = "model.onnx"
@@ -628,8 +629,8 @@ def _write_export(decoder: Decoder, tmp: Path, prog: Progress, *, opset: int | N
         groups = packed_groups(decoder, int4) if int4 is not None else None
         with prog.step("writing the fused-op ONNX graph (GroupQueryAttention, in-place KV cache)"):
             opset_used, key_positions = save_gqa_graph(decoder, tmp / MODEL_FILE, opset=opset or MIN_OPSET,
-                                        separate_matrices=int4 is not None and groups is None,
-                                        external_bytes=EXTERNAL_DATA_BYTES)
+                                                       separate_matrices=int4 is not None and groups is None,
+                                                       external_bytes=EXTERNAL_DATA_BYTES)
     else:
         with prog.step("exporting to ONNX (torch.onnx.export, dynamo)"):
             program = _export_onnx(decoder, tmp / MODEL_FILE, opset=opset, all_logits=all_logits)

@@ -9,8 +9,9 @@ step, whose fixed cost dominates on small models. This graph is written node by 
 
 * ``com.microsoft::GroupQueryAttention`` with ``past_key`` / ``present_key`` bound to ONE buffer of fixed capacity
   (``past_present_share_buffer``): the op appends the new keys/values in place, nothing is copied per step;
-* packed projections: q/k/v in one MatMul per layer, and (Llama) gate/up in another, then a Split (unless 4-bit
-  weights need each matrix apart);
+* packed projections: q/k/v in one MatMul per layer, and (Llama) gate/up in another, each then split (unless 4-bit
+  weights need each matrix apart; q/k/v's Split goes too when the rotary runs inside GroupQueryAttention or on
+  the packed span, below);
 * rotary positions inside GroupQueryAttention (``do_rotary``, by cache slot: see "Padding" below) when the
   installed ONNX Runtime computes it right for the model's sizes (probed; its CPU kernel refuses head sizes that
   are not a multiple of 16): no rotary node and no Split of the packed q/k/v row. Otherwise in
@@ -41,9 +42,11 @@ enter an attention score only as the difference of the query's and the key's, so
 tokens are eager's (up to float rounding), while that row's cached keys are eager's turned by ``n`` more
 (``decodekit.json``: ``kv_cache.key_positions = "cache_slots"``; the validation turns eager's keys by each row's
 padding before comparing). With RotaryEmbedding nodes the angles come from ``position_ids`` (``cumsum(mask) - 1``)
-and the cached keys are eager's (``"positions"``). Keys at padded slots differ from eager PyTorch's after the
-first layer (an all-padding query averages other keys in each implementation), but no real token ever reads
-them; :mod:`decodekit.export.validate` compares the cache on real tokens only for this graph.
+and the cached keys are eager's (``"positions"``). With ``"cache_slots"`` the graph reads no ``position_ids``
+(the input stays, for one interface): the mask must be plain left padding, as the runtime's loops make it. Keys
+at padded slots differ from eager PyTorch's (from the first layer on with ``"cache_slots"``, else after it: an
+all-padding query averages other keys in each implementation), but no real token ever reads them;
+:mod:`decodekit.export.validate` compares the cache on real tokens only for this graph.
 
 Limits
 ------
@@ -146,8 +149,10 @@ def _probe_gqa(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool) -> str 
 def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, interleaved: int, packed: bool) -> bool:
     """Whether the installed ONNX Runtime's CPU GroupQueryAttention rotates q and k inside (``do_rotary``) for these
     sizes, layout and input form (``packed``: one q|k|v row), by cache slot, as numpy does: a 3-token prompt then a
-    1-token step on a shared past/present buffer. Releases differ (some CPU kernels need a head size that is a
-    multiple of 16); a refusal or a wrong answer keeps the rotation in RotaryEmbedding nodes."""
+    1-token step on a shared past/present buffer, checking the output and the cached keys and values (a rotation by
+    a wrong but constant offset leaves the output right and the keys wrong). Releases differ (some CPU kernels need
+    a head size that is a multiple of 16); a refusal or a wrong answer keeps the rotation in RotaryEmbedding nodes.
+    Left padding is not probed: the export's validation (a left-padded batch) is the check of that."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -215,7 +220,10 @@ def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, inte
     p = np.exp(scores - scores.max(-1, keepdims=True))
     ref = np.einsum("bhst,bthd->bshd", p / p.sum(-1, keepdims=True), vf)
     out = np.concatenate(got, axis=1).astype(np.float64).reshape(1, cap, h, d)
-    return bool(np.allclose(out, ref, atol=2e-2 if fp16 else 1e-4))
+    keys = turn(f[..., h * d: (h + hk) * d].reshape(1, cap, hk, d)).transpose(0, 2, 1, 3)  # [1, hk, cap, D]
+    values = f[..., (h + hk) * d:].reshape(1, cap, hk, d).transpose(0, 2, 1, 3)
+    tol = 2e-2 if fp16 else 1e-4
+    return all(np.allclose(a.astype(np.float64), b, atol=tol) for a, b in ((out, ref), (kc, keys), (vc, values)))
 
 
 def gqa_unsupported(decoder: Decoder, *, all_logits: bool) -> str | None:
@@ -469,7 +477,7 @@ def build_gqa_graph(decoder: Decoder, *, opset: int, separate_matrices: bool = F
     return model
 
 
-def key_positions(model: Any) -> str:
+def rotary_key_positions(model: Any) -> str:
     """``"cache_slots"`` when the graph's GroupQueryAttention rotates keys by cache slot itself (``do_rotary``),
     else ``"positions"`` (RotaryEmbedding nodes fed by ``position_ids``, or no rotary at all)."""
     from onnx import helper
@@ -485,7 +493,7 @@ def key_positions(model: Any) -> str:
 def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_matrices: bool,
                    external_bytes: int) -> tuple[int, str]:
     """Build the graph and write it to ``path`` (weights above ``external_bytes`` into ``path.name + ".data"``
-    beside it); returns the opset written and :func:`key_positions`."""
+    beside it); returns the opset written and :func:`rotary_key_positions`."""
     import onnx
 
     model = build_gqa_graph(decoder, opset=opset, separate_matrices=separate_matrices)
@@ -495,7 +503,7 @@ def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_matrices
                         location=Path(path).name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
-    return opset, key_positions(model)
+    return opset, rotary_key_positions(model)
 
 
 def gqa_metadata(meta: dict[str, Any], key_positions: str = "positions") -> None:

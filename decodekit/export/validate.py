@@ -116,7 +116,11 @@ def compare_with_eager(
 
     # graph="gqa" rotating inside GroupQueryAttention turns keys by cache slot: a left-padded row's keys by its
     # padding more than eager's (same attention, see decodekit.export.gqa); eager's keys get that turn to compare
-    slot_keys = meta["kv_cache"].get("key_positions") == "cache_slots"
+    rotated_by = meta["kv_cache"].get("key_positions", "positions")
+    if rotated_by not in ("positions", "cache_slots"):
+        raise ValidationError(f"decodekit.json: kv_cache.key_positions must be 'positions' or 'cache_slots', got "
+                              f"{rotated_by!r}")
+    slot_keys = rotated_by == "cache_slots"
     if slot_keys:
         from decodekit.models.layers import apply_rotary, rotary_cos_sin, rotary_inv_freq
 

@@ -84,7 +84,10 @@ def _cache_key(src: Path, dtype: str, graph: str = "plain") -> str:
     key.update(str(src.resolve()).encode())
     key.update(f"{dtype}:graph-revision-{GRAPH_REVISION}".encode())
     if graph != "plain":  # the plain graph keeps the keys it always had
-        key.update(f":graph-{graph}".encode())
+        import onnxruntime
+
+        # the fused graph's form depends on what the installed ONNX Runtime's kernels accept (probed at export)
+        key.update(f":graph-{graph}:onnxruntime-{onnxruntime.__version__}".encode())
     for p in [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file()):
         st = p.stat()
         key.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from decodekit.errors import UsageError
+from decodekit.errors import UsageError, ValidationError
 from decodekit.export import export_decoder
 from decodekit.export.gqa import _probe_gqa, _probe_rotary, gqa_unsupported
 from decodekit.models.config import DecoderConfig
@@ -90,19 +90,29 @@ def test_random_model_gqa_graph_greedy_equals_eager(arch, layout, bias, head_dim
         assert onnx_dec.generate([p], max_new_tokens=40, temperature=0.0, stop_ids=[]).tokens[0] == a.tokens[i]
 
 
+@pytest.mark.parametrize("inside", [False, True])
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, span", [(8, 4, 64, True), (8, 8, 48, False), (4, 4, 96, False)])
-def test_span_rotary_only_up_to_1024_values(n_heads, n_kv, head_dim, span, monkeypatch):
+def test_span_rotary_only_up_to_1024_values(n_heads, n_kv, head_dim, span, inside, monkeypatch):
     """One RotaryEmbedding on the packed q|k|v row only while that row fits ONNX Runtime's CUDA kernel (<= 1024
-    values: (8 + 8) * 64 does, (8 + 16) * 48 and (4 + 8) * 96 do not); wider rows keep Split + a node each. (With an
-    ORT that rotates inside GroupQueryAttention for these sizes, the graph has no rotary node at all: refused here.)"""
+    values: (8 + 8) * 64 does, (8 + 16) * 48 and (4 + 8) * 96 do not); wider rows keep Split + a node each. With an
+    ORT that rotates inside GroupQueryAttention (``inside``: the probe's answer forced), no rotary node and no q/k/v
+    Split at any width: only each layer's gate|up Split."""
     import decodekit.export.gqa as gqa
     from decodekit.export.gqa import build_gqa_graph
 
-    monkeypatch.setattr(gqa, "_probe_rotary", lambda *a: False)
+    monkeypatch.setattr(gqa, "_probe_rotary", lambda *a: inside)
+    if inside:
+        span = None
 
     cfg = DecoderConfig(arch="llama", vocab_size=64, dim=n_heads * head_dim, n_layers=2, n_heads=n_heads,
                         n_kv_heads=n_kv, hidden_dim=32, max_seq_len=16)
-    ops = [n.op_type for n in build_gqa_graph(Decoder(cfg).eval(), opset=18).graph.node]
+    graph = build_gqa_graph(Decoder(cfg).eval(), opset=18).graph
+    ops = [n.op_type for n in graph.node]
+    if span is None:
+        assert ops.count("RotaryEmbedding") == 0 and ops.count("Split") == 2
+        gqa_nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+        assert all(list(n.input[1:3]) == ["", ""] and n.input[7] == "rotary.cos_cache" for n in gqa_nodes)
+        return
     assert ops.count("RotaryEmbedding") == (2 if span else 4)
     assert ops.count("Split") == (2 if span else 4)  # the gate|up Split of each layer, plus q/k/v's without span
 
@@ -185,6 +195,11 @@ def test_probe_finds_the_cpu_kernel_head_sizes():
     assert _probe_gqa(4, 2, 16, False) is None
     assert _probe_gqa(4, 4, 64, True) is None
     assert "head size 12" in _probe_gqa(4, 2, 12, False)
+    # rotary inside the op (ORT 1.31's CPU kernel: head sizes that are multiples of 16), both layouts and input forms
+    for interleaved in (0, 1):
+        assert _probe_rotary(6, 2, 16, False, interleaved, True) and _probe_rotary(9, 3, 64, True, interleaved, False)
+        assert not _probe_rotary(8, 8, 8, False, interleaved, True) and not _probe_rotary(6, 2, 24, False, interleaved,
+                                                                                          True)
 
 
 def test_cli_export_graph_flag(stories_dir, tmp_path, capsys):
@@ -297,3 +312,6 @@ def test_in_attention_rotary_keys_are_eager_keys_turned_by_the_padding(tmp_path)
     assert set(bad.failed) == {f"present.{i}.key" for i in range(3)}, bad.failed
     same = compare_with_eager(model, res.onnx_path, as_positions, atol=1e-4, lengths=(5, 5))  # no padding
     assert same.ok, same.max_abs_diff
+    with pytest.raises(ValidationError, match="key_positions"):
+        compare_with_eager(model, res.onnx_path, dict(meta, kv_cache=dict(meta["kv_cache"], key_positions="slots")),
+                           atol=1e-4)
