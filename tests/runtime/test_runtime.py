@@ -323,6 +323,14 @@ def test_export_cache_key_follows_checkpoint_dtype_and_graph_revision(ckpt, tmp_
     monkeypatch.setattr(decodekit.export, "GRAPH_REVISION", decodekit.export.GRAPH_REVISION + 1)
     assert _cache_key(src, "fp32") != base
     monkeypatch.undo()
+    # the fused graph's form depends on the installed ONNX Runtime (probed at export): its version is in the key
+    import onnxruntime
+
+    fused = _cache_key(src, "fp32", "gqa")
+    assert fused != base
+    monkeypatch.setattr(onnxruntime, "__version__", onnxruntime.__version__ + ".post1")
+    assert _cache_key(src, "fp32", "gqa") != fused and _cache_key(src, "fp32") == base
+    monkeypatch.undo()
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # "edited"
     assert _cache_key(src, "fp32") != base
