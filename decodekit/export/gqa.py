@@ -75,13 +75,57 @@ GRAPHS = ("plain", "gqa")
 _PAD_BIAS = {torch.float32: -1e30, torch.float16: -30000.0}
 
 
+def _run_probe(model: Any, steps: list[dict[str, np.ndarray]], caches: tuple[np.ndarray, np.ndarray],
+               out_width: int) -> list[np.ndarray]:
+    """Run the one-node GroupQueryAttention ``model`` (inputs ``pk`` / ``pv`` bound with outputs ``kp`` / ``vp`` to
+    the ``caches`` arrays, which it fills) on ONNX Runtime's CPU provider, one run per feed dict of ``steps``;
+    returns each run's output ``o``. ORT's own logging is muted: its refusals are the probes' answers."""
+    import onnxruntime as ort
+
+    npt = caches[0].dtype
+    # the executor logs through the default logger whatever the session says; its default (2) is restored after
+    ort.set_default_logger_severity(4)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        io = sess.io_binding()
+        run_opts = ort.RunOptions()
+        run_opts.log_severity_level = 4
+        for name, a in zip(("pk", "pv"), caches):
+            io.bind_input(name, "cpu", 0, npt, list(a.shape), a.ctypes.data)
+            io.bind_output(name.replace("p", "", 1) + "p", "cpu", 0, npt, list(a.shape), a.ctypes.data)
+        got = []
+        for feeds in steps:
+            seq = next(a.shape[1] for n, a in feeds.items() if a.ndim == 3)
+            o = np.zeros((1, seq, out_width), npt)
+            feeds = {n: np.ascontiguousarray(a) for n, a in feeds.items()}  # alive through the run
+            for name, a in feeds.items():
+                io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            io.bind_output("o", "cpu", 0, npt, list(o.shape), o.ctypes.data)
+            sess.run_with_iobinding(io, run_opts)
+            got.append(o)
+        return got
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Softmax attention in float64, causal: ``q [1, S, H, D]``, ``k`` / ``v [1, S, Hkv, D]`` -> ``[1, S, H, D]``."""
+    h, hk, d, s = q.shape[2], k.shape[2], q.shape[3], q.shape[1]
+    k, v = np.repeat(k, h // hk, axis=2), np.repeat(v, h // hk, axis=2)
+    scores = np.einsum("bshd,bthd->bhst", q, k) / np.sqrt(d)
+    scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhst,bthd->bshd", p / p.sum(-1, keepdims=True), v)
+
+
 @functools.lru_cache(maxsize=32)
 def _probe_gqa(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool) -> str | None:
     """Run one GroupQueryAttention node of these sizes on the installed ONNX Runtime's CPU provider, sharing the
     past/present buffer, over a 3-token prompt and a 1-token step; compare with softmax attention in numpy. Returns
     why it failed (one line) or None. Head sizes the CPU kernel rejects (older releases: not a multiple of 16) or
     computes wrongly are found here, whatever the ORT version."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     elem, npt = (TensorProto.FLOAT16, np.float16) if fp16 else (TensorProto.FLOAT, np.float32)
@@ -101,44 +145,15 @@ def _probe_gqa(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool) -> str 
     q = rng.standard_normal((1, 4, h * d)).astype(npt)
     k = rng.standard_normal((1, 4, hk * d)).astype(npt)
     v = rng.standard_normal((1, 4, hk * d)).astype(npt)
-    kc, vc = np.zeros((1, hk, cap, d), npt), np.zeros((1, hk, cap, d), npt)
-    # the failure is the answer here, not an error for ORT to print (its executor logs through the default
-    # logger whatever the session says); ORT's default severity (2, warnings) is restored after
-    ort.set_default_logger_severity(4)
+    steps = [{"q": q[:, lo:hi], "k": k[:, lo:hi], "v": v[:, lo:hi], "seqlens_k": np.array([hi - 1], np.int32),
+              "total": np.array(hi, np.int32)} for lo, hi in ((0, 3), (3, 4))]
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        io = sess.io_binding()
-        run_opts = ort.RunOptions()
-        run_opts.log_severity_level = 4  # the failure is the answer, not an error to print
-        for name, a in (("pk", kc), ("pv", vc)):
-            io.bind_input(name, "cpu", 0, npt, list(a.shape), a.ctypes.data)
-            io.bind_output(name.replace("p", "", 1) + "p", "cpu", 0, npt, list(a.shape), a.ctypes.data)
-        got = []
-        for lo, hi in ((0, 3), (3, 4)):
-            o = np.zeros((1, hi - lo, h * d), npt)
-            feeds = {"q": q[:, lo:hi], "k": k[:, lo:hi], "v": v[:, lo:hi],
-                     "seqlens_k": np.array([hi - 1], np.int32), "total": np.array(hi, np.int32)}
-            keep = {n: np.ascontiguousarray(a) for n, a in feeds.items()}
-            for name, a in keep.items():
-                io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-            io.bind_output("o", "cpu", 0, npt, list(o.shape), o.ctypes.data)
-            sess.run_with_iobinding(io, run_opts)
-            got.append(o)
+        got = _run_probe(model, steps, (np.zeros((1, hk, cap, d), npt), np.zeros((1, hk, cap, d), npt)), h * d)
     except Exception as e:  # noqa: BLE001 - ORT reports "not supported" as its own exception types
         text = (str(e).strip().splitlines() or [type(e).__name__])[0].split("Status Message:")[-1].strip()
         return f"ONNX Runtime's CPU GroupQueryAttention rejects head size {d} ({text[:100]})"
-    finally:
-        ort.set_default_logger_severity(2)
     out = np.concatenate(got, axis=1).astype(np.float64).reshape(1, 4, h, d)
-    qf = q.astype(np.float64).reshape(1, 4, h, d)
-    kf = np.repeat(k.astype(np.float64).reshape(1, 4, hk, d), h // hk, axis=2)
-    vf = np.repeat(v.astype(np.float64).reshape(1, 4, hk, d), h // hk, axis=2)
-    scores = np.einsum("bshd,bthd->bhst", qf, kf) / np.sqrt(d)
-    scores = np.where(np.tril(np.ones((4, 4), bool)), scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    ref = np.einsum("bhst,bthd->bshd", p / p.sum(-1, keepdims=True), vf)
+    ref = _causal_attention(*(a.astype(np.float64).reshape(1, 4, -1, d) for a in (q, k, v)))
     if not np.allclose(out, ref, atol=2e-2 if fp16 else 1e-4):
         return f"ONNX Runtime's CPU GroupQueryAttention computes head size {d} wrongly (max error " \
             f"{float(np.abs(out - ref).max()):.2g})"
@@ -153,7 +168,6 @@ def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, inte
     a wrong but constant offset leaves the output right and the keys wrong). Releases differ (some CPU kernels need
     a head size that is a multiple of 16); a refusal or a wrong answer keeps the rotation in RotaryEmbedding nodes.
     Left padding is not probed: the export's validation (a left-padded batch) is the check of that."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     elem, npt = (TensorProto.FLOAT16, np.float16) if fp16 else (TensorProto.FLOAT, np.float32)
@@ -178,32 +192,14 @@ def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, inte
     rng = np.random.default_rng(1)
     row = rng.standard_normal((1, cap, width)).astype(npt)  # [1, 4, q | k | v]
     parts = {"qkv": row, "q": row[..., : h * d], "k": row[..., h * d: (h + hk) * d], "v": row[..., (h + hk) * d:]}
+    steps = [{n: parts[n][:, lo:hi] for n in qkv_names if n}
+             | {"seqlens_k": np.array([hi - 1], np.int32), "total": np.array(hi, np.int32)}
+             for lo, hi in ((0, 3), (3, 4))]
     kc, vc = np.zeros((1, hk, cap, d), npt), np.zeros((1, hk, cap, d), npt)
-    ort.set_default_logger_severity(4)  # a refusal is the answer here, not an error to print
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        io = sess.io_binding()
-        run_opts = ort.RunOptions()
-        run_opts.log_severity_level = 4
-        for name, a in (("pk", kc), ("pv", vc)):
-            io.bind_input(name, "cpu", 0, npt, list(a.shape), a.ctypes.data)
-            io.bind_output(name.replace("p", "", 1) + "p", "cpu", 0, npt, list(a.shape), a.ctypes.data)
-        got = []
-        for lo, hi in ((0, 3), (3, 4)):
-            o = np.zeros((1, hi - lo, h * d), npt)
-            feeds = {n: np.ascontiguousarray(parts[n][:, lo:hi]) for n in qkv_names if n}
-            feeds |= {"seqlens_k": np.array([hi - 1], np.int32), "total": np.array(hi, np.int32)}
-            for name, a in feeds.items():
-                io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-            io.bind_output("o", "cpu", 0, npt, list(o.shape), o.ctypes.data)
-            sess.run_with_iobinding(io, run_opts)
-            got.append(o)
+        got = _run_probe(model, steps, (kc, vc), h * d)
     except Exception:  # noqa: BLE001 - ORT reports "not supported" as its own exception types
         return False
-    finally:
-        ort.set_default_logger_severity(2)
 
     def turn(x: np.ndarray) -> np.ndarray:  # [1, 4, heads, D] rotated by slot 0..3
         c, s_ = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
@@ -212,18 +208,12 @@ def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, inte
         return np.stack([ra, rb], -1).reshape(x.shape) if interleaved else np.concatenate([ra, rb], -1)
 
     f = row.astype(np.float64)
-    qf = turn(f[..., : h * d].reshape(1, cap, h, d))
-    kf = np.repeat(turn(f[..., h * d: (h + hk) * d].reshape(1, cap, hk, d)), h // hk, axis=2)
-    vf = np.repeat(f[..., (h + hk) * d:].reshape(1, cap, hk, d), h // hk, axis=2)
-    scores = np.einsum("bshd,bthd->bhst", qf, kf) / np.sqrt(d)
-    scores = np.where(np.tril(np.ones((cap, cap), bool)), scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    ref = np.einsum("bhst,bthd->bshd", p / p.sum(-1, keepdims=True), vf)
+    q, k = turn(f[..., : h * d].reshape(1, cap, h, d)), turn(f[..., h * d: (h + hk) * d].reshape(1, cap, hk, d))
+    v = f[..., (h + hk) * d:].reshape(1, cap, hk, d)
     out = np.concatenate(got, axis=1).astype(np.float64).reshape(1, cap, h, d)
-    keys = turn(f[..., h * d: (h + hk) * d].reshape(1, cap, hk, d)).transpose(0, 2, 1, 3)  # [1, hk, cap, D]
-    values = f[..., (h + hk) * d:].reshape(1, cap, hk, d).transpose(0, 2, 1, 3)
     tol = 2e-2 if fp16 else 1e-4
-    return all(np.allclose(a.astype(np.float64), b, atol=tol) for a, b in ((out, ref), (kc, keys), (vc, values)))
+    pairs = ((out, _causal_attention(q, k, v)), (kc, k.transpose(0, 2, 1, 3)), (vc, v.transpose(0, 2, 1, 3)))
+    return all(np.allclose(a.astype(np.float64), b, atol=tol) for a, b in pairs)
 
 
 def gqa_unsupported(decoder: Decoder, *, all_logits: bool) -> str | None:
