@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from decodekit.models.decoder import Decoder
-from decodekit.models.layers import rotary_inv_freq
+from decodekit.models.layers import apply_rotary, rotary_cos_sin, rotary_inv_freq
 
 MS = "com.microsoft"
 #: the widest packed q|k|v row one RotaryEmbedding node turns (ONNX Runtime's CUDA kernel: one thread per value)
@@ -184,7 +184,7 @@ def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, inte
             helper.make_tensor_value_info("total", TensorProto.INT32, [])]
     outs = [helper.make_tensor_value_info("o", elem, ["b", "s", h * d])] + [
         helper.make_tensor_value_info(n, elem, ["b", hk, "c", d]) for n in ("kp", "vp")]
-    angles = np.arange(cap, dtype=np.float64)[:, None] * (10000.0 ** (-np.arange(0, d, 2) / d))  # [cap, D/2]
+    angles = np.arange(cap, dtype=np.float64)[:, None] * rotary_inv_freq(d, 10000.0).double().numpy()  # [cap, D/2]
     inits = [helper.make_tensor("cos", elem, [cap, half], np.cos(angles).astype(npt).ravel().tolist()),
              helper.make_tensor("sin", elem, [cap, half], np.sin(angles).astype(npt).ravel().tolist())]
     model = helper.make_model(helper.make_graph([node], "probe", ins, outs, inits),
@@ -201,11 +201,12 @@ def _probe_rotary(n_heads: int, n_kv_heads: int, head_dim: int, fp16: bool, inte
     except Exception:  # noqa: BLE001 - ORT reports "not supported" as its own exception types
         return False
 
-    def turn(x: np.ndarray) -> np.ndarray:  # [1, 4, heads, D] rotated by slot 0..3
-        c, s_ = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
-        a, b = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :half], x[..., half:])
-        ra, rb = a * c - b * s_, b * c + a * s_
-        return np.stack([ra, rb], -1).reshape(x.shape) if interleaved else np.concatenate([ra, rb], -1)
+    layout = "adjacent" if interleaved else "halves"
+    cos_, sin_ = rotary_cos_sin(torch.arange(cap)[None], rotary_inv_freq(d, 10000.0), layout)  # [1, 1, cap, D]
+
+    def turn(x: np.ndarray) -> np.ndarray:  # [1, 4, heads, D] rotated by slot 0..3, as the eager model rotates
+        t = torch.from_numpy(x).transpose(1, 2)  # [1, heads, 4, D]
+        return apply_rotary(t, cos_, sin_, layout).transpose(1, 2).double().numpy()
 
     f = row.astype(np.float64)
     q, k = turn(f[..., : h * d].reshape(1, cap, h, d)), turn(f[..., h * d: (h + hk) * d].reshape(1, cap, hk, d))
@@ -496,7 +497,7 @@ def save_gqa_graph(decoder: Decoder, path: Any, *, opset: int, separate_matrices
     return opset, rotary_key_positions(model)
 
 
-def gqa_metadata(meta: dict[str, Any], key_positions: str = "positions") -> None:
+def gqa_metadata(meta: dict[str, Any], key_positions: str) -> None:
     """Rewrite the plain graph's ``decodekit.json`` entries for this graph: ``"graph": "gqa"``, every cache tensor
     ``[batch, H_kv, capacity, D]``, ``kv_cache.shared_buffer`` (bind past and present to one buffer) and
     ``kv_cache.key_positions`` (what the cached keys are rotated by: ``"positions"`` as eager PyTorch, or
