@@ -10,8 +10,10 @@ Implementations (one group per model and batch; the baseline is decodekit's plai
 
 * ``decodekit-ort-plain``: ``export_decoder(graph="plain")``, IO binding (the graph before issue 16);
 * ``decodekit-ort-gqa``: ``export_decoder(graph="gqa")``: GroupQueryAttention on one shared KV buffer, fused norms;
-* ``decodekit-ort-gqa-spin``: the same with ``OnnxDecoder(spin_wait=True)`` (ONNX Runtime's workers spin while a
-  step runs, as onnxruntime-genai's do; faster on idle cores, slower on shared ones);
+  ``OnnxDecoder``'s default worker policy (an idle ONNX Runtime worker spins 5 us, then blocks);
+* ``decodekit-ort-gqa-spin``: the same with ``OnnxDecoder(spin_wait=True)`` (the workers spin through each step, as
+  onnxruntime-genai's do through each run; fast on idle cores, slow on shared ones);
+* ``decodekit-ort-gqa-block``: the same with ``spin_wait=False`` (the workers block at once: the default before);
 * ``ort-genai``: onnxruntime-genai's generator on a folder built by its model builder (fp32, CPU) from a Hugging
   Face folder of the same weights; ``ctranslate2``: ``ctranslate2.Generator`` (float32) on a folder converted with
   ``TransformersConverter`` from that Hugging Face folder.
@@ -22,8 +24,8 @@ graph, itself validated against eager PyTorch): ``greedy_equal`` and ``first_dif
 first 16 tokens of every row must agree (else the peer would not be running the same model).
 
 Threads: one setting per model for every runtime, stated in extra_info (``threads``): 1 for stories260K (its steps
-are too short to split), ``os.cpu_count()`` for SmolLM2; ONNX Runtime sessions without spin-waiting where the runtime
-exposes it (decodekit does; genai's config has no such entry), CTranslate2 with ``intra_threads``.
+are too short to split), ``os.cpu_count()`` for SmolLM2; decodekit's worker policy as named above (genai's config
+has no such entry: its workers spin through each run), CTranslate2 with ``intra_threads``.
 
 Timing: pytest-benchmark times ``ROUNDS`` rounds of each implementation; in addition, before the first timed test
 of a group, every implementation of the group runs ``ROUNDS`` rounds interleaved (round-robin, so that a busy
@@ -65,7 +67,9 @@ PROMPT_LEN = 8
 CHECKED_PREFIX = 16  # tokens every peer must agree on (the rest may flip on a near tie: recorded, not failed)
 MODELS = ["stories260K"] if SMALL else ["stories260K", "SmolLM2-135M"]
 THREADS = {"stories260K": 1, "SmolLM2-135M": os.cpu_count() or 2}
-IMPLS = ["decodekit-ort-plain", "decodekit-ort-gqa", "decodekit-ort-gqa-spin", "ort-genai", "ctranslate2"]
+IMPLS = ["decodekit-ort-plain", "decodekit-ort-gqa", "decodekit-ort-gqa-spin", "decodekit-ort-gqa-block",
+         "ort-genai", "ctranslate2"]
+_SPIN_WAIT = {"-spin": True, "-block": False}  # impl suffix -> OnnxDecoder(spin_wait=...); else its default
 
 
 # ---------------------------------------------------------------------------------------- model folders
@@ -195,7 +199,8 @@ def _prompts(name: str, batch: int) -> list[list[int]]:
 def _runner(impl: str, folder: Path, batch: int, threads: int) -> Callable[[list[list[int]]], list[list[int]]]:
     """``run(prompts) -> generated ids per row`` (NEW_TOKENS each, greedy, no stop)."""
     if impl.startswith("decodekit"):
-        dec = OnnxDecoder(folder, "cpu", max_batch=batch, intra_op_threads=threads, spin_wait=impl.endswith("-spin"))
+        spin = next((v for suffix, v in _SPIN_WAIT.items() if impl.endswith(suffix)), None)
+        dec = OnnxDecoder(folder, "cpu", max_batch=batch, intra_op_threads=threads, spin_wait=spin)
 
         def run(prompts):  # noqa: ANN001, ANN202
             return dec.generate(prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_ids=[]).tokens
@@ -247,8 +252,8 @@ def _group(folders: dict, name: str, batch: int) -> dict:
     prompts = _prompts(name, batch)
     runners, skipped = {}, {}
     for impl in IMPLS:
-        folder = folders[name][{"decodekit-ort-plain": "plain", "decodekit-ort-gqa": "gqa",
-                                "decodekit-ort-gqa-spin": "gqa"}.get(impl, impl)]
+        folder = folders[name]["plain" if impl == "decodekit-ort-plain" else "gqa" if impl.startswith("decodekit")
+                               else impl]
         if isinstance(folder, Exception):
             skipped[impl] = f"{impl} unavailable: {type(folder).__name__}: {str(folder).strip()[:200]}"
             continue

@@ -250,6 +250,73 @@ def _check_metadata(meta: dict[str, Any], cfg: Any, where: Path) -> int:
     return seq
 
 
+# How long an idle CPU worker spins for the next parallel op before it blocks, by default. Measured (SmolLM2-135M
+# fp32, 2 threads, this 2-core machine, README "Spin-waiting"): 5 us keeps the workers awake across a step's short
+# gaps between parallel ops (B = 1 quiet 78.8 tok/s, as fast as spinning through the step, 80.1, against 71.5
+# blocking at once), yet a worker with nothing to do leaves the core within microseconds, so with one core busy
+# elsewhere it is as steady as blocking (64.0 against 63.0; spinning through the step: 41.5). 10 us already lost
+# a fifth with a core busy.
+SPIN_WAIT_DEFAULT_US = 5
+SPIN_WAIT_MAX_US = 100_000
+# the first ONNX Runtime that reads session.intra_op.spin_duration_us (an older one ignores the key and spins for
+# about a million pauses, i.e. through the step: there the microsecond policy falls back to blocking)
+_ORT_SPIN_DURATION = (1, 26)
+
+
+def _ort_version_at_least(version: str, want: tuple[int, int]) -> bool:
+    """``version`` ("1.31.1", "1.26.0.dev2026...") is at least ``want`` (major, minor); unparsable is False."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= want
+
+
+def _check_spin_wait(spin_wait: object) -> bool | int:
+    """``spin_wait`` as given when it is a bool or an int of microseconds in ``[0, SPIN_WAIT_MAX_US]``
+    (``0`` -> ``False``); ``TypeError`` / ``UsageError`` naming it otherwise."""
+    if isinstance(spin_wait, bool):
+        return spin_wait
+    if not isinstance(spin_wait, int):
+        raise TypeError(f"spin_wait must be a bool or an int of microseconds, got {type(spin_wait).__name__} "
+                        f"{spin_wait!r}")
+    us = check_int("spin_wait", spin_wait, lo=0, hi=SPIN_WAIT_MAX_US)
+    return us if us else False
+
+
+def _spin_wait_from_env() -> bool | int | None:
+    """``$DECODEKIT_ORT_SPIN``: ``0`` (block at once), ``1`` (spin through the step) or ``<n>us``; None when unset
+    or blank; anything else a UsageError naming the variable."""
+    name = "DECODEKIT_ORT_SPIN"
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return None
+    if env in ("0", "1"):
+        return env == "1"
+    digits = env.removesuffix("us")
+    if env.endswith("us") and digits.isascii() and digits.isdigit() and int(digits) <= SPIN_WAIT_MAX_US:
+        return int(digits) or False
+    raise UsageError(f"${name} must be 0, 1 or microseconds such as 5us (at most {SPIN_WAIT_MAX_US}us), "
+                     f"got {os.environ[name]!r}")
+
+
+def _spin_entries(spin_wait: bool | int, ort_version: str) -> tuple[bool | int, dict[str, str]]:
+    """The policy ONNX Runtime ``ort_version`` will follow for ``spin_wait`` (bool or microseconds), and the CPU
+    session config entries that set it."""
+    if spin_wait is True:
+        # spin while a step runs (no wake-up per parallel op), stop at its end: the next step wakes them once
+        return True, {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
+    if spin_wait is False or not _ort_version_at_least(ort_version, _ORT_SPIN_DURATION):
+        # ORT's CPU workers spin after each run by default; between two steps the sampler and the host loop
+        # need those cores (measured here, GPT-2-small shape, 2 ORT threads: 57 -> 34 ms/token at batch 1)
+        return False, {"session.intra_op.allow_spinning": "0"}
+    return spin_wait, {
+        "session.intra_op.allow_spinning": "1",
+        "session.intra_op.spin_duration_us": str(spin_wait),
+        "session.force_spinning_stop": "1",  # and none at all between steps
+    }
+
+
 def _default_cpu_threads(model_file: Path) -> int | None:
     """1 intra-op thread for small models, ORT's default (one per core) otherwise."""
     weights = sum(p.stat().st_size for p in model_file.parent.glob(model_file.name + "*") if p.is_file())
@@ -353,12 +420,16 @@ class OnnxDecoder(GenerateMixin):
         ONNX Runtime's intra-op thread count. Default: ``$DECODEKIT_ORT_THREADS`` if set; else, on CPU, 1 for
         models under 64 MB of weights (their steps are too short to split) and ORT's choice (one per core) above.
         On CPU the workers do not spin between runs, so the sampler and the host loop get the cores.
-    spin_wait : bool, optional
-        CPU only. ``True``: ONNX Runtime's workers spin-wait for work while a step runs (no wake-up per parallel
-        op) and stop spinning when it ends. Faster on cores of its own, much slower when other processes share them:
-        SmolLM2-135M fp32, 2 threads, B = 1 on this 2-core machine, 74-79 tok/s against 68-69 quiet, but 37-38
-        against 57-60 with one core busy (README, "Spin-waiting"). Default: ``$DECODEKIT_ORT_SPIN`` (``1`` / ``0``)
-        if set, else ``False``: steady under contention.
+    spin_wait : bool or int, optional
+        CPU only: how ONNX Runtime's idle workers wait for the next parallel op of a step. An int: spin up to that
+        many microseconds, then block (futex) until woken, in ``[0, 100000]``; ``True``: spin through the whole
+        step (no wake-up per parallel op) and stop at its end; ``False`` or ``0``: block at once. Default:
+        ``$DECODEKIT_ORT_SPIN`` (``0``, ``1`` or ``<n>us``) if set, else ``SPIN_WAIT_DEFAULT_US`` (5 us):
+        SmolLM2-135M fp32, 2 threads, B = 1 on this 2-core machine, 78.8 tok/s quiet (spinning through the step
+        80.1, blocking at once 71.5) and 64.0 with one core busy elsewhere (41.5 and 63.0): the short spin bridges
+        a step's gaps, and a worker with nothing to do leaves the core (README, "Spin-waiting"). ONNX Runtime
+        before 1.26 cannot bound the spin: there an int means ``False``. The attribute ``spin_wait`` holds the
+        policy in force. No setting changes the tokens.
 
     Raises
     ------
@@ -400,7 +471,7 @@ class OnnxDecoder(GenerateMixin):
         max_seq_len: int | None = None,
         io_binding: bool = True,
         intra_op_threads: int | None = None,
-        spin_wait: bool | None = None,
+        spin_wait: bool | int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -423,9 +494,8 @@ class OnnxDecoder(GenerateMixin):
         if intra_op_threads is not None:
             intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
         if spin_wait is None:
-            spin_wait = _env_int("DECODEKIT_ORT_SPIN", "0 or 1", lambda v: v in ("0", "1")) == 1
-        check_bool("spin_wait", spin_wait)
-        self.spin_wait = spin_wait
+            spin_wait = _spin_wait_from_env()
+        spin_wait = SPIN_WAIT_DEFAULT_US if spin_wait is None else _check_spin_wait(spin_wait)
 
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)  # a UTF-8 JSON object of format_version 1, entries of the right types
@@ -462,14 +532,11 @@ class OnnxDecoder(GenerateMixin):
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
-        if device == "cpu" and spin_wait:
-            # spin while a step runs (no wake-up per parallel op), stop at its end: the next step wakes them once
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
-        elif device == "cpu":
-            # ORT's CPU workers spin after each run by default; between two steps the sampler and the host loop
-            # need those cores (measured here, GPT-2-small shape, 2 ORT threads: 57 -> 34 ms/token at batch 1).
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # the policy ORT follows (bool or microseconds; False where this ORT cannot bound the spin)
+        self.spin_wait, entries = _spin_entries(spin_wait, ort.__version__)
+        if device == "cpu":
+            for key, value in entries.items():
+                opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
         except Exception as e:  # ORT's own exception types (InvalidProtobuf, Fail, ...) derive from Exception

@@ -270,8 +270,10 @@ def test_config_argument_and_keywords_agree(onnx4):
         (dict(io_binding="yes"), TypeError, "io_binding"),
         (dict(intra_op_threads=0), UsageError, "intra_op_threads"),
         (dict(intra_op_threads="2"), TypeError, "intra_op_threads"),
-        (dict(spin_wait=1), TypeError, "spin_wait"),
+        (dict(spin_wait=1.5), TypeError, "spin_wait"),
         (dict(spin_wait="yes"), TypeError, "spin_wait"),
+        (dict(spin_wait=-1), UsageError, "spin_wait"),
+        (dict(spin_wait=100_001), UsageError, "spin_wait"),
     ],
 )
 def test_onnx_decoder_bad_arguments(export_dir, kwargs, exc, needle, no_allocation):
@@ -279,21 +281,74 @@ def test_onnx_decoder_bad_arguments(export_dir, kwargs, exc, needle, no_allocati
         OnnxDecoder(export_dir, **kwargs)
 
 
-def test_spin_wait_same_tokens_and_its_variable(export_dir, monkeypatch):
-    """``spin_wait`` changes how ONNX Runtime's workers wait, never the tokens; ``$DECODEKIT_ORT_SPIN`` sets the
-    default (0 / 1, anything else refused naming it)."""
+def _spin_config(dec: OnnxDecoder) -> tuple[str, str, str]:
+    """The session's (allow_spinning, spin_duration_us, force_spinning_stop) config entries ('' when unset)."""
+    opts = dec.session.get_session_options()
+
+    def entry(key: str) -> str:
+        try:
+            return opts.get_session_config_entry(key)
+        except RuntimeError:  # ORT: "SessionOptions does not have configuration with key"
+            return ""
+
+    keys = ("session.intra_op.allow_spinning", "session.intra_op.spin_duration_us", "session.force_spinning_stop")
+    return tuple(entry(k) for k in keys)
+
+
+def test_spin_wait_policies_reach_the_session_and_keep_the_tokens(export_dir):
+    """Each ``spin_wait`` policy sets ONNX Runtime's worker config as documented (default: spin 5 us then block),
+    and none changes the tokens."""
     prompt = [[1, 403, 407, 261]]
-    plain = OnnxDecoder(export_dir, intra_op_threads=2)
-    spinning = OnnxDecoder(export_dir, intra_op_threads=2, spin_wait=True)
-    assert (plain.spin_wait, spinning.spin_wait) == (False, True)
     kw = dict(max_new_tokens=12, temperature=0.0, stop_ids=[])
-    assert spinning.generate(prompt, **kw).tokens == plain.generate(prompt, **kw).tokens
-    monkeypatch.setenv("DECODEKIT_ORT_SPIN", "1")
-    assert OnnxDecoder(export_dir).spin_wait is True
+    want = [  # (argument, policy, config); a list, not a dict: 0 == False and 1 == True as keys
+        (None, 5, ("1", "5", "1")),
+        (True, True, ("1", "", "1")),
+        (False, False, ("0", "", "")),
+        (0, False, ("0", "", "")),
+        (1, 1, ("1", "1", "1")),  # an int is microseconds, also 1
+        (40, 40, ("1", "40", "1")),
+    ]
+    tokens = []
+    for arg, policy, config in want:
+        dec = OnnxDecoder(export_dir, intra_op_threads=2) if arg is None else \
+            OnnxDecoder(export_dir, intra_op_threads=2, spin_wait=arg)
+        assert dec.spin_wait == policy and type(dec.spin_wait) is type(policy), arg
+        assert _spin_config(dec) == config, arg
+        tokens.append(dec.generate(prompt, **kw).tokens)
+    assert all(t == tokens[0] for t in tokens)
+
+
+@pytest.mark.parametrize("value, policy", [("1", True), ("0", False), (" 7us ", 7), ("0us", False), ("", 5),
+                                           ("yes", None), ("5", None), ("us", None), ("-3us", None),
+                                           ("100001us", None), ("5 us", None), ("\u0665us", None)])
+def test_spin_wait_variable(export_dir, monkeypatch, value, policy):
+    """``$DECODEKIT_ORT_SPIN`` sets the default (0, 1 or <n>us); anything else is refused naming it; an argument
+    wins over it."""
+    monkeypatch.setenv("DECODEKIT_ORT_SPIN", value)
+    if policy is None:
+        with pytest.raises(UsageError, match="DECODEKIT_ORT_SPIN"):
+            OnnxDecoder(export_dir)
+        return
+    assert OnnxDecoder(export_dir).spin_wait == policy
     assert OnnxDecoder(export_dir, spin_wait=False).spin_wait is False  # the argument wins
-    monkeypatch.setenv("DECODEKIT_ORT_SPIN", "yes")
-    with pytest.raises(UsageError, match="DECODEKIT_ORT_SPIN"):
-        OnnxDecoder(export_dir)
+
+
+@pytest.mark.parametrize("version, bounded", [("1.31.1", True), ("1.26.0", True), ("2.0.0", True),
+                                              ("1.25.1", False), ("1.9.0", False), ("garbage", False)])
+def test_spin_wait_microseconds_fall_back_to_blocking_on_old_onnxruntime(version, bounded):
+    """An ONNX Runtime that does not read ``spin_duration_us`` would spin about a million pauses per wait, through
+    the step: there a microsecond policy blocks at once instead; True and False mean the same on every version."""
+    from decodekit.runtime.onnx import _spin_entries
+
+    policy, entries = _spin_entries(5, version)
+    if bounded:
+        assert policy == 5 and entries["session.intra_op.spin_duration_us"] == "5"
+        assert entries["session.intra_op.allow_spinning"] == "1"
+    else:
+        assert policy is False and entries == {"session.intra_op.allow_spinning": "0"}
+    assert _spin_entries(True, version) == (True, {"session.intra_op.allow_spinning": "1",
+                                                   "session.force_spinning_stop": "1"})
+    assert _spin_entries(False, version) == (False, {"session.intra_op.allow_spinning": "0"})
 
 
 @pytest.mark.parametrize("value, threads", [("3", 3), (" 2 ", 2), ("", None), ("two", UsageError), ("-1", UsageError),
