@@ -14,6 +14,9 @@ Implementations (one group per model and batch; the baseline is decodekit's plai
 * ``decodekit-ort-gqa-spin``: the same with ``OnnxDecoder(spin_wait=True)`` (the workers spin through each step, as
   onnxruntime-genai's do through each run; fast on idle cores, slow on shared ones);
 * ``decodekit-ort-gqa-block``: the same with ``spin_wait=False`` (the workers block at once: the default before);
+* ``decodekit-ort-gqa-int4``: ``export_decoder(graph="gqa", weights="int4")``: the GGUF's own Q4_1 blocks as
+  MatMulNBits (SmolLM2 only: stories260K is a llama2.c float checkpoint), default worker policy; its greedy tokens
+  are compared like a peer's (the first 16 must agree: the same weights, another summation order);
 * ``ort-genai``: onnxruntime-genai's generator on a folder built by its model builder (fp32, CPU) from a Hugging
   Face folder of the same weights; ``ctranslate2``: ``ctranslate2.Generator`` (float32) on a folder converted with
   ``TransformersConverter`` from that Hugging Face folder.
@@ -68,7 +71,7 @@ CHECKED_PREFIX = 16  # tokens every peer must agree on (the rest may flip on a n
 MODELS = ["stories260K"] if SMALL else ["stories260K", "SmolLM2-135M"]
 THREADS = {"stories260K": 1, "SmolLM2-135M": os.cpu_count() or 2}
 IMPLS = ["decodekit-ort-plain", "decodekit-ort-gqa", "decodekit-ort-gqa-spin", "decodekit-ort-gqa-block",
-         "ort-genai", "ctranslate2"]
+         "decodekit-ort-gqa-int4", "ort-genai", "ctranslate2"]
 _SPIN_WAIT = {"-spin": True, "-block": False}  # impl suffix -> OnnxDecoder(spin_wait=...); else its default
 
 
@@ -141,23 +144,35 @@ def _build_genai(hf_dir: Path, out: Path, threads: int) -> None:
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
 
+def bench_root(tmp_path_factory) -> Path:  # noqa: ANN001 - pytest's factory
+    """Where model folders are built: ``$DECODEKIT_BENCH_EXPORTS`` (kept between runs) or a temporary folder."""
+    if os.environ.get("DECODEKIT_BENCH_EXPORTS"):
+        return Path(os.environ["DECODEKIT_BENCH_EXPORTS"])
+    return tmp_path_factory.mktemp("peers-bench")
+
+
+def decodekit_folder(root: Path, name: str, graph: str, weights: str = "fp32") -> Path:
+    """``root/<name>-decodekit-<graph>[-int4]``, exported from the shared model unless a folder of this exporter's
+    graph revision is already there."""
+    src = STORIES if name == "stories260K" else SMOLLM
+    if not src.is_file():
+        pytest.fail(f"missing {src} (a shared model)")
+    folder = root / f"{name}-decodekit-{graph}" if weights == "fp32" else root / f"{name}-decodekit-{graph}-{weights}"
+    meta = folder / "decodekit.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("graph_revision") != GRAPH_REVISION:
+        export_decoder(src, folder, graph=graph, weights=weights, progress=False, force=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, dict]:
     """model -> {"plain", "gqa", "ort-genai", "ctranslate2": folder or an Exception (why it is missing)}."""
-    root = Path(os.environ["DECODEKIT_BENCH_EXPORTS"]) if os.environ.get("DECODEKIT_BENCH_EXPORTS") else (
-        tmp_path_factory.mktemp("peers-bench"))
+    root = bench_root(tmp_path_factory)
     out: dict[str, dict] = {}
     for name in MODELS:
-        src = STORIES if name == "stories260K" else SMOLLM
-        if not src.is_file():
-            pytest.fail(f"missing {src} (a shared model)")
-        entry: dict = {}
-        for graph in ("plain", "gqa"):
-            entry[graph] = root / f"{name}-decodekit-{graph}"
-            meta = entry[graph] / "decodekit.json"
-            # a kept folder is reused only if this exporter wrote the same graph (DECODEKIT_BENCH_EXPORTS)
-            if not meta.is_file() or json.loads(meta.read_text()).get("graph_revision") != GRAPH_REVISION:
-                export_decoder(src, entry[graph], graph=graph, progress=False, force=True)
+        entry: dict = {graph: decodekit_folder(root, name, graph) for graph in ("plain", "gqa")}
+        entry["gqa-int4"] = decodekit_folder(root, name, "gqa", "int4") if name == "SmolLM2-135M" else ValueError(
+            "stories260K is a llama2.c float checkpoint: no 4-bit blocks to keep")
         hf_dir = root / f"{name}-hf"
         if not (hf_dir / "config.json").is_file():
             if name == "stories260K":
@@ -252,8 +267,7 @@ def _group(folders: dict, name: str, batch: int) -> dict:
     prompts = _prompts(name, batch)
     runners, skipped = {}, {}
     for impl in IMPLS:
-        folder = folders[name]["plain" if impl == "decodekit-ort-plain" else "gqa" if impl.startswith("decodekit")
-                               else impl]
+        folder = folders[name][impl.removeprefix("decodekit-ort-").removesuffix("-spin").removesuffix("-block")]
         if isinstance(folder, Exception):
             skipped[impl] = f"{impl} unavailable: {type(folder).__name__}: {str(folder).strip()[:200]}"
             continue
@@ -314,7 +328,7 @@ def test_peers(benchmark, folders, model_name, batch, impl):
     tokens = run(prompts)
     assert all(len(t) == NEW_TOKENS for t in tokens), [len(t) for t in tokens]
     first = _first_difference(tokens, g["reference"])
-    if impl.startswith("decodekit"):
+    if impl.startswith("decodekit") and not impl.endswith("-int4"):
         assert first is None, f"{impl}: greedy tokens differ from the plain graph's at {first}"
     else:
         assert first is None or first >= min(CHECKED_PREFIX, NEW_TOKENS), f"{impl} diverges at token {first}"
@@ -322,8 +336,9 @@ def test_peers(benchmark, folders, model_name, batch, impl):
     host = _host_split(run, prompts) if impl.startswith("decodekit") else {}
     run_bench(
         benchmark, lambda: run(prompts),
-        group=f"peers {model_name} B={batch} greedy {NEW_TOKENS} new tokens (fp32, CPU, {g['threads']} thread(s))",
+        group=f"peers {model_name} B={batch} greedy {NEW_TOKENS} new tokens (CPU, {g['threads']} thread(s))",
         impl=impl, baseline=impl == "decodekit-ort-plain", rounds=ROUNDS, host_only=True,
+        weights="int4" if impl.endswith("-int4") else "fp32",
         tokens=batch * NEW_TOKENS, batch=batch, prompt_len=PROMPT_LEN, threads=g["threads"],
         greedy_equal=first is None, first_difference=first,
         interleaved_median_s=round(median, 6), interleaved_tok_s=round(batch * NEW_TOKENS / median, 1), **host,
