@@ -34,7 +34,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.bench_peers import _prompts, bench_root, decodekit_folder
+from bench.bench_peers import PROMPT_LEN, _prompts, bench_root, decodekit_folder
 from bench.conftest import run_bench
 from decodekit.runtime import OnnxDecoder
 
@@ -72,8 +72,9 @@ _GROUPS: dict[tuple[int, str], dict] = {}
 def _group(folder, batch: int, load: str) -> dict:  # noqa: ANN001
     """The decoders of a batch size (made once), and the interleaved rounds of one (batch, load) group."""
     if batch not in _DECODERS:
-        _DECODERS[batch] = {name: OnnxDecoder(folder, "cpu", max_batch=batch, intra_op_threads=THREADS,
-                                              spin_wait=policy) for name, policy in POLICIES.items()}
+        _DECODERS[batch] = {name: OnnxDecoder(folder, "cpu", max_batch=batch, max_seq_len=PROMPT_LEN + NEW_TOKENS,
+                                              intra_op_threads=THREADS, spin_wait=policy)
+                            for name, policy in POLICIES.items()}
     decs = _DECODERS[batch]
     key = (batch, load)
     if key not in _GROUPS:

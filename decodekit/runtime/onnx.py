@@ -250,12 +250,12 @@ def _check_metadata(meta: dict[str, Any], cfg: Any, where: Path) -> int:
     return seq
 
 
-# How long an idle CPU worker spins for the next parallel op before it blocks, by default. Measured (SmolLM2-135M
-# fp32, 2 threads, this 2-core machine, README "Spin-waiting"): 5 us keeps the workers awake across a step's short
-# gaps between parallel ops (B = 1 quiet 78.8 tok/s, as fast as spinning through the step, 80.1, against 71.5
-# blocking at once), yet a worker with nothing to do leaves the core within microseconds, so with one core busy
-# elsewhere it is as steady as blocking (64.0 against 63.0; spinning through the step: 41.5). 10 us already lost
-# a fifth with a core busy.
+# How long an idle CPU worker spins for the next parallel op before it blocks, by default. Measured by
+# bench/bench_spin.py (SmolLM2-135M fp32, 2 threads, this 2-core machine; README "How the workers wait"): 5 us
+# bridges most of a B = 1 step's gaps between parallel ops (quiet 90 tok/s, against 82 blocking at once and 103
+# spinning through the step), yet a worker with nothing to do leaves the core within microseconds, so with one core
+# busy elsewhere it is as steady as blocking (66 against 63; spinning through the step: 40). 10 us already lost a
+# fifth with a core busy.
 SPIN_WAIT_DEFAULT_US = 5
 SPIN_WAIT_MAX_US = 100_000
 # the first ONNX Runtime that reads session.intra_op.spin_duration_us (an older one ignores the key and spins for
@@ -425,9 +425,9 @@ class OnnxDecoder(GenerateMixin):
         many microseconds, then block (futex) until woken, in ``[0, 100000]``; ``True``: spin through the whole
         step (no wake-up per parallel op) and stop at its end; ``False`` or ``0``: block at once. Default:
         ``$DECODEKIT_ORT_SPIN`` (``0``, ``1`` or ``<n>us``) if set, else ``SPIN_WAIT_DEFAULT_US`` (5 us):
-        SmolLM2-135M fp32, 2 threads, B = 1 on this 2-core machine, 78.8 tok/s quiet (spinning through the step
-        80.1, blocking at once 71.5) and 64.0 with one core busy elsewhere (41.5 and 63.0): the short spin bridges
-        a step's gaps, and a worker with nothing to do leaves the core (README, "Spin-waiting"). ONNX Runtime
+        SmolLM2-135M fp32, 2 threads, B = 1 on this 2-core machine, 90 tok/s quiet (spinning through the step 103,
+        blocking at once 82) and 66 with one core busy elsewhere (40 and 63): the short spin bridges a step's
+        gaps, and a worker with nothing to do leaves the core (README, "How the workers wait"). ONNX Runtime
         before 1.26 cannot bound the spin: there an int means ``False``. The attribute ``spin_wait`` holds the
         policy in force. No setting changes the tokens.
 
