@@ -166,7 +166,8 @@ def decodekit_folder(root: Path, name: str, graph: str, weights: str = "fp32") -
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, dict]:
-    """model -> {"plain", "gqa", "ort-genai", "ctranslate2": folder or an Exception (why it is missing)}."""
+    """model -> {"plain", "gqa", "gqa-int4", "ort-genai", "ctranslate2": folder or an Exception (why it is
+    missing)}."""
     root = bench_root(tmp_path_factory)
     out: dict[str, dict] = {}
     for name in MODELS:

@@ -10,8 +10,9 @@ measured, side by side:
 * ``step``: ``spin_wait=True``, spin through each step and stop at its end (as onnxruntime-genai's workers spin
   through each run).
 
-Each under two loads: ``quiet``, and ``one core busy``: a second process spinning on the CPU for the whole group
-(what a sampler, a tokenizer or a server next to the model does to a small machine). SmolLM2-135M fp32, the fused
+Each under three loads: ``quiet``; ``one core busy``: a second process spinning on the CPU for the whole group
+(what a sampler, a tokenizer or a server next to the model does to a small machine); ``every core busy``: one such
+process per core (the machine oversubscribed). SmolLM2-135M fp32, the fused
 ``gqa`` graph, ``os.cpu_count()`` ORT threads, greedy, batch 1 and 8; the policies' tokens are checked equal.
 
 Timing: in each (batch, load) group every policy first runs ``ROUNDS`` rounds interleaved (``interleaved_tok_s``),
@@ -41,23 +42,24 @@ from decodekit.runtime import OnnxDecoder
 NEW_TOKENS = int(os.environ.get("DECODEKIT_BENCH_SPIN_TOKENS", 64))
 ROUNDS = int(os.environ.get("DECODEKIT_BENCH_SPIN_ROUNDS", 3))
 THREADS = os.cpu_count() or 2
-POLICIES = {"block": False, "5us": 5, "10us": 10, "step": True}  # name -> OnnxDecoder(spin_wait=...)
-LOADS = ["quiet", "one core busy"]
+POLICIES = {"block": False, "5us": "5us", "10us": "10us", "step": True}  # name -> OnnxDecoder(spin_wait=...)
+LOADS = ["quiet", "one core busy", "every core busy"]
 
 
 @contextlib.contextmanager
 def _load(load: str) -> Iterator[None]:
-    """``one core busy``: a child process spinning on the CPU while the block runs."""
-    if load == "quiet":
-        yield
-        return
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """``one core busy``: a child process spinning on the CPU while the block runs; ``every core busy``: one per
+    core this process may run on."""
+    n = {"quiet": 0, "one core busy": 1, "every core busy": len(os.sched_getaffinity(0))}[load]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
-        time.sleep(0.3)  # let it start spinning
+        if busy:
+            time.sleep(0.3)  # let them start spinning
         yield
     finally:
-        busy.kill()
-        busy.wait()
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture(scope="module")

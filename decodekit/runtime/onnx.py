@@ -252,10 +252,10 @@ def _check_metadata(meta: dict[str, Any], cfg: Any, where: Path) -> int:
 
 # How long an idle CPU worker spins for the next parallel op before it blocks, by default. Measured by
 # bench/bench_spin.py (SmolLM2-135M fp32, 2 threads, this 2-core machine; README "How the workers wait"): 5 us
-# bridges most of a B = 1 step's gaps between parallel ops (quiet 90 tok/s, against 82 blocking at once and 103
-# spinning through the step), yet a worker with nothing to do leaves the core within microseconds, so with one core
-# busy elsewhere it is as steady as blocking (66 against 63; spinning through the step: 40). 10 us already lost a
-# fifth with a core busy.
+# bridges many of a B = 1 step's short gaps between parallel ops (quiet: 85-90 tok/s against 80-82 blocking at
+# once and 103-114 spinning through the step), yet a worker with nothing to do leaves the core within microseconds,
+# so on shared cores it stays near blocking (one core busy 66-69 against 63-65, spinning 40-43; every core busy
+# -10 % to +15 % in three runs). 10 us already lost a fifth with a core busy.
 SPIN_WAIT_DEFAULT_US = 5
 SPIN_WAIT_MAX_US = 100_000
 # the first ONNX Runtime that reads session.intra_op.spin_duration_us (an older one ignores the key and spins for
@@ -272,16 +272,29 @@ def _ort_version_at_least(version: str, want: tuple[int, int]) -> bool:
     return (major, minor) >= want
 
 
+def _microseconds(text: str) -> int | None:
+    """``"<n>us"`` (ASCII digits, surrounding blanks allowed, ``n <= SPIN_WAIT_MAX_US``) -> ``n``; None otherwise."""
+    text = text.strip()
+    digits = text.removesuffix("us")
+    if text.endswith("us") and 0 < len(digits) <= 6 and digits.isascii() and digits.isdigit():
+        n = int(digits)
+        return n if n <= SPIN_WAIT_MAX_US else None
+    return None
+
+
 def _check_spin_wait(spin_wait: object) -> bool | int:
-    """``spin_wait`` as given when it is a bool or an int of microseconds in ``[0, SPIN_WAIT_MAX_US]``
-    (``0`` -> ``False``); ``TypeError`` / ``UsageError`` naming it otherwise."""
+    """The policy of a ``spin_wait`` argument: True, False, or microseconds from ``"<n>us"`` (``"0us"`` -> False);
+    ``TypeError`` / ``UsageError`` naming it otherwise. A bare number is refused: ``1`` would read as "on"."""
     if isinstance(spin_wait, bool):
         return spin_wait
-    if not isinstance(spin_wait, int):
-        raise TypeError(f"spin_wait must be a bool or an int of microseconds, got {type(spin_wait).__name__} "
+    if not isinstance(spin_wait, str):
+        raise TypeError(f"spin_wait must be a bool or a duration such as '5us', got {type(spin_wait).__name__} "
                         f"{spin_wait!r}")
-    us = check_int("spin_wait", spin_wait, lo=0, hi=SPIN_WAIT_MAX_US)
-    return us if us else False
+    us = _microseconds(spin_wait)
+    if us is None:
+        raise UsageError(f"spin_wait must be True, False or microseconds such as '5us' (at most "
+                         f"{SPIN_WAIT_MAX_US}us), got {spin_wait!r}")
+    return us or False
 
 
 def _spin_wait_from_env() -> bool | int | None:
@@ -293,11 +306,11 @@ def _spin_wait_from_env() -> bool | int | None:
         return None
     if env in ("0", "1"):
         return env == "1"
-    digits = env.removesuffix("us")
-    if env.endswith("us") and digits.isascii() and digits.isdigit() and int(digits) <= SPIN_WAIT_MAX_US:
-        return int(digits) or False
-    raise UsageError(f"${name} must be 0, 1 or microseconds such as 5us (at most {SPIN_WAIT_MAX_US}us), "
-                     f"got {os.environ[name]!r}")
+    us = _microseconds(env)
+    if us is None:
+        raise UsageError(f"${name} must be 0, 1 or microseconds such as 5us (at most {SPIN_WAIT_MAX_US}us), "
+                         f"got {os.environ[name]!r}")
+    return us or False
 
 
 def _spin_entries(spin_wait: bool | int, ort_version: str) -> tuple[bool | int, dict[str, str]]:
@@ -420,16 +433,17 @@ class OnnxDecoder(GenerateMixin):
         ONNX Runtime's intra-op thread count. Default: ``$DECODEKIT_ORT_THREADS`` if set; else, on CPU, 1 for
         models under 64 MB of weights (their steps are too short to split) and ORT's choice (one per core) above.
         On CPU the workers do not spin between runs, so the sampler and the host loop get the cores.
-    spin_wait : bool or int, optional
-        CPU only: how ONNX Runtime's idle workers wait for the next parallel op of a step. An int: spin up to that
-        many microseconds, then block (futex) until woken, in ``[0, 100000]``; ``True``: spin through the whole
-        step (no wake-up per parallel op) and stop at its end; ``False`` or ``0``: block at once. Default:
-        ``$DECODEKIT_ORT_SPIN`` (``0``, ``1`` or ``<n>us``) if set, else ``SPIN_WAIT_DEFAULT_US`` (5 us):
-        SmolLM2-135M fp32, 2 threads, B = 1 on this 2-core machine, 90 tok/s quiet (spinning through the step 103,
-        blocking at once 82) and 66 with one core busy elsewhere (40 and 63): the short spin bridges a step's
-        gaps, and a worker with nothing to do leaves the core (README, "How the workers wait"). ONNX Runtime
-        before 1.26 cannot bound the spin: there an int means ``False``. The attribute ``spin_wait`` holds the
-        policy in force. No setting changes the tokens.
+    spin_wait : bool or str, optional
+        CPU only: how ONNX Runtime's idle workers wait for the next parallel op of a step. A duration such as
+        ``"5us"`` (at most ``"100000us"``): spin that long, then block (futex) until woken; ``True``: spin through
+        the whole step (no wake-up per parallel op) and stop at its end; ``False`` or ``"0us"``: block at once.
+        (A bare number is refused: ``1`` would read as "on".) Default: ``$DECODEKIT_ORT_SPIN`` (``0``, ``1`` or
+        ``<n>us``) if set, else ``SPIN_WAIT_DEFAULT_US`` (5 us): SmolLM2-135M fp32, 2 threads, B = 1 on this
+        2-core machine, 85-90 tok/s quiet (spinning through the step 103-114, blocking at once 80-82), 66-69 with
+        one core busy elsewhere (40-43 and 63-65), within -10 % / +15 % of blocking with every core busy (README,
+        "How the workers wait"). ONNX Runtime before 1.26 cannot bound the spin: there a duration means ``False``. The
+        attribute ``spin_wait`` holds the policy in force (``True``, ``False`` or ``"<n>us"``; None on CUDA). No
+        setting changes the tokens.
 
     Raises
     ------
@@ -471,7 +485,7 @@ class OnnxDecoder(GenerateMixin):
         max_seq_len: int | None = None,
         io_binding: bool = True,
         intra_op_threads: int | None = None,
-        spin_wait: bool | int | None = None,
+        spin_wait: bool | str | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -493,9 +507,9 @@ class OnnxDecoder(GenerateMixin):
                                         lambda v: v.isascii() and v.isdigit() and int(v) >= 1)
         if intra_op_threads is not None:
             intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
+        spin_wait = _spin_wait_from_env() if spin_wait is None else _check_spin_wait(spin_wait)
         if spin_wait is None:
-            spin_wait = _spin_wait_from_env()
-        spin_wait = SPIN_WAIT_DEFAULT_US if spin_wait is None else _check_spin_wait(spin_wait)
+            spin_wait = SPIN_WAIT_DEFAULT_US
 
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)  # a UTF-8 JSON object of format_version 1, entries of the right types
@@ -532,9 +546,11 @@ class OnnxDecoder(GenerateMixin):
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
-        # the policy ORT follows (bool or microseconds; False where this ORT cannot bound the spin)
-        self.spin_wait, entries = _spin_entries(spin_wait, ort.__version__)
+        # the policy ORT's CPU workers follow: True, False (also where this ORT cannot bound the spin) or "<n>us"
+        policy, entries = _spin_entries(spin_wait, ort.__version__)
+        self.spin_wait: bool | str | None = None
         if device == "cpu":
+            self.spin_wait = policy if isinstance(policy, bool) else f"{policy}us"
             for key, value in entries.items():
                 opts.add_session_config_entry(key, value)
         try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -33,6 +34,7 @@ from decodekit.runtime import (
 )
 from decodekit.runtime import cli as runtime_cli
 from decodekit.runtime import config as config_module
+from decodekit.runtime.onnx import _ORT_SPIN_DURATION, _ort_version_at_least, _spin_entries
 
 FIELDS = [f.name for f in dataclasses.fields(GenerationConfig)]
 RUNTIME = Path(decodekit.__file__).parent / "runtime"
@@ -270,10 +272,13 @@ def test_config_argument_and_keywords_agree(onnx4):
         (dict(io_binding="yes"), TypeError, "io_binding"),
         (dict(intra_op_threads=0), UsageError, "intra_op_threads"),
         (dict(intra_op_threads="2"), TypeError, "intra_op_threads"),
-        (dict(spin_wait=1.5), TypeError, "spin_wait"),
-        (dict(spin_wait="yes"), TypeError, "spin_wait"),
-        (dict(spin_wait=-1), UsageError, "spin_wait"),
-        (dict(spin_wait=100_001), UsageError, "spin_wait"),
+        (dict(spin_wait=1), TypeError, "spin_wait"),  # a bare number: "on" or one microsecond?
+        (dict(spin_wait=5.0), TypeError, "spin_wait"),
+        (dict(spin_wait="yes"), UsageError, "spin_wait"),
+        (dict(spin_wait="5"), UsageError, "spin_wait"),
+        (dict(spin_wait="-1us"), UsageError, "spin_wait"),
+        (dict(spin_wait="100001us"), UsageError, "spin_wait"),
+        (dict(spin_wait="9" * 5000 + "us"), UsageError, "spin_wait"),  # no bare int() error on a huge number
     ],
 )
 def test_onnx_decoder_bad_arguments(export_dir, kwargs, exc, needle, no_allocation):
@@ -295,18 +300,27 @@ def _spin_config(dec: OnnxDecoder) -> tuple[str, str, str]:
     return tuple(entry(k) for k in keys)
 
 
-def test_spin_wait_policies_reach_the_session_and_keep_the_tokens(export_dir):
+_BOUNDED_SPIN = _ort_version_at_least(ort.__version__, _ORT_SPIN_DURATION)  # this ORT reads spin_duration_us
+
+
+def _bounded(us: str) -> tuple[bool | str, tuple[str, str, str]]:
+    """The policy and config entries a duration gives on this ONNX Runtime (blocking at once before 1.26)."""
+    return (us, ("1", us.removesuffix("us"), "1")) if _BOUNDED_SPIN else (False, ("0", "", ""))
+
+
+def test_spin_wait_policies_reach_the_session_and_keep_the_tokens(export_dir, monkeypatch):
     """Each ``spin_wait`` policy sets ONNX Runtime's worker config as documented (default: spin 5 us then block),
     and none changes the tokens."""
+    monkeypatch.delenv("DECODEKIT_ORT_SPIN", raising=False)  # the default, whatever the caller's shell exports
     prompt = [[1, 403, 407, 261]]
     kw = dict(max_new_tokens=12, temperature=0.0, stop_ids=[])
-    want = [  # (argument, policy, config); a list, not a dict: 0 == False and 1 == True as keys
-        (None, 5, ("1", "5", "1")),
+    want = [  # (argument, policy, config)
+        (None, *_bounded("5us")),
         (True, True, ("1", "", "1")),
         (False, False, ("0", "", "")),
-        (0, False, ("0", "", "")),
-        (1, 1, ("1", "1", "1")),  # an int is microseconds, also 1
-        (40, 40, ("1", "40", "1")),
+        ("0us", False, ("0", "", "")),
+        ("1us", *_bounded("1us")),
+        (" 40us ", *_bounded("40us")),
     ]
     tokens = []
     for arg, policy, config in want:
@@ -318,28 +332,31 @@ def test_spin_wait_policies_reach_the_session_and_keep_the_tokens(export_dir):
     assert all(t == tokens[0] for t in tokens)
 
 
-@pytest.mark.parametrize("value, policy", [("1", True), ("0", False), (" 7us ", 7), ("0us", False), ("", 5),
-                                           ("yes", None), ("5", None), ("us", None), ("-3us", None),
-                                           ("100001us", None), ("5 us", None), ("\u0665us", None)])
+@pytest.mark.parametrize("value, policy", [("1", True), ("0", False), (" 7us ", "7us"), ("1us", "1us"),
+                                           ("0us", False), ("", "5us"), ("yes", None), ("5", None), ("us", None),
+                                           ("-3us", None), ("100001us", None), ("5 us", None), ("\u0665us", None),
+                                           ("9" * 5000 + "us", None)])
 def test_spin_wait_variable(export_dir, monkeypatch, value, policy):
     """``$DECODEKIT_ORT_SPIN`` sets the default (0, 1 or <n>us); anything else is refused naming it; an argument
-    wins over it."""
+    wins over it, a refused value included."""
     monkeypatch.setenv("DECODEKIT_ORT_SPIN", value)
     if policy is None:
         with pytest.raises(UsageError, match="DECODEKIT_ORT_SPIN"):
             OnnxDecoder(export_dir)
-        return
-    assert OnnxDecoder(export_dir).spin_wait == policy
-    assert OnnxDecoder(export_dir, spin_wait=False).spin_wait is False  # the argument wins
+    else:
+        if isinstance(policy, str) and not _BOUNDED_SPIN:
+            policy = False
+        got = OnnxDecoder(export_dir).spin_wait
+        assert got == policy and type(got) is type(policy)
+    assert OnnxDecoder(export_dir, spin_wait=True).spin_wait is True  # the argument wins
 
 
-@pytest.mark.parametrize("version, bounded", [("1.31.1", True), ("1.26.0", True), ("2.0.0", True),
-                                              ("1.25.1", False), ("1.9.0", False), ("garbage", False)])
+@pytest.mark.parametrize("version, bounded", [("1.31.1", True), ("1.26.0", True), ("1.26.0.dev20260401", True),
+                                              ("2.0.0", True), ("1.25.1", False), ("1.9.0", False), ("1", False),
+                                              ("garbage", False)])
 def test_spin_wait_microseconds_fall_back_to_blocking_on_old_onnxruntime(version, bounded):
     """An ONNX Runtime that does not read ``spin_duration_us`` would spin about a million pauses per wait, through
     the step: there a microsecond policy blocks at once instead; True and False mean the same on every version."""
-    from decodekit.runtime.onnx import _spin_entries
-
     policy, entries = _spin_entries(5, version)
     if bounded:
         assert policy == 5 and entries["session.intra_op.spin_duration_us"] == "5"
