@@ -19,7 +19,11 @@ Implementations (one group per model and batch; the baseline is decodekit's plai
   are compared like a peer's (the first 16 must agree: the same weights, another summation order);
 * ``ort-genai``: onnxruntime-genai's generator on a folder built by its model builder (fp32, CPU) from a Hugging
   Face folder of the same weights; ``ctranslate2``: ``ctranslate2.Generator`` (float32) on a folder converted with
-  ``TransformersConverter`` from that Hugging Face folder.
+  ``TransformersConverter`` from that Hugging Face folder;
+* ``ort-genai-int4`` (SmolLM2 only): genai's model builder at ``int4`` from the same Hugging Face folder, its CPU
+  defaults (its own round-to-nearest 4-bit blocks of the dequantized weights, int8 activations: MatMulNBits
+  ``accuracy_level`` 4). Not the GGUF's blocks and not float activations, so its tokens are recorded
+  (``first_difference``) but not required to agree.
 
 The peers are benchmark-only (``pip install -e '.[peers]'``); a peer that is not installed or cannot build its
 model folder offline is skipped with the reason. Every peer's greedy tokens are compared with decodekit's (the plain
@@ -71,7 +75,7 @@ CHECKED_PREFIX = 16  # tokens every peer must agree on (the rest may flip on a n
 MODELS = ["stories260K"] if SMALL else ["stories260K", "SmolLM2-135M"]
 THREADS = {"stories260K": 1, "SmolLM2-135M": os.cpu_count() or 2}
 IMPLS = ["decodekit-ort-plain", "decodekit-ort-gqa", "decodekit-ort-gqa-spin", "decodekit-ort-gqa-block",
-         "decodekit-ort-gqa-int4", "ort-genai", "ctranslate2"]
+         "decodekit-ort-gqa-int4", "ort-genai", "ort-genai-int4", "ctranslate2"]
 _SPIN_WAIT = {"-spin": True, "-block": False}  # impl suffix -> OnnxDecoder(spin_wait=...); else its default
 
 
@@ -129,12 +133,13 @@ def _smollm_hf(out: Path) -> None:
     AutoTokenizer.from_pretrained(SMOLLM.parent, gguf_file=SMOLLM.name).save_pretrained(out)
 
 
-def _build_genai(hf_dir: Path, out: Path, threads: int) -> None:
-    """genai's model builder (fp32, CPU) on the Hugging Face folder, offline; its session options then set to the
-    thread count of the row (genai's config has no entry for ORT's spin-waiting: it keeps ORT's default)."""
+def _build_genai(hf_dir: Path, out: Path, threads: int, precision: str = "fp32") -> None:
+    """genai's model builder (``precision``: fp32 or int4, CPU, its defaults otherwise) on the Hugging Face folder,
+    offline; its session options then set to the thread count of the row (genai's config has no entry for ORT's
+    spin-waiting: it keeps ORT's default)."""
     from onnxruntime_genai.models import builder
 
-    args = (None, str(hf_dir), str(out), "fp32", "cpu", str(out.parent / ".genai-cache"))
+    args = (None, str(hf_dir), str(out), precision, "cpu", str(out.parent / ".genai-cache"))
     builder.create_model(*args, **builder.parse_extra_options(*args, []))
     cfg_file = out / "genai_config.json"
     cfg = json.loads(cfg_file.read_text())
@@ -166,8 +171,8 @@ def decodekit_folder(root: Path, name: str, graph: str, weights: str = "fp32") -
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, dict]:
-    """model -> {"plain", "gqa", "gqa-int4", "ort-genai", "ctranslate2": folder or an Exception (why it is
-    missing)}."""
+    """model -> {"plain", "gqa", "gqa-int4", "ort-genai", "ort-genai-int4", "ctranslate2": folder or an Exception
+    (why it is missing)}."""
     root = bench_root(tmp_path_factory)
     out: dict[str, dict] = {}
     for name in MODELS:
@@ -182,13 +187,14 @@ def folders(tmp_path_factory) -> dict[str, dict]:
                 _stories_hf(load_model(STORIES), hf_dir)
             else:
                 _smollm_hf(hf_dir)
-        for peer in ("ort-genai", "ctranslate2"):
+        entry["ort-genai-int4"] = ValueError("genai cannot run stories260K (head size 8): no int4 build")
+        for peer in ("ort-genai", "ctranslate2") + (("ort-genai-int4",) if name == "SmolLM2-135M" else ()):
             folder = root / f"{name}-{peer}"
             try:
-                __import__("onnxruntime_genai" if peer == "ort-genai" else "ctranslate2")
+                __import__("ctranslate2" if peer == "ctranslate2" else "onnxruntime_genai")
                 if not folder.is_dir() or not any(folder.iterdir()):
-                    if peer == "ort-genai":
-                        _build_genai(hf_dir, folder, THREADS[name])
+                    if peer.startswith("ort-genai"):
+                        _build_genai(hf_dir, folder, THREADS[name], "int4" if peer.endswith("-int4") else "fp32")
                     else:
                         _ct2_convert(hf_dir, folder)
                 entry[peer] = folder
@@ -225,7 +231,7 @@ def _runner(impl: str, folder: Path, batch: int, threads: int) -> Callable[[list
 
         run.decoder = dec
         return run
-    if impl == "ort-genai":
+    if impl.startswith("ort-genai"):
         import onnxruntime_genai as og
 
         model = og.Model(str(folder))
@@ -333,6 +339,8 @@ def test_peers(benchmark, folders, model_name, batch, impl):
     first = _first_difference(tokens, g["reference"])
     if impl.startswith("decodekit") and not impl.endswith("-int4"):
         assert first is None, f"{impl}: greedy tokens differ from the plain graph's at {first}"
+    elif impl == "ort-genai-int4":
+        pass  # other 4-bit blocks and int8 activations: recorded in first_difference, not required to agree
     else:
         assert first is None or first >= min(CHECKED_PREFIX, NEW_TOKENS), f"{impl} diverges at token {first}"
     median = g["interleaved"][impl]
