@@ -21,8 +21,8 @@ Implementations (one group per model and batch; the baseline is decodekit's plai
   Face folder of the same weights; ``ctranslate2``: ``ctranslate2.Generator`` (float32) on a folder converted with
   ``TransformersConverter`` from that Hugging Face folder;
 * ``ort-genai-int4`` (SmolLM2 only): genai's model builder at ``int4`` from the same Hugging Face folder, its CPU
-  defaults (its own round-to-nearest 4-bit blocks of the dequantized weights, int8 activations: MatMulNBits
-  ``accuracy_level`` 4). Not the GGUF's blocks and not float activations, so its tokens are recorded
+  defaults (its own symmetric 4-bit blocks of the dequantized weights, the classifier included, int8 activations:
+  MatMulNBits ``accuracy_level`` 4). Not the GGUF's blocks and not float activations, so its tokens are recorded
   (``first_difference``) but not required to agree.
 
 The peers are benchmark-only (``pip install -e '.[peers]'``); a peer that is not installed or cannot build its
