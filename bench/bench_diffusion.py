@@ -30,6 +30,10 @@ PARAM_SETS = {
     "T0.8-k50-p0.95-prob": dict(temperature=0.8, top_k=50, top_p=0.95, confidence="prob"),
 }
 KV_CACHE = {"decodekit-onnx": False, "decodekit-onnx-kv_cache": True}  # phase 1 / phase 2 (block-causal)
+# ORT's workers: the default (spin 5 us, then block) and blocking at once ("-block", this runtime's policy before
+# the diffusion session followed OnnxDecoder's)
+IMPLS = {f"{name}{suffix}": (kv, spin) for name, kv in KV_CACHE.items() for suffix, spin in (("", None),
+                                                                                           ("-block", False))}
 
 
 def _model() -> Decoder:
@@ -80,7 +84,7 @@ def eager_diffusion(model: Decoder, prompt: list[list[int]], kw: dict) -> torch.
     return x
 
 
-@pytest.mark.parametrize("impl", ["eager", *KV_CACHE])
+@pytest.mark.parametrize("impl", ["eager", *IMPLS])
 @pytest.mark.parametrize("pset", list(PARAM_SETS))
 def test_bench_diffusion_generate(benchmark, llada, pset, impl):
     from decodekit.runtime.diffusion import OnnxDiffusionModel, diffusion_generate
@@ -90,8 +94,9 @@ def test_bench_diffusion_generate(benchmark, llada, pset, impl):
     if impl == "eager":
         fn = lambda: eager_diffusion(model, PROMPT, kw)  # noqa: E731
     else:
-        onnx_model = OnnxDiffusionModel(out)
-        fn = lambda: diffusion_generate(onnx_model, PROMPT, GEN, BLOCK, STEPS, seed=0, kv_cache=KV_CACHE[impl],  # noqa: E731
+        kv_cache, spin_wait = IMPLS[impl]
+        onnx_model = OnnxDiffusionModel(out, spin_wait=spin_wait)
+        fn = lambda: diffusion_generate(onnx_model, PROMPT, GEN, BLOCK, STEPS, seed=0, kv_cache=kv_cache,  # noqa: E731
                                         **kw).tokens
     tokens = run_bench(benchmark, fn, group=f"diffusion_generate gen {GEN} block {BLOCK} steps {STEPS} V {VOCAB} "
                        f"{pset}", impl=impl, baseline=impl == "eager", rounds=None if SMALL else 3, host_only=True,

@@ -33,7 +33,16 @@ import torch
 
 from decodekit.errors import UsageError
 from decodekit.runtime.config import DiffusionSampling, check_int, resolve_diffusion_sampling
-from decodekit.runtime.onnx import _NP_DTYPES, _ORT_TYPES, METADATA_FILE, _Binder, read_metadata
+from decodekit.runtime.onnx import (
+    _NP_DTYPES,
+    _ORT_TYPES,
+    METADATA_FILE,
+    _Binder,
+    cpu_threads_arg,
+    open_session,
+    read_metadata,
+    spin_wait_arg,
+)
 
 __all__ = ["DiffusionResult", "EagerDiffusionModel", "OnnxDiffusionModel", "diffusion_generate"]
 
@@ -53,22 +62,31 @@ class OnnxDiffusionModel:
     max_batch, max_seq_len : int
         Buffer sizes (``max_seq_len`` defaults to the export's).
     intra_op_threads : int, optional
-        ONNX Runtime threads (default: ``$DECODEKIT_ORT_THREADS`` or ORT's).
+        ONNX Runtime's intra-op thread count (default: ``$DECODEKIT_ORT_THREADS`` if set, else ORT's choice, one
+        per core: unlike a one-token decode step, a diffusion step runs many positions, enough to split).
+    spin_wait : bool or str, optional
+        CPU only: how ORT's idle workers wait for the next parallel op of a step, as in
+        :class:`~decodekit.runtime.OnnxDecoder` (``"<n>us"``, True, False; default ``$DECODEKIT_ORT_SPIN``, else
+        5 us); never between steps, where ``sample_block`` needs the cores. The attribute ``spin_wait`` holds the
+        policy in force (None on CUDA). No setting changes the tokens.
 
     :meth:`logits` returns a ``[B, T, V]`` view of the bound output buffer, overwritten by the next call.
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", *, max_batch: int = 1,
-                 max_seq_len: int | None = None, intra_op_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+                 max_seq_len: int | None = None, intra_op_threads: int | None = None,
+                 spin_wait: bool | str | None = None) -> None:
         from decodekit.models.config import DecoderConfig
 
         if not isinstance(model_dir, (str, os.PathLike)):
             raise TypeError(f"model_dir must be a path, got {type(model_dir).__name__}")
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a str, 'cpu' or 'cuda', got {type(device).__name__} {device!r}")
         if device not in ("cpu", "cuda"):
             raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
         max_batch = check_int("max_batch", max_batch, lo=1, hi=4096)
+        intra_op_threads = cpu_threads_arg(intra_op_threads)
+        spin_policy = spin_wait_arg(spin_wait)
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)
         logits_entry = meta.get("logits")
@@ -84,25 +102,10 @@ class OnnxDiffusionModel:
         export_max = int(meta.get("max_seq_len", self.config.max_seq_len))
         max_seq_len = export_max if max_seq_len is None else check_int("max_seq_len", max_seq_len, lo=1,
                                                                          hi=export_max)
-        if intra_op_threads is None and os.environ.get("DECODEKIT_ORT_THREADS", "").strip().isdigit():
-            intra_op_threads = int(os.environ["DECODEKIT_ORT_THREADS"])
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads is not None:
-            opts.intra_op_num_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # the sampler needs the cores
         model_file = self.model_dir / meta.get("model_file", "model.onnx")
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-                raise UsageError("device='cuda' needs onnxruntime-gpu's CUDAExecutionProvider and a CUDA device")
-            providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
-        except Exception as e:  # ORT's exception types derive from Exception
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UsageError(f"{model_file} cannot be loaded by ONNX Runtime: {first}") from None
+        # ORT's thread count stays its own by default (one per core), whatever the model's size: a step runs every
+        # position of the sequence (or of the block), enough work to split even for a small model
+        self.session, self.spin_wait = open_session(model_file, device, intra_op_threads, spin_policy)
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         types = {a.name: a.type for a in list(self.session.get_inputs()) + list(self.session.get_outputs())}
         cfg = self.config

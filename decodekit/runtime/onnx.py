@@ -346,6 +346,60 @@ def _env_int(name: str, want: str, ok: Callable[[str], bool]) -> int | None:
     return int(env)
 
 
+def cpu_threads_arg(intra_op_threads: object) -> int | None:
+    """The ``intra_op_threads`` argument of a runtime class, checked: itself, else ``$DECODEKIT_ORT_THREADS`` (a
+    positive int), else None (the caller's default); ``TypeError`` / ``UsageError`` naming the argument or the
+    variable otherwise."""
+    if intra_op_threads is None:
+        intra_op_threads = _env_int("DECODEKIT_ORT_THREADS", "a positive int",
+                                    lambda v: v.isascii() and v.isdigit() and int(v) >= 1)
+    if intra_op_threads is not None:
+        intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
+    return intra_op_threads
+
+
+def spin_wait_arg(spin_wait: object) -> bool | int:
+    """The ``spin_wait`` argument of a runtime class, checked: itself, else ``$DECODEKIT_ORT_SPIN``, else
+    ``SPIN_WAIT_DEFAULT_US``; as True, False or microseconds."""
+    policy = _spin_wait_from_env() if spin_wait is None else _check_spin_wait(spin_wait)
+    return SPIN_WAIT_DEFAULT_US if policy is None else policy
+
+
+def open_session(model_file: Path, device: str, intra_op_threads: int | None,
+                 spin_wait: bool | int) -> tuple[Any, bool | str | None]:
+    """An ONNX Runtime session of ``model_file`` with every optimization, on ``device`` ("cpu" or "cuda": its CUDA
+    execution provider, checked here), with ``intra_op_threads`` (None: ORT's choice) and, on CPU, the worker wait
+    policy ``spin_wait`` (see :func:`_spin_entries`). Returns the session and the policy in force as the runtime
+    classes show it (True, False or ``"<n>us"``; None on CUDA). A file ORT cannot load is a one-line UsageError."""
+    import onnxruntime as ort
+
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+            raise UsageError("device='cuda' needs onnxruntime-gpu's CUDAExecutionProvider and a CUDA device")
+        providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads is not None:
+        opts.intra_op_num_threads = intra_op_threads
+    opts.log_severity_level = 3
+    shown: bool | str | None = None
+    if device == "cpu":
+        # the policy ORT's CPU workers follow: True, False (also where this ORT cannot bound the spin) or "<n>us"
+        policy, entries = _spin_entries(spin_wait, ort.__version__)
+        shown = policy if isinstance(policy, bool) else f"{policy}us"
+        for key, value in entries.items():
+            opts.add_session_config_entry(key, value)
+    try:
+        session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(
+            f"{model_file} cannot be loaded by ONNX Runtime (truncated, or not an ONNX model?): {first}"
+        ) from None
+    return session, shown
+
+
 class _Binder:
     """Thin IO binding over raw pointers.
 
@@ -487,8 +541,6 @@ class OnnxDecoder(GenerateMixin):
         intra_op_threads: int | None = None,
         spin_wait: bool | str | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         from decodekit.models.config import DecoderConfig
 
         # the arguments first: nothing is read or loaded for a call that cannot work
@@ -502,14 +554,8 @@ class OnnxDecoder(GenerateMixin):
         if max_seq_len is not None:
             max_seq_len = check_int("max_seq_len", max_seq_len, lo=2)
         check_bool("io_binding", io_binding)
-        if intra_op_threads is None:
-            intra_op_threads = _env_int("DECODEKIT_ORT_THREADS", "a positive int",
-                                        lambda v: v.isascii() and v.isdigit() and int(v) >= 1)
-        if intra_op_threads is not None:
-            intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
-        spin_wait = _spin_wait_from_env() if spin_wait is None else _check_spin_wait(spin_wait)
-        if spin_wait is None:
-            spin_wait = SPIN_WAIT_DEFAULT_US
+        intra_op_threads = cpu_threads_arg(intra_op_threads)
+        spin_policy = spin_wait_arg(spin_wait)
 
         self.model_dir = Path(model_dir)
         meta = read_metadata(self.model_dir)  # a UTF-8 JSON object of format_version 1, entries of the right types
@@ -534,32 +580,9 @@ class OnnxDecoder(GenerateMixin):
         elif max_seq_len > export_max:
             raise UsageError(f"max_seq_len must be <= {export_max} (the export limit), got {max_seq_len}")
 
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-                raise UsageError("device='cuda' needs onnxruntime-gpu's CUDAExecutionProvider and a CUDA device")
-            providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads is None and device == "cpu":
             intra_op_threads = _default_cpu_threads(model_file)
-        if intra_op_threads is not None:
-            opts.intra_op_num_threads = intra_op_threads
-        opts.log_severity_level = 3
-        # the policy ORT's CPU workers follow: True, False (also where this ORT cannot bound the spin) or "<n>us"
-        policy, entries = _spin_entries(spin_wait, ort.__version__)
-        self.spin_wait: bool | str | None = None
-        if device == "cpu":
-            self.spin_wait = policy if isinstance(policy, bool) else f"{policy}us"
-            for key, value in entries.items():
-                opts.add_session_config_entry(key, value)
-        try:
-            self.session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
-        except Exception as e:  # ORT's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UsageError(
-                f"{model_file} cannot be loaded by ONNX Runtime (truncated, or not an ONNX model?): {first}"
-            ) from None
+        self.session, self.spin_wait = open_session(model_file, device, intra_op_threads, spin_policy)
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         self.owns_cpu_threads = self.device.type == "cpu"  # ORT's workers do the heavy work: see run_generation
         types = self._check_graph(meta)  # model.onnx agrees with decodekit.json ...

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from decodekit.runtime import EagerDecoder, OnnxDecoder, load_backend
+from decodekit.runtime.onnx import _ORT_SPIN_DURATION, _ort_version_at_least
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,39 @@ def _edit_metadata(d: Path, change: Callable[[dict], None]) -> None:
 def edit_metadata() -> Callable[[Path, Callable[[dict], None]], None]:
     """``edit_metadata(dir, change)``: rewrite ``dir/decodekit.json`` after ``change(meta)`` edited it in place."""
     return _edit_metadata
+
+
+def _spin_config(session) -> tuple[str, str, str]:  # noqa: ANN001 - an onnxruntime.InferenceSession
+    """A session's (allow_spinning, spin_duration_us, force_spinning_stop) config entries ('' when unset)."""
+    opts = session.get_session_options()
+
+    def entry(key: str) -> str:
+        try:
+            return opts.get_session_config_entry(key)
+        except RuntimeError:  # ORT: "SessionOptions does not have configuration with key"
+            return ""
+
+    keys = ("session.intra_op.allow_spinning", "session.intra_op.spin_duration_us", "session.force_spinning_stop")
+    return tuple(entry(k) for k in keys)
+
+
+def _bounded(us: str) -> tuple[bool | str, tuple[str, str, str]]:
+    """The policy and config entries a duration ``"<n>us"`` gives on this ONNX Runtime (blocking at once before
+    1.26, which cannot bound the spin)."""
+    import onnxruntime as ort
+
+    if _ort_version_at_least(ort.__version__, _ORT_SPIN_DURATION):
+        return us, ("1", us.removesuffix("us"), "1")
+    return False, ("0", "", "")
+
+
+@pytest.fixture
+def spin_config() -> Callable[..., tuple[str, str, str]]:
+    """``spin_config(session)``: its (allow_spinning, spin_duration_us, force_spinning_stop) entries."""
+    return _spin_config
+
+
+@pytest.fixture
+def bounded() -> Callable[[str], tuple[bool | str, tuple[str, str, str]]]:
+    """``bounded("<n>us")``: the (policy, config entries) that duration gives on this ONNX Runtime."""
+    return _bounded

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -34,7 +33,7 @@ from decodekit.runtime import (
 )
 from decodekit.runtime import cli as runtime_cli
 from decodekit.runtime import config as config_module
-from decodekit.runtime.onnx import _ORT_SPIN_DURATION, _ort_version_at_least, _spin_entries
+from decodekit.runtime.onnx import _spin_entries
 
 FIELDS = [f.name for f in dataclasses.fields(GenerationConfig)]
 RUNTIME = Path(decodekit.__file__).parent / "runtime"
@@ -286,48 +285,26 @@ def test_onnx_decoder_bad_arguments(export_dir, kwargs, exc, needle, no_allocati
         OnnxDecoder(export_dir, **kwargs)
 
 
-def _spin_config(dec: OnnxDecoder) -> tuple[str, str, str]:
-    """The session's (allow_spinning, spin_duration_us, force_spinning_stop) config entries ('' when unset)."""
-    opts = dec.session.get_session_options()
-
-    def entry(key: str) -> str:
-        try:
-            return opts.get_session_config_entry(key)
-        except RuntimeError:  # ORT: "SessionOptions does not have configuration with key"
-            return ""
-
-    keys = ("session.intra_op.allow_spinning", "session.intra_op.spin_duration_us", "session.force_spinning_stop")
-    return tuple(entry(k) for k in keys)
-
-
-_BOUNDED_SPIN = _ort_version_at_least(ort.__version__, _ORT_SPIN_DURATION)  # this ORT reads spin_duration_us
-
-
-def _bounded(us: str) -> tuple[bool | str, tuple[str, str, str]]:
-    """The policy and config entries a duration gives on this ONNX Runtime (blocking at once before 1.26)."""
-    return (us, ("1", us.removesuffix("us"), "1")) if _BOUNDED_SPIN else (False, ("0", "", ""))
-
-
-def test_spin_wait_policies_reach_the_session_and_keep_the_tokens(export_dir, monkeypatch):
+def test_spin_wait_policies_reach_the_session_and_keep_the_tokens(export_dir, monkeypatch, spin_config, bounded):
     """Each ``spin_wait`` policy sets ONNX Runtime's worker config as documented (default: spin 5 us then block),
     and none changes the tokens."""
     monkeypatch.delenv("DECODEKIT_ORT_SPIN", raising=False)  # the default, whatever the caller's shell exports
     prompt = [[1, 403, 407, 261]]
     kw = dict(max_new_tokens=12, temperature=0.0, stop_ids=[])
     want = [  # (argument, policy, config)
-        (None, *_bounded("5us")),
+        (None, *bounded("5us")),
         (True, True, ("1", "", "1")),
         (False, False, ("0", "", "")),
         ("0us", False, ("0", "", "")),
-        ("1us", *_bounded("1us")),
-        (" 40us ", *_bounded("40us")),
+        ("1us", *bounded("1us")),
+        (" 40us ", *bounded("40us")),
     ]
     tokens = []
     for arg, policy, config in want:
         dec = OnnxDecoder(export_dir, intra_op_threads=2) if arg is None else \
             OnnxDecoder(export_dir, intra_op_threads=2, spin_wait=arg)
         assert dec.spin_wait == policy and type(dec.spin_wait) is type(policy), arg
-        assert _spin_config(dec) == config, arg
+        assert spin_config(dec.session) == config, arg
         tokens.append(dec.generate(prompt, **kw).tokens)
     assert all(t == tokens[0] for t in tokens)
 
@@ -336,7 +313,7 @@ def test_spin_wait_policies_reach_the_session_and_keep_the_tokens(export_dir, mo
                                            ("0us", False), ("", "5us"), ("yes", None), ("5", None), ("us", None),
                                            ("-3us", None), ("100001us", None), ("5 us", None), ("\u0665us", None),
                                            ("9" * 5000 + "us", None)])
-def test_spin_wait_variable(export_dir, monkeypatch, value, policy):
+def test_spin_wait_variable(export_dir, monkeypatch, bounded, value, policy):
     """``$DECODEKIT_ORT_SPIN`` sets the default (0, 1 or <n>us); anything else is refused naming it; an argument
     wins over it, a refused value included."""
     monkeypatch.setenv("DECODEKIT_ORT_SPIN", value)
@@ -344,8 +321,8 @@ def test_spin_wait_variable(export_dir, monkeypatch, value, policy):
         with pytest.raises(UsageError, match="DECODEKIT_ORT_SPIN"):
             OnnxDecoder(export_dir)
     else:
-        if isinstance(policy, str) and not _BOUNDED_SPIN:
-            policy = False
+        if isinstance(policy, str):
+            policy = bounded(policy)[0]
         got = OnnxDecoder(export_dir).spin_wait
         assert got == policy and type(got) is type(policy)
     assert OnnxDecoder(export_dir, spin_wait=True).spin_wait is True  # the argument wins

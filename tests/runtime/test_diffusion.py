@@ -146,6 +146,52 @@ def test_one_session_and_bound_buffers_reused(llada):
     assert m.calls == 8 + 1 + 8 + 1
 
 
+def test_worker_wait_and_threads_follow_the_decoder_rules(llada, monkeypatch, spin_config, bounded):
+    """The diffusion session takes ``spin_wait`` / ``$DECODEKIT_ORT_SPIN`` and ``$DECODEKIT_ORT_THREADS`` exactly as
+    :class:`OnnxDecoder` does (default: spin 5 us then block, never between steps); no policy changes the tokens;
+    a bad argument or variable is refused naming it."""
+    _, out = llada
+    monkeypatch.delenv("DECODEKIT_ORT_SPIN", raising=False)
+    monkeypatch.delenv("DECODEKIT_ORT_THREADS", raising=False)
+    kw = dict(temperature=0.8, top_k=20, confidence="prob", seed=3)
+    tokens = []
+    for arg, env, (policy, config) in [
+        (None, None, bounded("5us")),
+        (True, None, (True, ("1", "", "1"))),
+        (False, None, (False, ("0", "", ""))),
+        ("20us", None, bounded("20us")),
+        (None, "1", (True, ("1", "", "1"))),
+        (None, "0", (False, ("0", "", ""))),
+        (False, "1", (False, ("0", "", ""))),  # the argument wins
+    ]:
+        if env is not None:
+            monkeypatch.setenv("DECODEKIT_ORT_SPIN", env)
+        m = OnnxDiffusionModel(out, max_batch=2, intra_op_threads=2, spin_wait=arg)
+        monkeypatch.delenv("DECODEKIT_ORT_SPIN", raising=False)
+        assert m.spin_wait == policy and type(m.spin_wait) is type(policy), (arg, env)
+        assert spin_config(m.session) == config, (arg, env)
+        tokens.append(diffusion_generate(m, PROMPTS, 16, 8, 8, kv_cache=True, **kw).tokens)
+    assert all(torch.equal(t, tokens[0]) for t in tokens)
+
+    monkeypatch.setenv("DECODEKIT_ORT_THREADS", " 1 ")
+    assert OnnxDiffusionModel(out).session.get_session_options().intra_op_num_threads == 1
+    for value in ("0", "two", "-1", "1.5"):  # an earlier release ignored all but digits and took "0"
+        monkeypatch.setenv("DECODEKIT_ORT_THREADS", value)
+        with pytest.raises(UsageError, match="DECODEKIT_ORT_THREADS"):
+            OnnxDiffusionModel(out)
+    monkeypatch.delenv("DECODEKIT_ORT_THREADS")
+    monkeypatch.setenv("DECODEKIT_ORT_SPIN", "yes")
+    with pytest.raises(UsageError, match="DECODEKIT_ORT_SPIN"):
+        OnnxDiffusionModel(out)
+    monkeypatch.delenv("DECODEKIT_ORT_SPIN")
+    for bad, exc in [(dict(spin_wait=1), TypeError), (dict(spin_wait="5"), UsageError),
+                     (dict(intra_op_threads=0), UsageError), (dict(intra_op_threads=1.0), TypeError)]:
+        with pytest.raises(exc, match=next(iter(bad))):
+            OnnxDiffusionModel(out, **bad)
+    with pytest.raises(TypeError, match="device"):
+        OnnxDiffusionModel(out, device=0)
+
+
 def test_bad_arguments(llada):
     model, out = llada
     cases = [
