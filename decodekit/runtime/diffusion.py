@@ -103,6 +103,8 @@ class OnnxDiffusionModel:
         max_seq_len = export_max if max_seq_len is None else check_int("max_seq_len", max_seq_len, lo=1,
                                                                          hi=export_max)
         model_file = self.model_dir / meta.get("model_file", "model.onnx")
+        if not model_file.is_file():
+            raise UsageError(f"{model_file} is missing from the export directory")
         # ORT's thread count stays its own by default (one per core), whatever the model's size: a step runs every
         # position of the sequence (or of the block), enough work to split even for a small model
         self.session, self.spin_wait = open_session(model_file, device, intra_op_threads, spin_policy)

@@ -263,6 +263,11 @@ SPIN_WAIT_MAX_US = 100_000
 _ORT_SPIN_DURATION = (1, 26)
 
 
+#: the most intra-op threads a runtime class asks ONNX Runtime for (far above any machine's core count; ORT's own
+#: option is a C int, and a larger Python int fails inside its binding with an error that names nothing)
+MAX_ORT_THREADS = 4096
+
+
 def _ort_version_at_least(version: str, want: tuple[int, int]) -> bool:
     """``version`` ("1.31.1", "1.26.0.dev2026...") is at least ``want`` (major, minor); unparsable is False."""
     try:
@@ -347,14 +352,15 @@ def _env_int(name: str, want: str, ok: Callable[[str], bool]) -> int | None:
 
 
 def cpu_threads_arg(intra_op_threads: object) -> int | None:
-    """The ``intra_op_threads`` argument of a runtime class, checked: itself, else ``$DECODEKIT_ORT_THREADS`` (a
-    positive int), else None (the caller's default); ``TypeError`` / ``UsageError`` naming the argument or the
-    variable otherwise."""
+    """The ``intra_op_threads`` argument of a runtime class, checked: itself, else ``$DECODEKIT_ORT_THREADS``, else
+    None (the caller's default); an int in ``[1, MAX_ORT_THREADS]``, ``TypeError`` / ``UsageError`` naming the
+    argument or the variable otherwise (before anything is read: ORT itself would take no more than a C int)."""
     if intra_op_threads is None:
-        intra_op_threads = _env_int("DECODEKIT_ORT_THREADS", "a positive int",
-                                    lambda v: v.isascii() and v.isdigit() and int(v) >= 1)
+        intra_op_threads = _env_int("DECODEKIT_ORT_THREADS", f"an int in [1, {MAX_ORT_THREADS}]",
+                                    lambda v: v.isascii() and v.isdigit() and len(v) <= 6
+                                    and 1 <= int(v) <= MAX_ORT_THREADS)
     if intra_op_threads is not None:
-        intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1)
+        intra_op_threads = check_int("intra_op_threads", intra_op_threads, lo=1, hi=MAX_ORT_THREADS)
     return intra_op_threads
 
 
@@ -370,7 +376,9 @@ def open_session(model_file: Path, device: str, intra_op_threads: int | None,
     """An ONNX Runtime session of ``model_file`` with every optimization, on ``device`` ("cpu" or "cuda": its CUDA
     execution provider, checked here), with ``intra_op_threads`` (None: ORT's choice) and, on CPU, the worker wait
     policy ``spin_wait`` (see :func:`_spin_entries`). Returns the session and the policy in force as the runtime
-    classes show it (True, False or ``"<n>us"``; None on CUDA). A file ORT cannot load is a one-line UsageError."""
+    classes show it (True, False or ``"<n>us"``; None on CUDA). A file ORT cannot load is a one-line UsageError.
+    On CUDA the CPU pool keeps ORT's defaults (as ``OnnxDecoder`` always has): the graph's heavy nodes run on the
+    GPU, and a CPU worker spins only after a parallel CPU op, which such a step hardly has."""
     import onnxruntime as ort
 
     providers: list[Any] = ["CPUExecutionProvider"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,27 @@ def _archs() -> list[int]:
     return [a for a in archs if str(a) in wanted.replace(",", " ").split()] if wanted else archs
 
 
+_SECTION = re.compile(r"^## (?P<family>\w+), triton (?P<triton>\S+) \(torch [^)]*\)$")
+
+
+def _sections(text: str) -> dict[tuple[str, str], list[str]]:
+    """A resources table's sections, ``(triton, family) -> its lines`` (heading to last row, no blank tail)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        m = _SECTION.match(line)
+        if m:
+            current = out[(m["triton"], m["family"])] = [line]
+        elif line.startswith("## "):
+            current = None  # a heading of another form: not a section this test writes
+        elif current is not None:
+            current.append(line)
+    for lines in out.values():
+        while lines and not lines[-1].strip():
+            lines.pop()
+    return out
+
+
 def _write_table(data: dict) -> Path:
     """Store this run's rows (JSON, not committed) and rebuild the markdown table from every stored run."""
     store = RESULTS / "resources"
@@ -89,17 +112,21 @@ def _write_table(data: dict) -> Path:
             "| --- | --- | --- |",
             *[f"| `{k}` | {f} | {why} |" for k, (f, why) in FLOORS.items()],
         ]
-        for run in sorted(runs, key=lambda r: (r["triton"], r["family"])):
-            lines += ["", f"## {run['family']}, triton {run['triton']} (torch {run['torch']})", "",
-                      "| kernel | specialization | warps | stages | maxnreg | regs | spill B | smem KiB | blocks/SM "
-                      "| warps/SM | limited by |", "|" + " --- |" * 11]  # fmt: skip
-            lines += [
-                f"| `{r['kernel']}` | {r['spec']} | {r['num_warps']} | {r['num_stages']} | {r.get('maxnreg') or '-'} | "
-                f"{r['regs']} | "
-                f"{r['stack_bytes'] + r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['blocks_per_sm']} | "
-                f"{r['warps_per_sm']} | {r['limited_by']} |"
-                for r in run["rows"]
+        # one section per (family, triton): this store's runs, and the table's other sections as they stand (another
+        # release's venv, or another machine, wrote those: a run under one release must not erase the others)
+        sections = _sections(md.read_text()) if md.is_file() else {}
+        for run in runs:
+            sections[(run["triton"], run["family"])] = [
+                f"## {run['family']}, triton {run['triton']} (torch {run['torch']})", "",
+                "| kernel | specialization | warps | stages | maxnreg | regs | spill B | smem KiB | blocks/SM "
+                "| warps/SM | limited by |", "|" + " --- |" * 11,  # fmt: skip
+                *[f"| `{r['kernel']}` | {r['spec']} | {r['num_warps']} | {r['num_stages']} | "
+                  f"{r.get('maxnreg') or '-'} | {r['regs']} | "
+                  f"{r['stack_bytes'] + r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['blocks_per_sm']} | "
+                  f"{r['warps_per_sm']} | {r['limited_by']} |" for r in run["rows"]],
             ]
+        for key in sorted(sections):
+            lines += ["", *sections[key]]
         md.write_text("\n".join(lines) + "\n")
     return md
 
@@ -150,3 +177,21 @@ def test_occupancy_rule():
     assert mod.occupancy(16, 0, 1) == (32, "blocks")
     # over the per-SM shared memory: nothing fits
     assert mod.occupancy(32, 240 * 1024, 4)[0] == 0
+
+
+def test_a_run_keeps_the_other_releases_sections(tmp_path, monkeypatch):
+    """The table is rebuilt from this machine's store and keeps the sections it holds no run of: a ``make test``
+    under one Triton release must not erase what the other releases' venvs wrote (it once cut 3.6 and 3.9)."""
+    monkeypatch.setattr(sys.modules[__name__], "RESULTS", tmp_path)
+    row = dict(kernel="k", spec="s", num_warps=4, num_stages=2, maxnreg=None, regs=40, stack_bytes=0, spill_bytes=0,
+               shared_bytes=2048, blocks_per_sm=8, warps_per_sm=32, limited_by="warps")
+    other = dict(arch="90", triton="3.6.0", family="attention", torch="2.13.0+cpu", rows=[dict(row, regs=99)])
+    md = _write_table(other)  # as the 3.6 venv wrote it
+    (tmp_path / "resources" / "sm90-triton3.6.0-attention.json").unlink()  # ... its store is elsewhere
+    _write_table(dict(other, triton="3.8.0", family="sampling", rows=[row]))
+    sections = _sections(md.read_text())
+    assert sorted(sections) == [("3.6.0", "attention"), ("3.8.0", "sampling")]
+    assert "| 99 |" in "\n".join(sections[("3.6.0", "attention")])  # kept as it was
+    _write_table(dict(other, triton="3.6.0", rows=[dict(row, regs=77)]))  # a fresh 3.6 run replaces its section
+    again = "\n".join(_sections(md.read_text())[("3.6.0", "attention")])
+    assert "| 77 |" in again and "| 99 |" not in again

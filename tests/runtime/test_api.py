@@ -271,6 +271,8 @@ def test_config_argument_and_keywords_agree(onnx4):
         (dict(io_binding="yes"), TypeError, "io_binding"),
         (dict(intra_op_threads=0), UsageError, "intra_op_threads"),
         (dict(intra_op_threads="2"), TypeError, "intra_op_threads"),
+        (dict(intra_op_threads=2**40), UsageError, "intra_op_threads"),  # ORT's binding takes a C int
+        (dict(intra_op_threads=4097), UsageError, "intra_op_threads"),
         (dict(spin_wait=1), TypeError, "spin_wait"),  # a bare number: "on" or one microsecond?
         (dict(spin_wait=5.0), TypeError, "spin_wait"),
         (dict(spin_wait="yes"), UsageError, "spin_wait"),
@@ -346,7 +348,8 @@ def test_spin_wait_microseconds_fall_back_to_blocking_on_old_onnxruntime(version
 
 
 @pytest.mark.parametrize("value, threads", [("3", 3), (" 2 ", 2), ("", None), ("two", UsageError), ("-1", UsageError),
-                                            ("0", UsageError)])
+                                            ("0", UsageError), ("4097", UsageError), ("99999999999", UsageError),
+                                            ("9" * 5000, UsageError), ("\u0663", UsageError)])
 def test_ort_threads_variable(export_dir, monkeypatch, value, threads):
     """``$DECODEKIT_ORT_THREADS`` sets the default thread count (blank: ONNX Runtime's choice); anything but a
     positive int is refused, naming the variable or the argument it stands for."""

@@ -173,9 +173,11 @@ def test_worker_wait_and_threads_follow_the_decoder_rules(llada, monkeypatch, sp
         tokens.append(diffusion_generate(m, PROMPTS, 16, 8, 8, kv_cache=True, **kw).tokens)
     assert all(torch.equal(t, tokens[0]) for t in tokens)
 
-    monkeypatch.setenv("DECODEKIT_ORT_THREADS", " 1 ")
-    assert OnnxDiffusionModel(out).session.get_session_options().intra_op_num_threads == 1
-    for value in ("0", "two", "-1", "1.5"):  # an earlier release ignored all but digits and took "0"
+    # unset: ORT's own count (0 in its options), not the decoder's one thread for small models (this one is small)
+    assert OnnxDiffusionModel(out).session.get_session_options().intra_op_num_threads == 0
+    monkeypatch.setenv("DECODEKIT_ORT_THREADS", " 3 ")
+    assert OnnxDiffusionModel(out).session.get_session_options().intra_op_num_threads == 3
+    for value in ("0", "two", "-1", "1.5", "4097", "9" * 5000):  # an earlier release ignored all but digits, took "0"
         monkeypatch.setenv("DECODEKIT_ORT_THREADS", value)
         with pytest.raises(UsageError, match="DECODEKIT_ORT_THREADS"):
             OnnxDiffusionModel(out)
@@ -185,11 +187,22 @@ def test_worker_wait_and_threads_follow_the_decoder_rules(llada, monkeypatch, sp
         OnnxDiffusionModel(out)
     monkeypatch.delenv("DECODEKIT_ORT_SPIN")
     for bad, exc in [(dict(spin_wait=1), TypeError), (dict(spin_wait="5"), UsageError),
-                     (dict(intra_op_threads=0), UsageError), (dict(intra_op_threads=1.0), TypeError)]:
+                     (dict(intra_op_threads=0), UsageError), (dict(intra_op_threads=1.0), TypeError),
+                     (dict(intra_op_threads=2**40), UsageError), (dict(device=0), TypeError)]:
         with pytest.raises(exc, match=next(iter(bad))):
             OnnxDiffusionModel(out, **bad)
-    with pytest.raises(TypeError, match="device"):
-        OnnxDiffusionModel(out, device=0)
+        with pytest.raises(exc, match=next(iter(bad))):  # checked before the directory is read
+            OnnxDiffusionModel(out.parent / "no-such-export", **bad)
+
+
+def test_missing_model_file_is_named(llada, tmp_path):
+    import shutil
+
+    _, out = llada
+    shutil.copytree(out, tmp_path / "export")
+    (tmp_path / "export" / "model.onnx").unlink()
+    with pytest.raises(UsageError, match="model.onnx is missing from the export directory"):
+        OnnxDiffusionModel(tmp_path / "export")
 
 
 def test_bad_arguments(llada):
