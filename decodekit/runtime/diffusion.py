@@ -62,8 +62,8 @@ class OnnxDiffusionModel:
     max_batch, max_seq_len : int
         Buffer sizes (``max_seq_len`` defaults to the export's).
     intra_op_threads : int, optional
-        ONNX Runtime's intra-op thread count (default: ``$DECODEKIT_ORT_THREADS`` if set, else ORT's choice, one
-        per core: unlike a one-token decode step, a diffusion step runs many positions, enough to split).
+        ONNX Runtime's intra-op thread count, 1 to 4096 (default: ``$DECODEKIT_ORT_THREADS`` if set, else ORT's
+        choice, one per core: unlike a one-token decode step, a diffusion step runs many positions, enough to split).
     spin_wait : bool or str, optional
         CPU only: how ORT's idle workers wait for the next parallel op of a step, as in
         :class:`~decodekit.runtime.OnnxDecoder` (``"<n>us"``, True, False; default ``$DECODEKIT_ORT_SPIN``, else

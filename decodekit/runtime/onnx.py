@@ -492,8 +492,8 @@ class OnnxDecoder(GenerateMixin):
         ``True``: zero-copy IO binding (see the module docstring). ``False``: plain ``session.run`` with
         numpy arrays, for comparison.
     intra_op_threads : int, optional
-        ONNX Runtime's intra-op thread count. Default: ``$DECODEKIT_ORT_THREADS`` if set; else, on CPU, 1 for
-        models under 64 MB of weights (their steps are too short to split) and ORT's choice (one per core) above.
+        ONNX Runtime's intra-op thread count, 1 to 4096. Default: ``$DECODEKIT_ORT_THREADS`` if set; else, on CPU, 1
+        for models under 64 MB of weights (their steps are too short to split) and ORT's choice (one per core) above.
         On CPU the workers do not spin between runs, so the sampler and the host loop get the cores.
     spin_wait : bool or str, optional
         CPU only: how ONNX Runtime's idle workers wait for the next parallel op of a step. A duration such as
