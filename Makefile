@@ -3,6 +3,8 @@
 #                   pinned to TRITON_PIN
 #   make test-triton the kernel tests under each other tested triton (TRITON_OTHER), each in its own venv
 #                   .venv-triton-X.Y (CPU machines: the CPU torch wheel); make test-triton-3.9 runs one
+#   make test-ort   the ONNX Runtime tests again under the oldest ORT pyproject.toml admits (ORT_FLOOR), that
+#                   release alone installed into .ort-X and put first on the path of $(VENV)'s python
 #   make demo       venv + install + export stories260K + tell a story + eager/ORT/ORT-IO-binding table
 #   make bench      venv + install + pytest-benchmark over bench/, reports in bench/results/ (tables, the sampler
 #                   sweep's plot); make bench-sampling runs the sampler sweep alone
@@ -33,7 +35,7 @@ PYTEST_ARGS ?= -n 2
 BENCH_ARGS ?=
 GPU_PYTHON ?= python3
 
-.PHONY: setup test test-triton lint demo bench bench-sampling gpu-check clean fuzz
+.PHONY: setup test test-triton test-ort lint demo bench bench-sampling gpu-check clean fuzz
 
 setup: $(VENV)/.installed
 
@@ -69,6 +71,23 @@ test-triton-%: .venv-triton-%/.installed
 # every version is run even when one fails; the exit status says whether all passed
 test-triton:
 	@rc=0; for v in $(TRITON_OTHER); do $(MAKE) --no-print-directory test-triton-$$v || rc=1; done; exit $$rc
+
+# The oldest ONNX Runtime pyproject.toml admits: GroupQueryAttention's attention_bias input (the fused-op graph's
+# padding mask) came in 1.22, older releases refuse the graph. The CPU wheel alone goes into .ort-X (--no-deps:
+# its own dependencies are $(VENV)'s) and shadows $(VENV)'s release through PYTHONPATH, also in the CLI
+# subprocesses the tests start; the first recipe line checks that the floor is what gets imported.
+ORT_FLOOR ?= 1.22.1
+ORT_TESTS ?= tests/runtime tests/export tests/models/test_hf.py tests/test_cli_fuzz.py tests/test_foundation.py
+.ort-%/.installed: $(VENV)/.installed
+	rm -rf $(@D) && $(PY) -m pip install -q --no-deps --target $(@D) onnxruntime==$*
+	@touch $@
+.PRECIOUS: .ort-%/.installed
+
+test-ort: .ort-$(ORT_FLOOR)/.installed
+	@PYTHONPATH=.ort-$(ORT_FLOOR) $(PY) -c "import onnxruntime as o; assert o.__version__ == '$(ORT_FLOOR)', o.__file__; \
+		print('== the ONNX Runtime tests under onnxruntime', o.__version__)"
+	@start=$$SECONDS; PYTHONPATH=.ort-$(ORT_FLOOR) $(PY) -m pytest $(PYTEST_ARGS) $(ORT_TESTS); rc=$$?; \
+		echo "== onnxruntime $(ORT_FLOOR): tests took $$((SECONDS - start)) s (exit $$rc)"; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check decodekit tests bench
