@@ -71,8 +71,20 @@ MS = "com.microsoft"
 #: the widest packed q|k|v row one RotaryEmbedding node turns (ONNX Runtime's CUDA kernel: one thread per value)
 _SPAN_MAX = 1024
 GRAPHS = ("plain", "gqa")
+#: the first ONNX Runtime whose GroupQueryAttention takes ``attention_bias`` (the padding mask; older ones refuse
+#: the node's 11 inputs)
+ORT_GQA_BIAS = (1, 22)
 #: additive bias on padded keys (finite: an all-padding query gets a uniform average, never NaN)
 _PAD_BIAS = {torch.float32: -1e30, torch.float16: -30000.0}
+
+
+def ort_version_at_least(version: str, want: tuple[int, int]) -> bool:
+    """``version`` ("1.31.1", "1.26.0.dev2026...") is at least ``want`` (major, minor); unparsable is False."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= want
 
 
 def _run_probe(model: Any, steps: list[dict[str, np.ndarray]], caches: tuple[np.ndarray, np.ndarray],
@@ -221,7 +233,12 @@ def gqa_unsupported(decoder: Decoder, *, all_logits: bool) -> str | None:
     """Why ``decoder`` cannot be exported with ``graph="gqa"`` (a one-line reason), or None when it can.
 
     The head size is probed on the installed ONNX Runtime (:func:`_probe_gqa`): releases differ in what their CPU
-    kernel accepts (some need a multiple of 16)."""
+    kernel accepts (some need a multiple of 16); releases before 1.22 lack the ``attention_bias`` input."""
+    import onnxruntime as ort
+
+    if not ort_version_at_least(ort.__version__, ORT_GQA_BIAS):
+        return (f"ONNX Runtime {ort.__version__} is older than {'.'.join(map(str, ORT_GQA_BIAS))}, the first whose "
+                "GroupQueryAttention takes the attention_bias input this graph uses")
     cfg = decoder.config
     fp16 = decoder.tok_embeddings.weight.dtype == torch.float16
     reason = _probe_gqa(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, fp16)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from decodekit.errors import UsageError
+from decodekit.export.gqa import ort_version_at_least as _ort_version_at_least
 from decodekit.runtime.config import check_bool, check_int
 from decodekit.runtime.loop import MAX_BATCH, GenerateMixin, check_reset_batch
 
@@ -266,15 +267,6 @@ _ORT_SPIN_DURATION = (1, 26)
 #: the most intra-op threads a runtime class asks ONNX Runtime for (far above any machine's core count; ORT's own
 #: option is a C int, and a larger Python int fails inside its binding with an error that names nothing)
 MAX_ORT_THREADS = 4096
-
-
-def _ort_version_at_least(version: str, want: tuple[int, int]) -> bool:
-    """``version`` ("1.31.1", "1.26.0.dev2026...") is at least ``want`` (major, minor); unparsable is False."""
-    try:
-        major, minor = (int(x) for x in version.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= want
 
 
 def _microseconds(text: str) -> int | None:

@@ -16,7 +16,7 @@ import torch
 
 from decodekit.errors import UsageError, ValidationError
 from decodekit.export import export_decoder
-from decodekit.export.gqa import _probe_gqa, _probe_rotary, gqa_unsupported
+from decodekit.export.gqa import _probe_gqa, _probe_rotary, gqa_unsupported, ort_version_at_least
 from decodekit.models.config import DecoderConfig
 from decodekit.models.decoder import Decoder
 from decodekit.runtime import OnnxDecoder, chat_prompt, load_backend
@@ -183,6 +183,32 @@ def test_unsupported_model_falls_back_to_the_plain_graph_with_a_note(tmp_path, c
     assert "shared_buffer" not in res.metadata["kv_cache"]
     assert _kv_concats(res.onnx_path) == 2 * model.config.n_layers  # the plain graph, validated as always
     assert max(res.validation.max_abs_diff.values()) <= 1e-4
+
+
+@pytest.mark.parametrize("version", ["1.21.1", "1.20.0", "1.9.0", "0.99.0"])
+def test_an_onnx_runtime_without_attention_bias_gets_the_plain_graph(version, tmp_path, capsys, monkeypatch):
+    """ONNX Runtime before 1.22 refuses GroupQueryAttention's attention_bias input (``has input size 11 not in
+    range [min=7, max=9]``, seen with 1.20.1 and 1.21.1): the exporter says so and writes the plain graph rather
+    than failing. The version string is replaced here (make test-ort runs the real floor, 1.22.1)."""
+    import onnxruntime
+
+    model = _random_decoder("llama", 16)  # a head size every tested release takes
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    res = export_decoder(model, tmp_path / "out", graph="gqa")
+    notes = [line for line in capsys.readouterr().err.splitlines() if "instead of graph='gqa'" in line]
+    assert len(notes) == 1 and f"ONNX Runtime {version} is older than 1.22" in notes[0], notes
+    assert res.metadata["graph"] == "plain" and "attention_bias" in res.metadata["graph_note"]
+    assert _kv_concats(res.onnx_path) == 2 * model.config.n_layers
+    monkeypatch.undo()
+    assert gqa_unsupported(model, all_logits=False) is None  # the installed release (>= 1.22) takes it
+
+
+@pytest.mark.parametrize(("version", "want", "expected"), [
+    ("1.22.0", (1, 22), True), ("1.21.9", (1, 22), False), ("1.100.0", (1, 22), True), ("2.0", (1, 26), True),
+    ("1.26.0.dev20260101", (1, 26), True), ("1.25.1+cu124", (1, 26), False), ("", (1, 22), False),
+    ("1", (1, 22), False), ("x.y", (1, 0), False)])
+def test_ort_version_at_least(version, want, expected):
+    assert ort_version_at_least(version, want) is expected
 
 
 def test_bidirectional_and_all_logits_keep_the_plain_graph():
