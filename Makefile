@@ -73,21 +73,27 @@ test-triton:
 	@rc=0; for v in $(TRITON_OTHER); do $(MAKE) --no-print-directory test-triton-$$v || rc=1; done; exit $$rc
 
 # The oldest ONNX Runtime pyproject.toml admits: GroupQueryAttention's attention_bias input (the fused-op graph's
-# padding mask) came in 1.22, older releases refuse the graph. The CPU wheel alone goes into .ort-X (--no-deps:
+# padding mask) came in 1.22, older releases refuse the graph. That wheel alone goes into .ort-X (--no-deps:
 # its own dependencies are $(VENV)'s) and shadows $(VENV)'s release through PYTHONPATH, also in the CLI
 # subprocesses the tests start; the first recipe line checks that the floor is what gets imported.
-ORT_FLOOR ?= 1.22.1
+# pyproject.toml's package here: onnxruntime-gpu on Linux x86-64 (its CPU provider runs the tests), else onnxruntime
+ORT_FLOOR ?= 1.22.0
+ifeq ($(shell uname -sm),Linux x86_64)
+ORT_FLOOR_PKG ?= onnxruntime-gpu
+else
+ORT_FLOOR_PKG ?= onnxruntime
+endif
 ORT_TESTS ?= tests/runtime tests/export tests/models/test_hf.py tests/test_cli_fuzz.py tests/test_foundation.py
 .ort-%/.installed: $(VENV)/.installed
-	rm -rf $(@D) && $(PY) -m pip install -q --no-deps --target $(@D) onnxruntime==$*
+	rm -rf $(@D) && $(PY) -m pip install -q --no-deps --target $(@D) $(ORT_FLOOR_PKG)==$*
 	@touch $@
 .PRECIOUS: .ort-%/.installed
 
 test-ort: .ort-$(ORT_FLOOR)/.installed
 	@PYTHONPATH=.ort-$(ORT_FLOOR) $(PY) -c "import onnxruntime as o; assert o.__version__ == '$(ORT_FLOOR)', o.__file__; \
-		print('== the ONNX Runtime tests under onnxruntime', o.__version__)"
+		print('== the ONNX Runtime tests under $(ORT_FLOOR_PKG)', o.__version__)"
 	@start=$$SECONDS; PYTHONPATH=.ort-$(ORT_FLOOR) $(PY) -m pytest $(PYTEST_ARGS) $(ORT_TESTS); rc=$$?; \
-		echo "== onnxruntime $(ORT_FLOOR): tests took $$((SECONDS - start)) s (exit $$rc)"; exit $$rc
+		echo "== $(ORT_FLOOR_PKG) $(ORT_FLOOR): tests took $$((SECONDS - start)) s (exit $$rc)"; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check decodekit tests bench
@@ -134,4 +140,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH TRITON_INTERPRET=0 $(GPU_PYTHON) -m bench.gpu_check --out $(GPU_OUT) --budget $(GPU_BUDGET)
 
 clean:
-	rm -rf $(VENV) $(foreach v,$(TRITON_OTHER),.venv-triton-$(v)) .pytest_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(foreach v,$(TRITON_OTHER),.venv-triton-$(v)) .pytest_cache .ruff_cache .benchmarks .ort-*
