@@ -114,16 +114,40 @@ def _make_forward(backend: str):
     return forward
 
 
+def causal_mask_or_none(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask builder registered for the decodekit implementations: transformers' ``sdpa_mask``, except that a
+    plain causal pattern with no padding mask is skipped (None) under ``torch.compile`` as well.
+
+    transformers skips that mask (and SDPA uses ``is_causal``) unless ``torch.compiler.is_exporting()`` is true,
+    but dynamo before torch 2.13 reads that function as True while compiling (measured: torch 2.10), so a compiled
+    model always got a mask there and every attention call went to SDPA instead of the kernel. Skipped here: no
+    ``attention_mask``, the causal mask function itself, no sliding window, an integer ``q_offset``, and one query
+    (a decode step sees the whole cache) or as many keys as queries (a prefill). These are comparisons of sizes,
+    which dynamo guards, so a compiled graph is never reused for sizes where the skip would be wrong.
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if args:  # transformers passes keywords; anything else is its function's business
+        return sdpa_mask(*args, **kwargs)
+    q_length, kv_length, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
+    if (kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", True)
+            and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+            and kwargs.get("local_size") is None and not isinstance(q_offset, torch.Tensor)
+            and isinstance(q_length, int | torch.SymInt) and (q_length == 1 or kv_length == q_length)):
+        return None
+    return sdpa_mask(**kwargs)
+
+
 def register() -> None:
     """Register the decodekit attention functions (and SDPA-style masks) with transformers; idempotent."""
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     for name, backend in IMPLEMENTATIONS.items():
         if name not in AttentionInterface._global_mapping:
             AttentionInterface.register(name, _make_forward(backend))
         if name not in AttentionMaskInterface._global_mapping:
-            AttentionMaskInterface.register(name, sdpa_mask)
+            AttentionMaskInterface.register(name, causal_mask_or_none)
 
 
 try:  # transformers is an optional dependency (the "hf" extra)
