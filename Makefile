@@ -3,8 +3,8 @@
 #                   pinned to TRITON_PIN
 #   make test-triton the kernel tests under each other tested triton (TRITON_OTHER), each in its own venv
 #                   .venv-triton-X.Y (CPU machines: the CPU torch wheel); make test-triton-3.9 runs one
-#   make test-ort   the ONNX Runtime tests again under the oldest ORT pyproject.toml admits (ORT_FLOOR), that
-#                   release alone installed into .ort-X and put first on the path of $(VENV)'s python
+#   make test-floor the tests again with every dependency at the lower bound pyproject.toml states (.venv-floor:
+#                   torch 2.10, triton 3.6, onnxruntime 1.22, transformers 5.0, ...)
 #   make demo       venv + install + export stories260K + tell a story + eager/ORT/ORT-IO-binding table
 #   make bench      venv + install + pytest-benchmark over bench/, reports in bench/results/ (tables, the sampler
 #                   sweep's plot); make bench-sampling runs the sampler sweep alone
@@ -20,10 +20,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= ../shared/models/stories260K
 # Pins for the CPU machines: torch 2.13.0 is the CPU wheel on local disk (a bare `torch` pulls a CUDA build).
-# The tested triton releases are TRITON_PIN (make test) and TRITON_OTHER (make test-triton); pyproject.toml's
-# triton range spans them.
+# The tested triton releases are TRITON_PIN (make test), TRITON_OTHER (make test-triton) and 3.6, the floor (make
+# test-floor, beside torch 2.10; make test-triton-3.6 pairs it with torch 2.13); pyproject.toml's range spans them.
 TRITON_PIN := 3.8
-TRITON_OTHER ?= 3.6 3.9
+TRITON_OTHER ?= 3.9
 CPU_PINS := torch==2.13.0 triton==$(TRITON_PIN).*
 # Extra pins of one triton's venv. triton 3.6's interpreter calls int() on 1-element arrays (a range() over a
 # kernel argument), which NumPy 2.4 made an error; only the interpreter needs this (compiled kernels do not).
@@ -35,7 +35,7 @@ PYTEST_ARGS ?= -n 2
 BENCH_ARGS ?=
 GPU_PYTHON ?= python3
 
-.PHONY: setup test test-triton test-ort lint demo bench bench-sampling gpu-check clean fuzz
+.PHONY: setup test test-triton test-floor lint demo bench bench-sampling gpu-check clean fuzz
 
 setup: $(VENV)/.installed
 
@@ -72,28 +72,28 @@ test-triton-%: .venv-triton-%/.installed
 test-triton:
 	@rc=0; for v in $(TRITON_OTHER); do $(MAKE) --no-print-directory test-triton-$$v || rc=1; done; exit $$rc
 
-# The oldest ONNX Runtime pyproject.toml admits: GroupQueryAttention's attention_bias input (the fused-op graph's
-# padding mask) came in 1.22, older releases refuse the graph. That wheel alone goes into .ort-X (--no-deps:
-# its own dependencies are $(VENV)'s) and shadows $(VENV)'s release through PYTHONPATH, also in the CLI
-# subprocesses the tests start; the first recipe line checks that the floor is what gets imported.
-# pyproject.toml's package here: onnxruntime-gpu on Linux x86-64 (its CPU provider runs the tests), else onnxruntime
-ORT_FLOOR ?= 1.22.0
-ifeq ($(shell uname -sm),Linux x86_64)
-ORT_FLOOR_PKG ?= onnxruntime-gpu
-else
-ORT_FLOOR_PKG ?= onnxruntime
-endif
-ORT_TESTS ?= tests/runtime tests/export tests/models/test_hf.py tests/test_cli_fuzz.py tests/test_foundation.py
-.ort-%/.installed: $(VENV)/.installed
-	rm -rf $(@D) && $(PY) -m pip install -q --no-deps --target $(@D) $(ORT_FLOOR_PKG)==$*
+# Every dependency at the lower bound pyproject.toml states, in .venv-floor: uv resolves the project with
+# --resolution lowest-direct (torch 2.10.0, the first torch built for triton 3.6; triton 3.6.0; onnxruntime-gpu
+# 1.22.0 on Linux x86-64, onnxruntime elsewhere; onnx, onnxscript, gguf, transformers, ... at their floors), the test
+# tools at $(VENV)'s versions (they are not what users install). FLOOR_TESTS run there: everything that touches a
+# dependency's API (kernels under triton 3.6 with their sm_90 compile, torch.compile, export, ONNX Runtime, the
+# Hugging Face and GGUF paths, the CLIs). On a CPU machine that torch is a CUDA build of several GB (PyPI's only
+# Linux x86-64 build of 2.10), which runs on the CPU like the CPU wheel.
+FLOOR_VENV := .venv-floor
+FLOOR_TESTS ?= tests
+FLOOR_TOOLS := pytest|pytest-benchmark|pytest-xdist|hypothesis|ruff|matplotlib
+$(FLOOR_VENV)/.installed: pyproject.toml Makefile $(VENV)/.installed
+	@test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q --upgrade pip uv
+	$(PY) -m pip freeze | grep -iE '^($(FLOOR_TOOLS))==' > $(@D)/tools.txt
+	$(@D)/bin/uv pip install -q --python $(@D)/bin/python --resolution lowest-direct -c $(@D)/tools.txt -e '.[dev,hf]'
 	@touch $@
-.PRECIOUS: .ort-%/.installed
 
-test-ort: .ort-$(ORT_FLOOR)/.installed
-	@PYTHONPATH=.ort-$(ORT_FLOOR) $(PY) -c "import onnxruntime as o; assert o.__version__ == '$(ORT_FLOOR)', o.__file__; \
-		print('== the ONNX Runtime tests under $(ORT_FLOOR_PKG)', o.__version__)"
-	@start=$$SECONDS; PYTHONPATH=.ort-$(ORT_FLOOR) $(PY) -m pytest $(PYTEST_ARGS) $(ORT_TESTS); rc=$$?; \
-		echo "== $(ORT_FLOOR_PKG) $(ORT_FLOOR): tests took $$((SECONDS - start)) s (exit $$rc)"; exit $$rc
+test-floor: $(FLOOR_VENV)/.installed
+	@echo "== the tests with every dependency at its floor:" $$($(FLOOR_VENV)/bin/uv pip list --python \
+		$(FLOOR_VENV)/bin/python 2>/dev/null | awk 'tolower($$1) ~ /^(torch|triton|numpy|onnx|onnxscript|onnxruntime(-gpu)?|gguf|jinja2|transformers|tokenizers|safetensors|accelerate)$$/ {printf "%s %s, ", $$1, $$2}')
+	@start=$$SECONDS; DECODEKIT_AOT_ARCHS=90 $(FLOOR_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(FLOOR_TESTS); rc=$$?; \
+		echo "== dependency floors: tests took $$((SECONDS - start)) s (exit $$rc)"; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check decodekit tests bench
@@ -140,4 +140,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR):$$PYTHONPATH TRITON_INTERPRET=0 $(GPU_PYTHON) -m bench.gpu_check --out $(GPU_OUT) --budget $(GPU_BUDGET)
 
 clean:
-	rm -rf $(VENV) $(foreach v,$(TRITON_OTHER),.venv-triton-$(v)) .pytest_cache .ruff_cache .benchmarks .ort-*
+	rm -rf $(VENV) $(foreach v,$(TRITON_OTHER),.venv-triton-$(v)) .pytest_cache .ruff_cache .benchmarks $(FLOOR_VENV)

@@ -1,8 +1,8 @@
 """decodekit attention inside models: Hugging Face's attention registry, ``patch_attention``, and the Decoder hook.
 
-Hugging Face (transformers >= 4.48, tested with 5.x). Importing this module registers attention
-functions in ``transformers``' ``AttentionInterface`` (and the matching SDPA-style mask builder in
-``AttentionMaskInterface``) under three names:
+Hugging Face (transformers >= 5.19: tested at that floor and at the newest release). Importing this
+module registers attention functions in ``transformers``' ``AttentionInterface`` (and the mask builder
+:func:`causal_mask_or_none`, SDPA's masks, in ``AttentionMaskInterface``) under three names:
 
 * ``"decodekit"``: the dispatch rule of :mod:`decodekit.ops._dispatch` (CUDA tensors -> Triton kernel, CPU
   tensors -> PyTorch), except that with ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (in

@@ -189,7 +189,7 @@ def test_unsupported_model_falls_back_to_the_plain_graph_with_a_note(tmp_path, c
 def test_an_onnx_runtime_without_attention_bias_gets_the_plain_graph(version, tmp_path, capsys, monkeypatch):
     """ONNX Runtime before 1.22 refuses GroupQueryAttention's attention_bias input (``has input size 11 not in
     range [min=7, max=9]``, seen with 1.20.1 and 1.21.1): the exporter says so and writes the plain graph rather
-    than failing. The version string is replaced here (make test-ort runs the real floor, 1.22.1)."""
+    than failing. The version string is replaced here (make test-floor runs the real floor, 1.22.0)."""
     import onnxruntime
 
     model = _random_decoder("llama", 16)  # a head size every tested release takes

@@ -45,11 +45,12 @@ def test_patched_hf_model_compiles_fullgraph(name, build, fused, old_dynamo, dev
 @pytest.mark.parametrize("q_length, kv_length", [(1, 1), (1, 7), (5, 5), (3, 8)])
 @pytest.mark.parametrize("form", ["causal", "padding", "sliding", "tensor_offset", "no_skip", "other_function"])
 def test_mask_builder_skips_exactly_the_plain_causal_cases(q_length, kv_length, form, monkeypatch):
-    """decodekit's mask builder returns None only for the causal pattern with no padding mask and one query or as
-    many keys as queries (what the attention function then runs: the whole cache / causal top-left), also where
+    """decodekit's mask builder returns None for the causal pattern with no padding mask and one query or as many
+    keys as queries (what the attention function then runs: the whole cache / causal top-left), also where
     transformers would not skip (``torch.compiler.is_exporting()`` reads True, as under dynamo before torch 2.13);
-    otherwise the explicit mask, checked against the pattern it must have."""
-    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+    otherwise it answers as transformers' ``sdpa_mask`` does (releases differ in what they skip), and a mask it
+    returns is checked against the pattern it must have."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
 
     from decodekit.nn.attention import causal_mask_or_none
 
@@ -71,7 +72,12 @@ def test_mask_builder_skips_exactly_the_plain_causal_cases(q_length, kv_length, 
     if form == "causal" and (q_length == 1 or q_length == kv_length):
         assert got is None
         return
-    assert got is not None, form
+    theirs = sdpa_mask(**kw)
+    assert (got is None) == (theirs is None), form
+    if form == "causal":
+        assert got is not None  # 3 queries, 8 keys: a mask is needed whatever the release
+    if got is None:
+        return
     # key j is visible to query i iff j <= i + offset (and unpadded, and inside the window)
     i = torch.arange(q_length)[:, None] + (kv_length - q_length)
     j = torch.arange(kv_length)[None, :]
