@@ -4,7 +4,7 @@
 #   make test-triton the kernel tests under each other tested triton (TRITON_OTHER), each in its own venv
 #                   .venv-triton-X.Y (CPU machines: the CPU torch wheel); make test-triton-3.9 runs one
 #   make test-floor the tests again with every dependency at the lower bound pyproject.toml states (.venv-floor:
-#                   torch 2.10, triton 3.6, onnxruntime 1.22, transformers 5.0, ...)
+#                   torch 2.10, triton 3.6, onnxruntime 1.22, transformers 5.19, ...)
 #   make demo       venv + install + export stories260K + tell a story + eager/ORT/ORT-IO-binding table
 #   make bench      venv + install + pytest-benchmark over bench/, reports in bench/results/ (tables, the sampler
 #                   sweep's plot); make bench-sampling runs the sampler sweep alone
@@ -75,9 +75,9 @@ test-triton:
 # Every dependency at the lower bound pyproject.toml states, in .venv-floor: uv resolves the project with
 # --resolution lowest-direct (torch 2.10.0, the first torch built for triton 3.6; triton 3.6.0; onnxruntime-gpu
 # 1.22.0 on Linux x86-64, onnxruntime elsewhere; onnx, onnxscript, gguf, transformers, ... at their floors), the test
-# tools at $(VENV)'s versions (they are not what users install). FLOOR_TESTS run there: everything that touches a
-# dependency's API (kernels under triton 3.6 with their sm_90 compile, torch.compile, export, ONNX Runtime, the
-# Hugging Face and GGUF paths, the CLIs). On a CPU machine that torch is a CUDA build of several GB (PyPI's only
+# tools at $(VENV)'s versions (they are not what users install). FLOOR_TESTS (the whole suite) run there: kernels
+# under triton 3.6 with their sm_90 compile, torch.compile, export, ONNX Runtime, the Hugging Face and GGUF paths,
+# the CLIs. On a CPU machine that torch is a CUDA build of several GB (PyPI's only
 # Linux x86-64 build of 2.10), which runs on the CPU like the CPU wheel.
 FLOOR_VENV := .venv-floor
 FLOOR_TESTS ?= tests

@@ -119,11 +119,12 @@ def causal_mask_or_none(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     plain causal pattern with no padding mask is skipped (None) under ``torch.compile`` as well.
 
     transformers skips that mask (and SDPA uses ``is_causal``) unless ``torch.compiler.is_exporting()`` is true,
-    but dynamo before torch 2.13 reads that function as True while compiling (measured: torch 2.10), so a compiled
-    model always got a mask there and every attention call went to SDPA instead of the kernel. Skipped here: no
-    ``attention_mask``, the causal mask function itself, no sliding window, an integer ``q_offset``, and one query
-    (a decode step sees the whole cache) or as many keys as queries (a prefill). These are comparisons of sizes,
-    which dynamo guards, so a compiled graph is never reused for sizes where the skip would be wrong.
+    but dynamo in older torch reads that function as True while compiling (measured: True under torch 2.10, False
+    under 2.13), so a compiled model always got a mask there and every attention call went to SDPA instead of the
+    kernel. Skipped here: no ``attention_mask``, the causal mask function itself, no sliding window, an integer
+    ``q_offset``, and one query (a decode step sees the whole cache) or as many keys as queries (a prefill). These
+    are comparisons of sizes, which dynamo guards, so a compiled graph is never reused for sizes where the skip
+    would be wrong.
     """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 

@@ -15,15 +15,15 @@ import decodekit
 pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("old_dynamo", [False, True], ids=["dynamo", "dynamo-before-2.13"])
+@pytest.mark.parametrize("old_dynamo", [False, True], ids=["dynamo", "old-dynamo"])
 @pytest.mark.parametrize("name, build, fused", [
     ("gpt2", _hf_gpt2, ("layer_norm_linear", "gelu_linear", "attention")),
     ("llama", _hf_llama, ("rms_norm_linear", "attention")),
 ])
 def test_patched_hf_model_compiles_fullgraph(name, build, fused, old_dynamo, device, monkeypatch):
-    """``old_dynamo``: ``torch.compiler.is_exporting()`` reads True while compiling, as dynamo before torch 2.13 made
-    it (measured under 2.10), which makes transformers build the causal mask and the attention fall back to SDPA
-    unless decodekit's mask builder skips it."""
+    """``old_dynamo``: ``torch.compiler.is_exporting()`` reads True while compiling, as dynamo made it in older
+    torch (measured: under 2.10, not under 2.13); transformers then builds the causal mask and the attention falls
+    back to SDPA unless decodekit's mask builder skips it."""
     if old_dynamo:
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
     model = build().eval().to(device)
@@ -47,7 +47,7 @@ def test_patched_hf_model_compiles_fullgraph(name, build, fused, old_dynamo, dev
 def test_mask_builder_skips_exactly_the_plain_causal_cases(q_length, kv_length, form, monkeypatch):
     """decodekit's mask builder returns None for the causal pattern with no padding mask and one query or as many
     keys as queries (what the attention function then runs: the whole cache / causal top-left), also where
-    transformers would not skip (``torch.compiler.is_exporting()`` reads True, as under dynamo before torch 2.13);
+    transformers would not skip (``torch.compiler.is_exporting()`` reads True, as under torch 2.10's dynamo);
     otherwise it answers as transformers' ``sdpa_mask`` does (releases differ in what they skip), and a mask it
     returns is checked against the pattern it must have."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
