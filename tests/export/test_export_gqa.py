@@ -185,7 +185,7 @@ def test_unsupported_model_falls_back_to_the_plain_graph_with_a_note(tmp_path, c
     assert max(res.validation.max_abs_diff.values()) <= 1e-4
 
 
-@pytest.mark.parametrize("version", ["1.21.1", "1.20.0", "1.9.0", "0.99.0"])
+@pytest.mark.parametrize("version", ["1.21.1", "1.9.0"])  # 1.9 < 1.22 as numbers, not as strings
 def test_an_onnx_runtime_without_attention_bias_gets_the_plain_graph(version, tmp_path, capsys, monkeypatch):
     """ONNX Runtime before 1.22 refuses GroupQueryAttention's attention_bias input (``has input size 11 not in
     range [min=7, max=9]``, seen with 1.20.1 and 1.21.1): the exporter says so and writes the plain graph rather
